@@ -1,0 +1,135 @@
+"""`LoraDropoutConfig`: the LoRA Dropout settings and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STRATEGIES: tuple[str, ...] = ("ab", "a", "b", "rank", "input")
+"""Which part of the LoRA update is masked.
+
+- ``"ab"``: whole columns of A (input features) and whole rows of B (output features), independently (the paper).
+- ``"a"``: columns of A only.  ``"b"``: rows of B only.
+- ``"rank"``: whole rank components (rows of A), DropLoRA-style, for comparison.
+- ``"input"``: element-wise inverted dropout on the LoRA input, PEFT's ``lora_dropout``, for comparison.
+"""
+
+MASK_SCOPES: tuple[str, ...] = ("batch", "example")
+EVAL_MODES: tuple[str, ...] = ("expected", "raw")
+CONFIG_FILE_NAME = "loradrop_config.json"
+
+
+@dataclass
+class LoraDropoutConfig:
+    """LoRA Dropout settings (Lin et al., arXiv 2404.09610).
+
+    Args:
+        p: drop probability of one input/output feature, in [0, 1).
+        samples: N, the number of independent masks ("members") per training step; the loss is their mean. All N
+            run in one batched forward call.
+        strategy: what is masked, one of `STRATEGIES`.
+        mask_scope: ``"batch"`` (one mask per member, shared by its examples, as in the paper) or ``"example"``
+            (every example draws its own mask).
+        rescale: scale kept entries by 1/(1-p) on each masked side, so the expected update equals the unmasked
+            one. The paper does not rescale.
+        seed: seed of the mask stream; ``None`` draws one from torch's global generator at apply time.
+        eval_mode: what a plain forward in ``model.eval()`` uses: ``"expected"`` (the expected update) or ``"raw"``
+            (the unscaled update, the paper's "dropout only in training" ablation).
+    """
+
+    p: float = 0.5
+    samples: int = 1
+    strategy: str = "ab"
+    mask_scope: str = "batch"
+    rescale: bool = False
+    seed: int | None = None
+    eval_mode: str = "expected"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0.0 <= float(self.p) < 1.0:
+            raise ValueError(f"p must be a float in [0, 1), got {self.p!r}")
+        self.p = float(self.p)
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {self.samples!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.mask_scope not in MASK_SCOPES:
+            raise ValueError(f"mask_scope must be one of {list(MASK_SCOPES)}, got {self.mask_scope!r}")
+        if not isinstance(self.rescale, bool):
+            raise TypeError(f"rescale must be a bool, got {self.rescale!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be None or a non-negative integer, got {self.seed!r}")
+        if self.eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {list(EVAL_MODES)}, got {self.eval_mode!r}")
+
+    @property
+    def keep_scale(self) -> float:
+        """Value of a kept mask entry: 1/(1-p) with rescaling (and always for the inverted "input" dropout)."""
+        if self.rescale or self.strategy == "input":
+            return 1.0 / (1.0 - self.p)
+        return 1.0
+
+    @property
+    def expected_factor(self) -> float:
+        """E[masked update] / unmasked update, for this strategy.
+
+        "ab" masks two independent sides, so an entry survives with probability (1-p)^2; one-sided strategies keep
+        (1-p). Rescaling (and the inverted "input" dropout) makes every side unbiased.
+        """
+        if self.rescale or self.strategy == "input" or self.p == 0.0:
+            return 1.0
+        sides = 2 if self.strategy == "ab" else 1
+        return (1.0 - self.p) ** sides
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraDropoutConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"a LoraDropoutConfig dict was expected, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        # Keep unknown keys (written by a newer loradrop) instead of failing or dropping them silently.
+        extra = dict(kwargs.pop("extra", {}) or {})
+        extra.update({k: v for k, v in data.items() if k not in known})
+        return cls(**kwargs, extra=extra)
+
+    def save(self, directory: str | os.PathLike[str], **metadata: Any) -> Path:
+        """Write ``loradrop_config.json`` into `directory` atomically (never a half-written file)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"loradrop_config": self.to_dict(), **metadata}
+        target = directory / CONFIG_FILE_NAME
+        write_json_atomic(target, payload)
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> LoraDropoutConfig:
+        path = Path(directory) / CONFIG_FILE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_FILE_NAME} in {str(directory)!r}: was it saved by loradrop?")
+        with open(path, encoding="utf-8") as fh:
+            payload = json.load(fh)
+        return cls.from_dict(payload.get("loradrop_config", payload))
+
+
+def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
+    """Write JSON to a temporary file in the same folder and rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,256 @@
+"""The member-aware LoRA computation, attached to PEFT LoRA layers through PEFT's `LoraVariant` extension point.
+
+Masks act on the small A (r x in) and B (out x r) weights, never on activations (except the "input" strategy, which
+exists to reproduce PEFT's element-wise ``lora_dropout``). For M members the layer input is viewed as
+(M, rows_per_member, in) and each member multiplies by its own masked copies of A and B:
+
+    A_m = A * mA[m]  (columns of A)        B_m = B * mB[m, :, None]  (rows of B)
+    delta_m = (x_m A_m^T) B_m^T * s
+
+so the extra memory is M * r * (in + out) numbers, whatever the batch or sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import LoraVariant
+from torch import nn
+
+from .masks import STREAM_INPUT, derive_key, uniform
+from .members import CallPlan, MemberController
+
+
+@dataclass(frozen=True)
+class FeatureSlices:
+    """Where one adapted layer's mask entries live in the model-wide feature index."""
+
+    layer_index: int
+    a: tuple[int, int] | None = None  # input features: columns of A
+    b: tuple[int, int] | None = None  # output features: rows of B
+    rank: tuple[int, int] | None = None  # rank components: rows of A
+
+
+def plan_slices(strategy: str, layer_index: int, offset: int, in_features: int, out_features: int,
+                rank: int) -> tuple[FeatureSlices, int]:
+    """Allocate this layer's mask features starting at `offset`; return the slices and the next free offset."""
+    if strategy == "ab":
+        a, b = (offset, offset + in_features), (offset + in_features, offset + in_features + out_features)
+        return FeatureSlices(layer_index, a=a, b=b), b[1]
+    if strategy == "a":
+        return FeatureSlices(layer_index, a=(offset, offset + in_features)), offset + in_features
+    if strategy == "b":
+        return FeatureSlices(layer_index, b=(offset, offset + out_features)), offset + out_features
+    if strategy == "rank":
+        return FeatureSlices(layer_index, rank=(offset, offset + rank)), offset + rank
+    return FeatureSlices(layer_index), offset  # "input": drawn per element, nothing shared
+
+
+def members_of(plan: CallPlan, x: torch.Tensor) -> int:
+    members = plan.members if plan.members is not None else x.shape[0]
+    if x.dim() < 2 or x.shape[0] % members:
+        raise RuntimeError(
+            f"loradrop: an adapted layer got input of shape {tuple(x.shape)}, whose first dimension is not a "
+            f"multiple of the {members} members of this call; the batch must be the first dimension"
+        )
+    return members
+
+
+def input_dropout(x: torch.Tensor, plan: CallPlan, controller: MemberController, slices: FeatureSlices,
+                  members: int) -> torch.Tensor:
+    """Element-wise inverted dropout of the layer input, one independent draw per member (the "input" strategy)."""
+    cfg = controller.config
+    per_member = x.numel() // members
+    key = derive_key(plan.key, STREAM_INPUT, slices.layer_index)
+    member_ids = torch.arange(plan.member_offset, plan.member_offset + members, device=x.device)
+    elements = torch.arange(per_member, device=x.device)
+    keep = (uniform(key, member_ids, elements) >= cfg.p).to(x.dtype).view_as(x)
+    return x * keep * cfg.keep_scale
+
+
+def masked_lora_delta(
+    x: torch.Tensor,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    bias_b: torch.Tensor | None,
+    scaling: float,
+    plan: CallPlan,
+    controller: MemberController,
+    slices: FeatureSlices,
+) -> torch.Tensor:
+    """s * B_m A_m x for every member m, as one (batched) matmul chain. Returns a tensor shaped like the output."""
+    members = members_of(plan, x)
+    if controller.config.strategy == "input":
+        x = input_dropout(x, plan, controller, slices, members)
+        mask = None
+    else:
+        mask = controller.masks(plan, members, x.device, weight_a.dtype)
+    mask_a = mask[:, slices.a[0]:slices.a[1]] if mask is not None and slices.a else None  # (M, in)
+    mask_b = mask[:, slices.b[0]:slices.b[1]] if mask is not None and slices.b else None  # (M, out)
+    mask_r = mask[:, slices.rank[0]:slices.rank[1]] if mask is not None and slices.rank else None  # (M, r)
+
+    if members == 1:
+        a = weight_a
+        if mask_a is not None:
+            a = a * mask_a[0]
+        if mask_r is not None:
+            a = a * mask_r[0, :, None]
+        b, bias = weight_b, bias_b
+        if mask_b is not None:
+            b = b * mask_b[0, :, None]
+            bias = bias * mask_b[0] if bias is not None else None
+        # Same op order as PEFT's `lora_B(lora_A(x)) * scaling`, so p = 0 is bit-for-bit plain LoRA.
+        return F.linear(F.linear(x, a), b, bias) * scaling
+
+    xm = x.reshape(members, -1, x.shape[-1])
+    if mask_a is not None or mask_r is not None:
+        a = weight_a.unsqueeze(0)
+        if mask_a is not None:
+            a = a * mask_a[:, None, :]
+        if mask_r is not None:
+            a = a * mask_r[:, :, None]
+        h = torch.bmm(xm, a.transpose(1, 2))  # (M, rows, r)
+    else:
+        h = F.linear(xm, weight_a)
+    if mask_b is not None:
+        b = weight_b.unsqueeze(0) * mask_b[:, :, None]  # (M, out, r)
+        out = torch.bmm(h, b.transpose(1, 2))
+        if bias_b is not None:
+            out = out + (bias_b.unsqueeze(0) * mask_b)[:, None, :]
+    else:
+        out = F.linear(h, weight_b, bias_b)
+    return out.reshape(*x.shape[:-1], weight_b.shape[0]) * scaling
+
+
+class LoraDropoutVariant(LoraVariant):
+    """PEFT `LoraVariant` that runs LoRA Dropout for one adapter of one `peft.tuners.lora.Linear` layer.
+
+    It is installed per layer instance into ``layer.lora_variant[adapter]``; PEFT's classes are not modified.
+    """
+
+    def __init__(self, controller: MemberController, slices: FeatureSlices) -> None:
+        self.controller = controller
+        self.slices = slices
+        self._merged_factor: dict[str, float] = {}
+
+    def supports_lora_conversion(self) -> bool:
+        return True
+
+    # PEFT calls these on the instance with the layer as first argument.
+    def init(self, module: nn.Module, adapter_name: str, **kwargs) -> None:  # noqa: D401 - PEFT hook
+        return None
+
+    def _delta_weight(self, module: nn.Module, adapter: str, factor: float) -> torch.Tensor:
+        return module.get_delta_weight(adapter) * factor
+
+    def merge_safe(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        factor = self.controller.expected_factor
+        self._merged_factor[active_adapter] = factor
+        return orig_weight + self._delta_weight(module, active_adapter, factor).to(orig_weight.dtype)
+
+    def merge_unsafe(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        factor = self.controller.expected_factor
+        self._merged_factor[active_adapter] = factor
+        orig_weight.data += self._delta_weight(module, active_adapter, factor).to(orig_weight.dtype)
+
+    def unmerge(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        factor = self._merged_factor.pop(active_adapter, self.controller.expected_factor)
+        return orig_weight - self._delta_weight(module, active_adapter, factor).to(orig_weight.dtype)
+
+    def forward(self, module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
+                **kwargs) -> torch.Tensor:
+        lora_a = module.lora_A[active_adapter]
+        lora_b = module.lora_B[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        scaling = module.scaling[active_adapter]
+        plan = self.controller.plan_for(module.training)
+        if not plan.masked:
+            factor = self.controller.expected_factor
+            if factor == 1.0:
+                return result + lora_b(lora_a(dropout(x))) * scaling
+            return result + lora_b(lora_a(dropout(x))) * (scaling * factor)
+        delta = masked_lora_delta(dropout(x), lora_a.weight, lora_b.weight, lora_b.bias, scaling, plan,
+                                  self.controller, self.slices)
+        return result + delta
+
+
+# ------------------------------------------------------------------------------------------------ layer handlers
+class LayerHandler:
+    """How loradrop attaches to one kind of PEFT layer. Register new kinds with `register_layer_handler`.
+
+    A handler says which layers it adapts, their mask dimensions, how to install LoRA Dropout on one layer instance
+    (returning a function that undoes it) and which tensors hold B (an export folds the expected factor into them).
+    """
+
+    peft_types: tuple[str, ...] = ()
+
+    def matches(self, module: nn.Module, adapter: str) -> bool:
+        raise NotImplementedError
+
+    def dims(self, module: nn.Module, adapter: str) -> tuple[int, int, int]:
+        """(in_features, out_features, rank) of the adapter's update."""
+        raise NotImplementedError
+
+    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices):
+        raise NotImplementedError
+
+    def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def check(self, name: str, module: nn.Module, adapter: str) -> None:
+        """Raise ValueError if this layer cannot take LoRA Dropout (called before anything is changed)."""
+
+
+class LoraLinearHandler(LayerHandler):
+    """`peft.tuners.lora.Linear`, through PEFT's `LoraVariant` extension point."""
+
+    peft_types = ("LORA",)
+
+    def matches(self, module: nn.Module, adapter: str) -> bool:
+        from peft.tuners.lora.layer import Linear
+
+        # Quantised subclasses (bnb, gptq...) override forward and never call variants: leave them alone.
+        return isinstance(module, Linear) and type(module).forward is Linear.forward and adapter in module.lora_A
+
+    def dims(self, module: nn.Module, adapter: str) -> tuple[int, int, int]:
+        r, in_features = module.lora_A[adapter].weight.shape
+        return in_features, module.lora_B[adapter].weight.shape[0], r
+
+    def check(self, name: str, module: nn.Module, adapter: str) -> None:
+        existing = module.lora_variant.get(adapter)
+        if existing is not None:
+            raise ValueError(
+                f"layer {name!r} already uses the LoRA variant {type(existing).__name__} (e.g. DoRA); "
+                "LoRA Dropout works on plain LoRA adapters"
+            )
+
+    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices):
+        variant = LoraDropoutVariant(controller, slices)
+        module.lora_variant[adapter] = variant
+
+        def undo() -> None:
+            if module.lora_variant.get(adapter) is variant:
+                del module.lora_variant[adapter]
+
+        return undo
+
+    def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
+        lin = module.lora_B[adapter]
+        return [t for t in (lin.weight, lin.bias) if t is not None]
+
+
+LAYER_HANDLERS: list[LayerHandler] = [LoraLinearHandler()]
+
+
+def register_layer_handler(handler: LayerHandler) -> None:
+    """Teach loradrop a new kind of PEFT layer (checked before the built-in ones)."""
+    LAYER_HANDLERS.insert(0, handler)
+
+
+def handler_for(module: nn.Module, adapter: str) -> LayerHandler | None:
+    for handler in LAYER_HANDLERS:
+        if handler.matches(module, adapter):
+            return handler
+    return None

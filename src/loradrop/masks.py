@@ -1,0 +1,84 @@
+"""Counter-based mask drawing.
+
+Every keep/drop decision is a pure function of ``(seed, stream, counter, member, feature)``: a 32-bit integer hash
+evaluated with vectorised tensor ops on the model's device. So
+
+- masks do not depend on how members are chunked or how the batch is split (the member index is part of the key),
+- no generator state has to be threaded through layers, and there is no host synchronisation,
+- CPU and GPU draw identical masks for the same key.
+
+All integer arithmetic stays below 2**63 (32-bit values times constants below 2**31), so int64 never overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+_M1 = 0x7FEB352D  # multipliers of a "lowbias32"-style finaliser, both < 2**31
+_M2 = 0x2C1B3C6D
+_MEMBER_STRIDE = 0x9E3779B1
+_FEATURE_STRIDE = 0x85EBCA77
+
+STREAM_TRAIN = 1
+STREAM_ENSEMBLE = 2
+STREAM_INPUT = 3
+
+
+def _mix32_int(x: int) -> int:
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * _M1) & MASK32
+    x ^= x >> 15
+    x = (x * _M2) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The same finaliser as `_mix32_int`, element-wise on an int64 tensor holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * _M1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & MASK32
+    return x ^ (x >> 16)
+
+
+def derive_key(*parts: int) -> int:
+    """Fold any number of non-negative integers (each may exceed 32 bits) into one 32-bit key."""
+    h = 0x6A09E667
+    for part in parts:
+        part = int(part)
+        if part < 0:
+            raise ValueError(f"key parts must be non-negative, got {part}")
+        while True:  # feed 32 bits at a time so large seeds and counters keep all their bits
+            h = _mix32_int((h ^ (part & MASK32)) + 0x9E3779B9)
+            part >>= 32
+            if part == 0:
+                break
+    return h
+
+
+def uniform(key: int, members: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float32 numbers of shape (len(members), len(features)) for one key.
+
+    `members` and `features` are int64 index tensors on the target device.
+    """
+    per_member = _mix32((key ^ (members * _MEMBER_STRIDE)) & MASK32)
+    h = _mix32((per_member[:, None] + features[None, :] * _FEATURE_STRIDE) & MASK32)
+    # 24 high bits -> exactly representable float32 in [0, 1)
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def keep_mask(
+    key: int,
+    members: torch.Tensor,
+    features: torch.Tensor,
+    p: float,
+    *,
+    keep_value: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A (members, features) mask: `keep_value` with probability 1-p, else 0."""
+    kept = uniform(key, members, features) >= p
+    return kept.to(dtype) * keep_value if keep_value != 1.0 else kept.to(dtype)

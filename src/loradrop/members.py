@@ -1,0 +1,203 @@
+"""Members: independent draws of every mask in the model, and the per-model controller that plans them.
+
+One idea carries the library (see docs/DESIGN.md): a *member* is one independent draw of all masks.
+
+| feature                              | members M in one call | batch layout                        |
+|--------------------------------------|-----------------------|-------------------------------------|
+| training, ``samples=N``              | N                     | batch repeated N times, member-major |
+| training, ``mask_scope="example"``   | one per row           | as it is                            |
+| test-time ensemble of n              | n (or a chunk)        | batch repeated n (or chunk) times   |
+
+The controller is attached to one model instance. Forward pre-hooks (on the PeftModel and on the wrapped
+transformers model, guarded so only the outermost call acts) decide the plan of each call, repeat the batch where
+members share it, and hand the adapted layers a `CallPlan`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import LoraDropoutConfig
+from .masks import STREAM_ENSEMBLE, STREAM_TRAIN, derive_key, keep_mask
+
+# Keyword arguments that are never batch-shaped, even when their first dimension happens to equal the batch size.
+_NOT_BATCHED = frozenset({"past_key_values", "cache_position", "num_items_in_batch", "logits_to_keep", "use_cache"})
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What the adapted layers do in one model call."""
+
+    masked: bool
+    training: bool
+    key: int = 0
+    members: int | None = None  # None: one member per row (example scope)
+    member_offset: int = 0
+
+
+def batch_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a model call, read from its usual input tensors."""
+    for name in _BATCH_KEYS:
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    for value in args:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def repeat_batch(args: tuple[Any, ...], kwargs: dict[str, Any], times: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Repeat every batch-shaped tensor `times` times along dim 0, member-major (all of member 0, then member 1...)."""
+    batch = batch_size_of(args, kwargs)
+    if batch is None:
+        raise ValueError(
+            "loradrop could not find the batch in this model call (looked for a tensor argument or one of "
+            f"{list(_BATCH_KEYS)}); samples > 1 and ensembles need it"
+        )
+
+    def rep(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value.repeat(times, *([1] * (value.dim() - 1)))
+        return value
+
+    new_args = tuple(rep(v) for v in args)
+    new_kwargs = {k: (v if k in _NOT_BATCHED else rep(v)) for k, v in kwargs.items()}
+    # transformers' Trainer normalises causal-LM losses by the token count it passes in; the repeated batch holds
+    # `times` as many tokens, and the loss must stay the mean over members.
+    n_items = kwargs.get("num_items_in_batch")
+    if n_items is not None:
+        new_kwargs["num_items_in_batch"] = n_items * times
+    return new_args, new_kwargs
+
+
+def split_members(tensor: torch.Tensor, members: int) -> torch.Tensor:
+    """View a member-major (members * batch, ...) output as (members, batch, ...)."""
+    if tensor.shape[0] % members:
+        raise ValueError(f"leading dimension {tensor.shape[0]} is not a multiple of members={members}")
+    return tensor.view(members, tensor.shape[0] // members, *tensor.shape[1:])
+
+
+class MemberController:
+    """Per-model state of LoRA Dropout: the config, the mask stream, and the plan of the current call."""
+
+    def __init__(self, config: LoraDropoutConfig, num_features: int) -> None:
+        self.config = config
+        if config.seed is None:
+            # Drawn from torch's global generator so that torch.manual_seed makes runs reproducible.
+            self.seed = int(torch.randint(0, 2**62, (1,)).item())
+        else:
+            self.seed = config.seed
+        self.num_features = num_features
+        self.step = 0  # training forward calls so far: the counter in the mask key
+        self.ensemble_calls = 0
+        self.eval_mode = config.eval_mode
+        self._depth = 0
+        self._plan: CallPlan | None = None
+        self._ensemble: tuple[int, int, int] | None = None  # (key, members in this chunk, member offset)
+        self._feature_ids: dict[torch.device, torch.Tensor] = {}
+        self._mask_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        # Filled by apply_lora_dropout:
+        self.adapters: list[str] = []
+        self.layers: list[tuple[torch.nn.Module, str, Any]] = []  # (layer, adapter, handler)
+        self.undo: list[Any] = []
+        self.hook_handles: list[Any] = []
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, int]:
+        """The mask stream's position: save it with a training checkpoint to resume with the same masks."""
+        return {"seed": self.seed, "step": self.step, "ensemble_calls": self.ensemble_calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for name in ("seed", "step"):
+            if not isinstance(state.get(name), int) or state[name] < 0:
+                raise ValueError(f"loradrop state needs a non-negative integer {name!r}, got {state.get(name)!r}")
+        self.seed, self.step = state["seed"], state["step"]
+        self.ensemble_calls = int(state.get("ensemble_calls", 0))
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def pre_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        self._depth += 1
+        if self._depth > 1:  # an inner hooked module of the same call: the outer one already planned it
+            return None
+        if self._ensemble is not None:
+            key, members, offset = self._ensemble
+            self._plan = CallPlan(masked=True, training=module.training, key=key, members=members,
+                                  member_offset=offset)
+            return repeat_batch(args, kwargs, members) if members > 1 else None
+        if not module.training:
+            self._plan = CallPlan(masked=False, training=False)
+            return None
+        samples = self.config.samples
+        key = derive_key(self.seed, STREAM_TRAIN, self.step)
+        self.step += 1
+        members = samples if self.config.mask_scope == "batch" else None
+        self._plan = CallPlan(masked=True, training=True, key=key, members=members)
+        return repeat_batch(args, kwargs, samples) if samples > 1 else None
+
+    def post_hook(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        # Runs even when the forward raised (always_call=True), so the depth never gets stuck.
+        # The plan is kept: activation-checkpointing recomputes layers during backward and must see the same masks.
+        self._depth = max(0, self._depth - 1)
+        return None
+
+    # ----------------------------------------------------------------------------------------------- plans
+    def plan_for(self, layer_training: bool) -> CallPlan:
+        """The plan an adapted layer follows; also valid when a layer is called outside a hooked model call."""
+        plan = self._plan
+        if plan is not None and (plan.training == layer_training or self._ensemble is not None):
+            return plan
+        if layer_training:
+            key = derive_key(self.seed, STREAM_TRAIN, self.step)
+            members = 1 if self.config.mask_scope == "batch" else None
+            return CallPlan(masked=True, training=True, key=key, members=members)
+        return CallPlan(masked=False, training=False)
+
+    def masks(self, plan: CallPlan, members: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Keep-masks of every registered feature for the plan's members: a (members, num_features) tensor.
+
+        Drawn once per call (and device/dtype) for all layers at once; layers take their slices.
+        """
+        cache_key = (plan.key, plan.member_offset, members, device, dtype)
+        if self._mask_cache is not None and self._mask_cache[0] == cache_key:
+            return self._mask_cache[1]
+        features = self._feature_ids.get(device)
+        if features is None:
+            features = torch.arange(self.num_features, device=device, dtype=torch.int64)
+            self._feature_ids[device] = features
+        member_ids = torch.arange(plan.member_offset, plan.member_offset + members, device=device, dtype=torch.int64)
+        mask = keep_mask(plan.key, member_ids, features, self.config.p, keep_value=self.config.keep_scale,
+                         dtype=dtype)
+        self._mask_cache = (cache_key, mask)
+        return mask
+
+    @property
+    def expected_factor(self) -> float:
+        """Factor on the update in a plain eval forward (and in merges/exports)."""
+        return self.config.expected_factor if self.eval_mode == "expected" else 1.0
+
+    # ----------------------------------------------------------------------------------------------- ensembles
+    def ensemble_key(self, seed: int | None) -> int:
+        if seed is None:
+            self.ensemble_calls += 1
+            return derive_key(self.seed, STREAM_ENSEMBLE, self.ensemble_calls, 1)
+        return derive_key(seed, STREAM_ENSEMBLE, 0, 0)
+
+    @contextlib.contextmanager
+    def ensemble(self, key: int, members: int, offset: int) -> Iterator[None]:
+        """Within this block every model call runs `members` masked members (ids offset..offset+members-1)."""
+        if self._ensemble is not None:
+            raise RuntimeError("loradrop ensembles cannot be nested")
+        self._ensemble = (key, members, offset)
+        try:
+            yield
+        finally:
+            self._ensemble = None
+            self._plan = None
+            self._mask_cache = None

@@ -1,0 +1,287 @@
+"""Model-level API: `apply_lora_dropout`, eval modes, save/load and export."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import types
+import warnings
+from collections.abc import Iterator
+from importlib.metadata import version as _pkg_version
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora.layer import LoraLayer
+from torch import nn
+
+from .config import CONFIG_FILE_NAME, EVAL_MODES, LoraDropoutConfig
+from .layers import LAYER_HANDLERS, handler_for, plan_slices
+from .members import MemberController
+
+_ATTR = "_loradrop_controller"
+
+
+def get_controller(model: nn.Module) -> MemberController:
+    """The `MemberController` of a model that `apply_lora_dropout` was applied to."""
+    controller = _find_controller(model)
+    if controller is None:
+        raise ValueError(
+            f"LoRA Dropout is not applied to this {type(model).__name__}: call "
+            "loradrop.apply_lora_dropout(model, LoraDropoutConfig(...)) first"
+        )
+    return controller
+
+
+def _find_controller(model: nn.Module) -> MemberController | None:
+    # DDP / accelerate wrap the model in `.module`
+    for candidate in (model, getattr(model, "module", None)):
+        if candidate is not None and _ATTR in getattr(candidate, "__dict__", {}):
+            return candidate.__dict__[_ATTR]
+    return None
+
+
+def _lora_layers(model: PeftModel, adapters: list[str]) -> Iterator[tuple[str, nn.Module, str]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in adapters:
+                if adapter in module.lora_A:
+                    yield name, module, adapter
+
+
+def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_name: str | None = None) -> PeftModel:
+    """Add LoRA Dropout to a PEFT LoRA model, in place, and return it.
+
+    Every `peft.tuners.lora.Linear` layer of the active adapter (or `adapter_name`) gets a per-instance
+    `LoraDropoutVariant`; the model gets forward pre-hooks that plan members (``samples``, ensembles) per call.
+    PEFT's classes and the adapter weights are not touched, so ``save_pretrained`` still writes a standard adapter.
+    Nothing is changed if any check fails.
+    """
+    if not isinstance(config, LoraDropoutConfig):
+        raise TypeError(f"config must be a loradrop.LoraDropoutConfig, got {type(config).__name__}")
+    if not isinstance(model, PeftModel):
+        raise TypeError(
+            f"apply_lora_dropout needs a peft.PeftModel (from peft.get_peft_model or PeftModel.from_pretrained), "
+            f"got {type(model).__name__}"
+        )
+    if _find_controller(model) is not None:
+        raise ValueError("LoRA Dropout is already applied to this model; apply it once (see remove_lora_dropout)")
+    adapters = [adapter_name] if adapter_name is not None else list(model.active_adapters)
+    for adapter in adapters:
+        if adapter not in model.peft_config:
+            raise ValueError(f"adapter {adapter!r} not found; the model has {sorted(model.peft_config)}")
+
+    allowed = {t for handler in LAYER_HANDLERS for t in handler.peft_types}
+    for adapter in adapters:
+        peft_type = str(getattr(model.peft_config[adapter].peft_type, "value", model.peft_config[adapter].peft_type))
+        if peft_type not in allowed:
+            raise ValueError(f"adapter {adapter!r} is {peft_type}; apply_lora_dropout supports {sorted(allowed)}")
+
+    found = list(_lora_layers(model, adapters))
+    supported = [(n, m, a, h) for n, m, a in found if (h := handler_for(m, a)) is not None]
+    if not supported:
+        raise ValueError(
+            f"the model has no LoRA Linear layers for adapter(s) {adapters}; LoRA Dropout adapts nn.Linear-based "
+            "LoRA layers (target_modules of linear projections)"
+        )
+    for name, module, adapter, handler in supported:
+        handler.check(name, module, adapter)
+    skipped = sorted({n for n, m, a in found} - {n for n, *_ in supported})
+    if skipped:
+        warnings.warn(
+            f"loradrop: {len(skipped)} LoRA layer(s) of unsupported types stay plain LoRA: {skipped[:5]}",
+            stacklevel=2,
+        )
+    if config.strategy != "input" and any(
+        not isinstance(m.lora_dropout[a], nn.Identity) for _, m, a, _ in supported
+    ):
+        warnings.warn(
+            "loradrop: the PEFT adapter also has lora_dropout > 0; it is kept and applied before LoRA Dropout. "
+            "Set lora_dropout=0 in the PEFT config to avoid its activation-sized copy.",
+            stacklevel=2,
+        )
+
+    # ---- all checks passed: mutate
+    offset = 0
+    slices_list = []
+    for index, (_, module, adapter, handler) in enumerate(supported):
+        in_features, out_features, rank = handler.dims(module, adapter)
+        slices, offset = plan_slices(config.strategy, index, offset, in_features, out_features, rank)
+        slices_list.append(slices)
+    controller = MemberController(config, num_features=offset)
+    controller.adapters = adapters
+    controller.layers = [(module, adapter, handler) for _, module, adapter, handler in supported]
+    controller.undo = [
+        handler.install(module, adapter, controller, slices)
+        for (_, module, adapter, handler), slices in zip(supported, slices_list)
+    ]
+    controller.hook_handles = []
+    for hooked in _hook_targets(model):
+        controller.hook_handles.append(hooked.register_forward_pre_hook(controller.pre_hook, with_kwargs=True))
+        controller.hook_handles.append(
+            hooked.register_forward_hook(controller.post_hook, with_kwargs=True, always_call=True)
+        )
+    model.__dict__[_ATTR] = controller
+    # Per instance, so that `model.save_pretrained` also writes loradrop_config.json; PEFT's class is untouched.
+    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_with_loradrop, model)
+    return model
+
+
+def _hook_targets(model: PeftModel) -> list[nn.Module]:
+    # PeftModel.forward calls the transformers model as a module, but PeftModelFor* task classes call
+    # `self.base_model(...)` (LoraModel), which calls `self.model.forward` directly (bypassing its hooks).
+    # Hooking the PeftModel, the tuner and the transformers model covers every entry point; a depth guard makes
+    # only the outermost act.
+    targets = [model, model.base_model, model.get_base_model()]
+    unique: list[nn.Module] = []
+    for target in targets:
+        if all(target is not t for t in unique):
+            unique.append(target)
+    return unique
+
+
+def remove_lora_dropout(model: PeftModel) -> PeftModel:
+    """Undo `apply_lora_dropout`: the model becomes the plain PEFT LoRA model it was."""
+    controller = get_controller(model)
+    for handle in controller.hook_handles:
+        handle.remove()
+    for undo in controller.undo:
+        undo()
+    del model.__dict__[_ATTR]
+    model.__dict__.pop("save_pretrained", None)
+    return model
+
+
+def set_eval_mode(model: nn.Module, mode: str) -> None:
+    """What a plain forward in ``model.eval()`` uses: ``"expected"`` (the expected update, default) or ``"raw"``
+    (the unscaled update: the paper's "dropout only in training" ablation)."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"eval mode must be one of {list(EVAL_MODES)}, got {mode!r}")
+    get_controller(model).eval_mode = mode
+
+
+def get_mask_state(model: nn.Module) -> dict[str, int]:
+    """The mask stream's position (seed and step counter), to store with a training checkpoint."""
+    return get_controller(model).state_dict()
+
+
+def set_mask_state(model: nn.Module, state: dict[str, int]) -> None:
+    """Restore a position saved by `get_mask_state`: the following steps draw the same masks as before."""
+    get_controller(model).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- save / load / export
+def _metadata(controller: MemberController) -> dict[str, Any]:
+    return {
+        "adapters": list(controller.adapters),
+        "mask_state": controller.state_dict(),
+        "eval_mode": controller.eval_mode,
+        "loradrop_version": _version("loradrop"),
+        "peft_version": _version("peft"),
+    }
+
+
+def _version(name: str) -> str:
+    try:
+        return _pkg_version(name)
+    except Exception:  # pragma: no cover - not installed as a distribution
+        return "unknown"
+
+
+def _save_pretrained_with_loradrop(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+    type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        controller = get_controller(self)
+        controller.config.save(save_directory, **_metadata(controller))
+
+
+def from_pretrained(
+    base_model: nn.Module,
+    adapter_path: str | os.PathLike[str],
+    *,
+    config: LoraDropoutConfig | None = None,
+    is_trainable: bool = False,
+    **peft_kwargs: Any,
+) -> PeftModel:
+    """Load a PEFT adapter onto `base_model` and restore its LoRA Dropout settings and mask state in one call.
+
+    `config` overrides the stored settings; without it, ``loradrop_config.json`` must be in `adapter_path`.
+    """
+    path = Path(adapter_path)
+    if config is None and not (path / CONFIG_FILE_NAME).is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no {CONFIG_FILE_NAME}; pass config=LoraDropoutConfig(...) to add LoRA Dropout to a "
+            "plain PEFT adapter"
+        )
+    stored_state = None
+    eval_mode = None
+    if config is None:
+        config = LoraDropoutConfig.load(path)
+        import json
+
+        with open(path / CONFIG_FILE_NAME, encoding="utf-8") as fh:
+            payload = json.load(fh)
+        stored_state = payload.get("mask_state")
+        eval_mode = payload.get("eval_mode")
+    model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable, **peft_kwargs)
+    apply_lora_dropout(model, config)
+    if stored_state:
+        set_mask_state(model, stored_state)
+    if eval_mode:
+        set_eval_mode(model, eval_mode)
+    return model
+
+
+def export_adapter(model: PeftModel, output_dir: str | os.PathLike[str], *, merge: bool = False) -> Path:
+    """Write a plain PEFT adapter (or, with ``merge=True``, a merged transformers model) whose single forward equals
+    LoRA Dropout's expected update, so it serves unchanged in PEFT, transformers or vLLM.
+
+    The adapter form folds the expected factor into ``lora_B``; the model itself is left as it was. The output is
+    written to a temporary folder and moved into place only when complete.
+    """
+    controller = get_controller(model)
+    factor = controller.config.expected_factor  # an export always serves the expectation
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"export target {str(output_dir)!r} exists and is not empty; choose a new folder")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        if merge:
+            plain = copy.deepcopy(model)
+            _scale_lora_b(plain, get_controller(plain), factor)
+            remove_lora_dropout(plain)
+            merged = plain.merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            originals = _scale_lora_b(model, controller, factor)
+            try:
+                type(model).save_pretrained(model, str(tmp), safe_serialization=True)
+            finally:
+                with torch.no_grad():
+                    for weight, original in originals:
+                        weight.copy_(original)
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _scale_lora_b(model: PeftModel, controller: MemberController, factor: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Multiply every adapted layer's lora_B (and its bias) by `factor` in place; return (weight, original) pairs."""
+    originals = []
+    with torch.no_grad():
+        for _, module, adapter in _lora_layers(model, controller.adapters):
+            handler = handler_for(module, adapter)
+            if handler is None:
+                continue
+            for weight in handler.b_tensors(module, adapter):
+                originals.append((weight, weight.detach().clone()))
+                weight.mul_(factor)
+    return originals
