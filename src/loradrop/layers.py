@@ -181,7 +181,8 @@ class LayerHandler:
     """How loradrop attaches to one kind of PEFT layer. Register new kinds with `register_layer_handler`.
 
     A handler says which layers it adapts, their mask dimensions, how to install LoRA Dropout on one layer instance
-    (returning a function that undoes it) and which tensors hold B (an export folds the expected factor into them).
+    instance (`install`/`uninstall`, without closures so deep copies stay independent) and which tensors hold B
+    (an export folds the expected factor into them).
     """
 
     peft_types: tuple[str, ...] = ()
@@ -193,7 +194,11 @@ class LayerHandler:
         """(in_features, out_features, rank) of the adapter's update."""
         raise NotImplementedError
 
-    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices):
+    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices) -> None:
+        raise NotImplementedError
+
+    def uninstall(self, module: nn.Module, adapter: str, controller: MemberController) -> None:
+        """Remove what `install` added. Must not rely on closures: models are deep-copied (exports, Trainer)."""
         raise NotImplementedError
 
     def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
@@ -226,15 +231,13 @@ class LoraLinearHandler(LayerHandler):
                 "LoRA Dropout works on plain LoRA adapters"
             )
 
-    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices):
-        variant = LoraDropoutVariant(controller, slices)
-        module.lora_variant[adapter] = variant
+    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices) -> None:
+        module.lora_variant[adapter] = LoraDropoutVariant(controller, slices)
 
-        def undo() -> None:
-            if module.lora_variant.get(adapter) is variant:
-                del module.lora_variant[adapter]
-
-        return undo
+    def uninstall(self, module: nn.Module, adapter: str, controller: MemberController) -> None:
+        variant = module.lora_variant.get(adapter)
+        if isinstance(variant, LoraDropoutVariant) and variant.controller is controller:
+            del module.lora_variant[adapter]
 
     def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
         lin = module.lora_B[adapter]

@@ -100,14 +100,13 @@ class MemberController:
         self.eval_mode = config.eval_mode
         self._depth = 0
         self._plan: CallPlan | None = None
-        self._ensemble: tuple[int, int, int] | None = None  # (key, members in this chunk, member offset)
+        # (key, members per call or None for one per row, member offset, batch repeats)
+        self._ensemble: tuple[int, int | None, int, int] | None = None
         self._feature_ids: dict[torch.device, torch.Tensor] = {}
         self._mask_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
         # Filled by apply_lora_dropout:
         self.adapters: list[str] = []
         self.layers: list[tuple[torch.nn.Module, str, Any]] = []  # (layer, adapter, handler)
-        self.undo: list[Any] = []
-        self.hook_handles: list[Any] = []
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, int]:
@@ -127,10 +126,10 @@ class MemberController:
         if self._depth > 1:  # an inner hooked module of the same call: the outer one already planned it
             return None
         if self._ensemble is not None:
-            key, members, offset = self._ensemble
+            key, members, offset, repeats = self._ensemble
             self._plan = CallPlan(masked=True, training=module.training, key=key, members=members,
                                   member_offset=offset)
-            return repeat_batch(args, kwargs, members) if members > 1 else None
+            return repeat_batch(args, kwargs, repeats) if repeats > 1 else None
         if not module.training:
             self._plan = CallPlan(masked=False, training=False)
             return None
@@ -190,11 +189,17 @@ class MemberController:
         return derive_key(seed, STREAM_ENSEMBLE, 0, 0)
 
     @contextlib.contextmanager
-    def ensemble(self, key: int, members: int, offset: int) -> Iterator[None]:
-        """Within this block every model call runs `members` masked members (ids offset..offset+members-1)."""
+    def ensemble(self, key: int, members: int | None, offset: int, repeats: int | None = None) -> Iterator[None]:
+        """Within this block every model call runs masked members with ids offset, offset+1, ... under `key`.
+
+        `members` members share the batch repeated `repeats` (default: `members`) times; ``members=None`` gives
+        every row its own member (example scope), which also replays one member of a training call exactly.
+        """
         if self._ensemble is not None:
             raise RuntimeError("loradrop ensembles cannot be nested")
-        self._ensemble = (key, members, offset)
+        if repeats is None:
+            repeats = members if members is not None else 1
+        self._ensemble = (key, members, offset, repeats)
         try:
             yield
         finally:

@@ -114,16 +114,11 @@ def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_n
     controller = MemberController(config, num_features=offset)
     controller.adapters = adapters
     controller.layers = [(module, adapter, handler) for _, module, adapter, handler in supported]
-    controller.undo = [
+    for (_, module, adapter, handler), slices in zip(supported, slices_list):
         handler.install(module, adapter, controller, slices)
-        for (_, module, adapter, handler), slices in zip(supported, slices_list)
-    ]
-    controller.hook_handles = []
     for hooked in _hook_targets(model):
-        controller.hook_handles.append(hooked.register_forward_pre_hook(controller.pre_hook, with_kwargs=True))
-        controller.hook_handles.append(
-            hooked.register_forward_hook(controller.post_hook, with_kwargs=True, always_call=True)
-        )
+        hooked.register_forward_pre_hook(controller.pre_hook, with_kwargs=True)
+        hooked.register_forward_hook(controller.post_hook, with_kwargs=True, always_call=True)
     model.__dict__[_ATTR] = controller
     # Per instance, so that `model.save_pretrained` also writes loradrop_config.json; PEFT's class is untouched.
     model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_with_loradrop, model)
@@ -146,10 +141,16 @@ def _hook_targets(model: PeftModel) -> list[nn.Module]:
 def remove_lora_dropout(model: PeftModel) -> PeftModel:
     """Undo `apply_lora_dropout`: the model becomes the plain PEFT LoRA model it was."""
     controller = get_controller(model)
-    for handle in controller.hook_handles:
-        handle.remove()
-    for undo in controller.undo:
-        undo()
+    # Found through the model, not through stored handles or closures, so that this also works on deep copies.
+    for hooked in _hook_targets(model):
+        for registry in (hooked._forward_pre_hooks, hooked._forward_hooks):
+            for hook_id in [i for i, hook in registry.items() if getattr(hook, "__self__", None) is controller]:
+                del registry[hook_id]
+                for kwargs_ids in (hooked._forward_pre_hooks_with_kwargs, hooked._forward_hooks_with_kwargs,
+                                   hooked._forward_hooks_always_called):
+                    kwargs_ids.pop(hook_id, None)
+    for module, adapter, handler in controller.layers:
+        handler.uninstall(module, adapter, controller)
     del model.__dict__[_ATTR]
     model.__dict__.pop("save_pretrained", None)
     return model
@@ -273,7 +274,9 @@ def export_adapter(model: PeftModel, output_dir: str | os.PathLike[str], *, merg
     return output_dir
 
 
-def _scale_lora_b(model: PeftModel, controller: MemberController, factor: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _scale_lora_b(
+    model: PeftModel, controller: MemberController, factor: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Multiply every adapted layer's lora_B (and its bias) by `factor` in place; return (weight, original) pairs."""
     originals = []
     with torch.no_grad():

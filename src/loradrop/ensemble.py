@@ -1,0 +1,377 @@
+"""Test-time ensembles of masked members in one batched pass, with uncertainty.
+
+The n members differ only by masks on the small A and B weights, so all of them (or `chunk_size` at a time) run in
+one forward call on the batch repeated member-major: the frozen weights are read once for all members.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .members import split_members
+from .model import get_controller
+
+_INPUT_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+_LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
+
+
+def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy (nats) along `dim`, with 0 log 0 = 0."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim)
+
+
+@dataclass
+class EnsembleOutput:
+    """Averaged predictions of n masked members.
+
+    kind "classification": `probs` (B, [T,] C) is the mean of the members' softmax probabilities, `member_probs` is
+    (n, B, [T,] C); `entropy` is the entropy of the mean, `expected_entropy` the mean member entropy, and
+    `mutual_information` their difference (the epistemic part). kind "regression": `mean`, `std` and
+    `member_values` (n, B). kind "span": averaged `start_probs`/`end_probs` (B, T), their members, and the best
+    legal span (`span_start`, `span_end`, `span_score`) read from the averaged distributions.
+    """
+
+    n: int
+    kind: str
+    probs: torch.Tensor | None = None
+    member_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    expected_entropy: torch.Tensor | None = None
+    mutual_information: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    member_values: torch.Tensor | None = None
+    start_probs: torch.Tensor | None = None
+    end_probs: torch.Tensor | None = None
+    member_start_probs: torch.Tensor | None = None
+    member_end_probs: torch.Tensor | None = None
+    span_start: torch.Tensor | None = None
+    span_end: torch.Tensor | None = None
+    span_score: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        """Class ids (classification), means (regression) or (start, end) pairs (span)."""
+        if self.kind == "classification":
+            return self.probs.argmax(-1)
+        if self.kind == "regression":
+            return self.mean
+        return torch.stack([self.span_start, self.span_end], dim=-1)
+
+
+@dataclass
+class ChoiceOutput:
+    """Multiple-choice scores: probabilities over the K options averaged over n members."""
+
+    n: int
+    probs: torch.Tensor  # (B, K)
+    member_probs: torch.Tensor  # (n, B, K)
+    entropy: torch.Tensor
+    expected_entropy: torch.Tensor
+    mutual_information: torch.Tensor
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.probs.argmax(-1)
+
+
+@dataclass
+class GenerationOutput:
+    """Tokens chosen from the members' averaged next-token distribution, with per-step uncertainty."""
+
+    sequences: torch.Tensor  # (B, prompt + new)
+    new_tokens: torch.Tensor  # (B, new)
+    token_probs: torch.Tensor  # (B, new): averaged probability of each chosen token
+    entropy: torch.Tensor  # (B, new)
+    mutual_information: torch.Tensor  # (B, new)
+    n: int
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _check_n(n: Any, chunk_size: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (ensemble size) must be an integer >= 1, got {n!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+
+
+def _model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a mapping of model inputs (a tokenizer output), got {type(batch).__name__}")
+    if not any(isinstance(batch.get(k), torch.Tensor) for k in _INPUT_KEYS):
+        raise ValueError(
+            f"batch has none of the model's inputs {list(_INPUT_KEYS)}; got keys {sorted(batch)}"
+        )
+    device = _model_device(model)
+    return {
+        k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k not in _LABEL_KEYS
+    }
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode and restore the previous mode afterwards, also on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _chunks(n: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
+    step = n if chunk_size is None else min(chunk_size, n)
+    for offset in range(0, n, step):
+        yield offset, min(step, n - offset)
+
+
+def _uncertainty(member_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    probs = member_probs.mean(0)
+    total = entropy(probs)
+    expected = entropy(member_probs).mean(0)
+    return probs, total, expected, (total - expected).clamp_min(0.0)
+
+
+def best_spans(start_probs: torch.Tensor, end_probs: torch.Tensor, *, max_answer_length: int = 30,
+               allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (start, end) maximising p_start * p_end with start <= end < start + max_answer_length.
+
+    `allowed` (B, T) bool marks positions that may hold the answer (e.g. context tokens).
+    """
+    seq = start_probs.shape[-1]
+    log_s = torch.log(start_probs.clamp_min(1e-30))
+    log_e = torch.log(end_probs.clamp_min(1e-30))
+    if allowed is not None:
+        log_s = log_s.masked_fill(~allowed, float("-inf"))
+        log_e = log_e.masked_fill(~allowed, float("-inf"))
+    scores = log_s[:, :, None] + log_e[:, None, :]  # (B, T, T)
+    idx = torch.arange(seq, device=scores.device)
+    legal = (idx[None, :] >= idx[:, None]) & (idx[None, :] < idx[:, None] + max_answer_length)
+    scores = scores.masked_fill(~legal, float("-inf"))
+    flat = scores.flatten(1).argmax(-1)
+    start, end = flat // seq, flat % seq
+    return start, end, scores.flatten(1).gather(1, flat[:, None]).squeeze(1).exp()
+
+
+# ------------------------------------------------------------------------------------------------ public API
+@torch.no_grad()
+def ensemble_predict(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    n: int,
+    *,
+    chunk_size: int | None = None,
+    seed: int | None = None,
+    max_answer_length: int = 30,
+    span_mask: torch.Tensor | None = None,
+) -> EnsembleOutput:
+    """Average the predictions of `n` masked members of a LoRA Dropout model, in batched passes.
+
+    Args:
+        model: a PEFT model that `apply_lora_dropout` was applied to (classification, regression or QA head).
+        batch: the model inputs (labels are ignored).
+        n: ensemble size.
+        chunk_size: run at most this many members per forward call (bounds memory); results equal the unchunked
+            run because every member's masks depend only on its index.
+        seed: the same seed gives the same members; None draws a fresh ensemble.
+        max_answer_length, span_mask: span selection for extractive QA heads.
+    """
+    _check_n(n, chunk_size)
+    controller = get_controller(model)
+    inputs = _model_inputs(model, batch)
+    key = controller.ensemble_key(seed)
+    outputs: dict[str, list[torch.Tensor]] = {}
+    with _eval_mode(model):
+        for offset, members in _chunks(n, chunk_size):
+            with controller.ensemble(key, members, offset):
+                out = model(**inputs)
+            for name in ("start_logits", "end_logits", "logits"):
+                value = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
+                if isinstance(value, torch.Tensor):
+                    outputs.setdefault(name, []).append(split_members(value.float(), members))
+    if "start_logits" in outputs:
+        member_s = torch.cat(outputs["start_logits"]).softmax(-1)
+        member_e = torch.cat(outputs["end_logits"]).softmax(-1)
+        start_probs, end_probs = member_s.mean(0), member_e.mean(0)
+        s, e, score = best_spans(start_probs, end_probs, max_answer_length=max_answer_length, allowed=span_mask)
+        return EnsembleOutput(n=n, kind="span", start_probs=start_probs, end_probs=end_probs,
+                              member_start_probs=member_s, member_end_probs=member_e,
+                              span_start=s, span_end=e, span_score=score)
+    if "logits" not in outputs:
+        raise ValueError(f"the model output has no logits (got {type(out).__name__}); cannot ensemble it")
+    logits = torch.cat(outputs["logits"])  # (n, B, ..., C)
+    config = getattr(model, "config", None)
+    if logits.shape[-1] == 1 or getattr(config, "problem_type", None) == "regression":
+        values = logits.squeeze(-1)
+        return EnsembleOutput(n=n, kind="regression", mean=values.mean(0),
+                              std=values.std(0, unbiased=False), member_values=values)
+    member_probs = logits.softmax(-1)
+    probs, total, expected, mi = _uncertainty(member_probs)
+    return EnsembleOutput(n=n, kind="classification", probs=probs, member_probs=member_probs, entropy=total,
+                          expected_entropy=expected, mutual_information=mi)
+
+
+def _last_positions(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+    seq = attention_mask.shape[1]
+    # index of the last attended token, for left and right padding alike
+    return seq - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def ensemble_score_choices(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    choice_token_ids: list[int] | torch.Tensor,
+    n: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    seed: int | None = None,
+) -> ChoiceOutput:
+    """Multiple-choice scoring for causal LMs (MMLU style).
+
+    Each member's next-token distribution after the prompt is restricted to the K `choice_token_ids` (e.g. the
+    tokens of " A", " B", " C", " D") and renormalised; the members' choice probabilities are averaged.
+    """
+    _check_n(n, chunk_size)
+    controller = get_controller(model)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (batch, seq) tensor of prompt token ids")
+    device = _model_device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    choices = torch.as_tensor(choice_token_ids, device=device, dtype=torch.long)
+    if choices.dim() != 1 or choices.numel() < 2:
+        raise ValueError(f"choice_token_ids must list at least two token ids, got {choice_token_ids!r}")
+    last = _last_positions(attention_mask, input_ids)
+    kwargs: dict[str, Any] = {"input_ids": input_ids}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    # With left padding (or none) only the last position is needed: skip the full (members*B, T, V) logits.
+    only_last = bool((last == input_ids.shape[1] - 1).all()) and _accepts(model, "logits_to_keep")
+    if only_last:
+        kwargs["logits_to_keep"] = 1
+    key = controller.ensemble_key(seed)
+    parts = []
+    with _eval_mode(model):
+        for offset, members in _chunks(n, chunk_size):
+            with controller.ensemble(key, members, offset):
+                logits = model(**kwargs).logits
+            logits = split_members(logits, members)  # (m, B, T', V)
+            rows = torch.arange(input_ids.shape[0], device=device)
+            pos = torch.full_like(last, logits.shape[2] - 1) if only_last else last
+            picked = logits[:, rows, pos][..., choices].float()  # (m, B, K)
+            parts.append(picked.softmax(-1))
+    member_probs = torch.cat(parts)
+    probs, total, expected, mi = _uncertainty(member_probs)
+    return ChoiceOutput(n=n, probs=probs, member_probs=member_probs, entropy=total, expected_entropy=expected,
+                        mutual_information=mi)
+
+
+@torch.no_grad()
+def ensemble_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    n: int,
+    max_new_tokens: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Generate from the ensemble: at every step average the n members' next-token probabilities, choose one token
+    (greedy or sampled) and feed it to every member. All members share one batched KV cache (n * B rows).
+
+    Prompts may be left-padded (pass `attention_mask`). Finished rows (after `eos_token_id`) are padded with
+    `pad_token_id`.
+    """
+    _check_n(n, None)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    controller = get_controller(model)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (batch, seq) tensor of prompt token ids")
+    config = getattr(model, "config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).flatten()
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = int(eos[0]) if eos.numel() else 0
+    device = _model_device(model)
+    input_ids = input_ids.to(device)
+    eos = eos.to(device)
+    batch = input_ids.shape[0]
+    mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(device).long()
+    key = controller.ensemble_key(seed)
+    chosen, chosen_p, ents, mis = [], [], [], []
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    with _eval_mode(model), controller.ensemble(key, n, 0):
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        for _ in range(max_new_tokens):
+            logits = split_members(out.logits[:, -1, :].float(), n)  # (n, B, V)
+            member_probs = (logits / temperature).softmax(-1)
+            probs, total, expected, mi = _uncertainty(member_probs)
+            next_tok = _sample(probs, top_p, generator) if do_sample else probs.argmax(-1)
+            next_tok = torch.where(finished, torch.full_like(next_tok, pad_token_id), next_tok)
+            chosen.append(next_tok)
+            chosen_p.append(probs.gather(1, next_tok[:, None]).squeeze(1))
+            ents.append(total)
+            mis.append(mi)
+            if eos.numel():
+                finished = finished | torch.isin(next_tok, eos)
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            out = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=position_ids,
+                        past_key_values=out.past_key_values, use_cache=True)
+    new_tokens = torch.stack(chosen, dim=1)
+    return GenerationOutput(sequences=torch.cat([input_ids, new_tokens], dim=1), new_tokens=new_tokens,
+                            token_probs=torch.stack(chosen_p, 1), entropy=torch.stack(ents, 1),
+                            mutual_information=torch.stack(mis, 1), n=n)
+
+
+def _sample(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        cumulative = sorted_p.cumsum(-1)
+        drop = cumulative - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
