@@ -311,8 +311,8 @@ def ensemble_generate(
     """Generate from the ensemble: at every step average the n members' next-token probabilities, choose one token
     (greedy or sampled) and feed it to every member. All members share one batched KV cache (n * B rows).
 
-    Prompts may be left-padded (pass `attention_mask`). Finished rows (after `eos_token_id`) are padded with
-    `pad_token_id`.
+    Prompts may be left-padded (pass `attention_mask`). Finished rows (after `eos_token_id`; None reads it from the
+    model's generation config, ``[]`` never stops early) are padded with `pad_token_id`.
     """
     _check_n(n, None)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -1,0 +1,199 @@
+"""Batched test-time ensembles: equal to one-by-one members, chunk-invariant, seeded, with uncertainty."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import loradrop
+from conftest import lora_config, tiny_bert_config
+from loradrop import LoraDropoutConfig, ensemble_generate, ensemble_predict, ensemble_score_choices
+from loradrop.members import split_members
+
+INPUTS = {"input_ids": torch.randint(0, 120, (4, 10), generator=torch.Generator().manual_seed(1)),
+          "attention_mask": torch.ones(4, 10, dtype=torch.long)}
+
+
+@pytest.fixture
+def bert(tiny_bert):
+    model = tiny_bert()
+    return loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+
+
+def test_classification_ensemble_is_mean_of_member_probabilities(bert):
+    out = ensemble_predict(bert, INPUTS, 6, seed=3)
+    assert out.kind == "classification" and out.probs.shape == (4, 3) and out.member_probs.shape == (6, 4, 3)
+    torch.testing.assert_close(out.probs, out.member_probs.mean(0))
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(4))
+    assert torch.all(out.mutual_information >= 0)
+    torch.testing.assert_close(out.entropy - out.expected_entropy, out.mutual_information)
+    assert out.mutual_information.max() > 0  # the members really differ
+    assert torch.equal(out.predictions, out.probs.argmax(-1))
+
+
+def test_batched_pass_equals_members_one_by_one_and_any_chunking(bert):
+    ctl = loradrop.get_controller(bert)
+    full = ensemble_predict(bert, INPUTS, 5, seed=7)
+    for chunk in (1, 2, 3, 5, 8):
+        chunked = ensemble_predict(bert, INPUTS, 5, seed=7, chunk_size=chunk)
+        torch.testing.assert_close(chunked.member_probs, full.member_probs, atol=1e-6, rtol=1e-5)
+    # one member at a time, by hand, with the same masks
+    bert.eval()
+    key = ctl.ensemble_key(7)
+    with torch.no_grad():
+        for m in range(5):
+            with ctl.ensemble(key, 1, m):
+                probs = bert(**INPUTS).logits.softmax(-1)
+            torch.testing.assert_close(probs, full.member_probs[m], atol=1e-6, rtol=1e-5)
+
+
+def test_seeds(bert):
+    a, b = ensemble_predict(bert, INPUTS, 4, seed=1), ensemble_predict(bert, INPUTS, 4, seed=1)
+    assert torch.equal(a.member_probs, b.member_probs)
+    assert not torch.equal(a.member_probs, ensemble_predict(bert, INPUTS, 4, seed=2).member_probs)
+    fresh1, fresh2 = ensemble_predict(bert, INPUTS, 4), ensemble_predict(bert, INPUTS, 4)
+    assert not torch.equal(fresh1.member_probs, fresh2.member_probs)
+
+
+def test_training_mode_is_restored_and_does_not_matter(bert):
+    bert.train()
+    step = loradrop.get_mask_state(bert)["step"]
+    out_train = ensemble_predict(bert, {**INPUTS, "labels": torch.zeros(4, dtype=torch.long)}, 3, seed=5)
+    assert bert.training
+    assert loradrop.get_mask_state(bert)["step"] == step  # no training masks were consumed
+    bert.eval()
+    out_eval = ensemble_predict(bert, INPUTS, 3, seed=5)
+    assert not bert.training
+    torch.testing.assert_close(out_train.probs, out_eval.probs)
+
+
+def test_regression_ensemble():
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = get_peft_model(BertForSequenceClassification(tiny_bert_config(num_labels=1)),
+                           lora_config(target_modules=["query", "value"]))
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+    out = ensemble_predict(model, INPUTS, 8, seed=0)
+    assert out.kind == "regression" and out.member_values.shape == (8, 4)
+    torch.testing.assert_close(out.mean, out.member_values.mean(0))
+    torch.testing.assert_close(out.std, out.member_values.std(0, unbiased=False))
+    assert torch.all(out.std > 0)
+
+
+def test_span_ensemble_reads_a_legal_span_from_averaged_distributions():
+    from transformers import BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    model = get_peft_model(BertForQuestionAnswering(tiny_bert_config(num_labels=2)),
+                           lora_config(target_modules=["query"]))
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+    allowed = torch.zeros(4, 10, dtype=torch.bool)
+    allowed[:, 4:] = True  # the "context" part
+    out = ensemble_predict(model, INPUTS, 4, seed=0, max_answer_length=3, span_mask=allowed)
+    assert out.kind == "span" and out.start_probs.shape == (4, 10) and out.member_start_probs.shape == (4, 4, 10)
+    torch.testing.assert_close(out.start_probs, out.member_start_probs.mean(0))
+    assert torch.all(out.span_start >= 4) and torch.all(out.span_end >= out.span_start)
+    assert torch.all(out.span_end < out.span_start + 3)
+    # the chosen span is the best legal product of averaged probabilities
+    for b in range(4):
+        best = max(
+            (out.start_probs[b, i] * out.end_probs[b, j]).item()
+            for i in range(4, 10) for j in range(i, min(i + 3, 10))
+        )
+        assert out.span_score[b].item() == pytest.approx(best, rel=1e-4)
+
+
+def test_bad_input(bert, tiny_bert):
+    with pytest.raises(ValueError, match="n \\(ensemble size\\) must be an integer >= 1, got 0"):
+        ensemble_predict(bert, INPUTS, 0)
+    with pytest.raises(ValueError, match="chunk_size must be None or an integer >= 1, got 0"):
+        ensemble_predict(bert, INPUTS, 2, chunk_size=0)
+    with pytest.raises(ValueError, match="call loradrop.apply_lora_dropout"):
+        ensemble_predict(tiny_bert(), INPUTS, 2)
+    with pytest.raises(ValueError, match="batch has none of the model's inputs"):
+        ensemble_predict(bert, {"labels": torch.zeros(2)}, 2)
+    with pytest.raises(TypeError, match="batch must be a mapping"):
+        ensemble_predict(bert, INPUTS["input_ids"], 2)
+    bert.train()
+    with pytest.raises(Exception):  # noqa: B017 - the model raises on a malformed batch
+        ensemble_predict(bert, {"input_ids": torch.zeros(2, 3, 4, dtype=torch.long)}, 2)
+    assert bert.training  # restored after the failure
+
+
+# ------------------------------------------------------------------------------------------------ causal LMs
+def left_padded(pad=0):
+    ids = torch.tensor([[pad, pad, 5, 17, 33, 8], [4, 9, 21, 60, 7, 11]])
+    mask = (ids != pad).long()
+    return ids, mask
+
+
+def test_generate_with_p0_equals_transformers_greedy(tiny_llama):
+    model = tiny_llama()
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.0, seed=0))
+    ids, mask = left_padded()
+    out = ensemble_generate(model, ids, 3, 8, attention_mask=mask, eos_token_id=None)
+    model.eval()
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, min_new_tokens=8)
+    assert torch.equal(out.sequences, ref)
+    torch.testing.assert_close(out.mutual_information, torch.zeros_like(out.mutual_information), atol=1e-6, rtol=0)
+
+
+def test_generate_shared_kv_cache_equals_full_recomputation(tiny_llama):
+    model = tiny_llama()
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+    ctl = loradrop.get_controller(model)
+    ids, mask = left_padded()
+    n = 4
+    out = ensemble_generate(model, ids, n, 6, attention_mask=mask, seed=11, eos_token_id=[])
+    assert out.new_tokens.shape == (2, 6) and torch.all(out.mutual_information >= 0)
+    seq, m = ids.clone(), mask.clone()
+    model.eval()
+    with torch.no_grad(), ctl.ensemble(ctl.ensemble_key(11), n, 0):
+        for step in range(6):
+            pos = (m.cumsum(-1) - 1).clamp_min(0)
+            logits = model(input_ids=seq, attention_mask=m, position_ids=pos).logits[:, -1].float()
+            probs = split_members(logits.softmax(-1), n).mean(0)
+            nxt = probs.argmax(-1)
+            assert torch.equal(nxt, out.new_tokens[:, step])
+            torch.testing.assert_close(probs.gather(1, nxt[:, None]).squeeze(1), out.token_probs[:, step])
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            m = torch.cat([m, torch.ones(2, 1, dtype=torch.long)], 1)
+
+
+def test_generate_sampling_and_eos(tiny_llama):
+    model = tiny_llama()
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+    ids, mask = left_padded()
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = ensemble_generate(model, ids, 2, 5, attention_mask=mask, do_sample=True, top_p=0.9, seed=1, generator=g1)
+    b = ensemble_generate(model, ids, 2, 5, attention_mask=mask, do_sample=True, top_p=0.9, seed=1, generator=g2)
+    assert torch.equal(a.sequences, b.sequences)
+    first = ensemble_generate(model, ids, 2, 1, attention_mask=mask, seed=1).new_tokens[:, 0]
+    stop = ensemble_generate(model, ids, 2, 5, attention_mask=mask, seed=1, eos_token_id=int(first[0]),
+                             pad_token_id=0)
+    assert stop.new_tokens[0, 0] == first[0]
+    if stop.new_tokens.shape[1] > 1:
+        assert torch.all(stop.new_tokens[0, 1:] == 0)  # finished rows are padded
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+        ensemble_generate(model, ids, 2, 0)
+
+
+def test_score_choices_matches_full_forward_for_both_paddings(tiny_llama):
+    model = tiny_llama()
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+    ctl = loradrop.get_controller(model)
+    choices = [10, 11, 12, 13]
+    ids, mask = left_padded()
+    out = ensemble_score_choices(model, ids, choices, 5, attention_mask=mask, seed=2)
+    assert out.probs.shape == (2, 4) and out.member_probs.shape == (5, 2, 4)
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(2))
+    model.eval()
+    with torch.no_grad(), ctl.ensemble(ctl.ensemble_key(2), 5, 0):
+        logits = split_members(model(input_ids=ids, attention_mask=mask).logits[:, -1][..., choices], 5)
+    torch.testing.assert_close(out.member_probs, logits.softmax(-1))
+    # the same prompts right-padded give the same scores (the last real token is found per row)
+    right_ids = torch.tensor([[5, 17, 33, 8, 0, 0], [4, 9, 21, 60, 7, 11]])
+    right = ensemble_score_choices(model, right_ids, choices, 5, attention_mask=(right_ids != 0).long(), seed=2,
+                                   chunk_size=2)
+    torch.testing.assert_close(right.probs, out.probs, atol=1e-5, rtol=1e-4)
