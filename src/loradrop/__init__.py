@@ -48,3 +48,7 @@ __all__ += [
     "ensemble_predict",
     "ensemble_score_choices",
 ]
+
+from .adalora import AdaLoraCallback, adalora_step, effective_ranks  # noqa: E402
+
+__all__ += ["AdaLoraCallback", "adalora_step", "effective_ranks"]

@@ -180,7 +180,7 @@ class LoraDropoutVariant(LoraVariant):
 class LayerHandler:
     """How loradrop attaches to one kind of PEFT layer. Register new kinds with `register_layer_handler`.
 
-    A handler says which layers it adapts, their mask dimensions, how to install LoRA Dropout on one layer instance
+    A handler says which layers it adapts, their mask dimensions, how to install LoRA Dropout on one layer
     instance (`install`/`uninstall`, without closures so deep copies stay independent) and which tensors hold B
     (an export folds the expected factor into them).
     """

