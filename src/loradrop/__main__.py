@@ -1,0 +1,7 @@
+"""``python -m loradrop ...`` (also what ``torchrun -m loradrop train ...`` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""The ``loradrop`` command line: demo, train, eval.
+
+Errors from bad input print one line on stderr and exit with status 2, leaving no partial output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import MASK_SCOPES, STRATEGIES
+
+TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "squad", "squad_v2", "instruct",
+              "tweets")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _add_lora_dropout_args(parser: argparse.ArgumentParser, *, p: float, samples: int) -> None:
+    group = parser.add_argument_group("LoRA Dropout")
+    group.add_argument("--p", type=float, default=p, help="drop probability of input/output features, in [0, 1)")
+    group.add_argument("--samples", type=_positive_int, default=samples,
+                       help="masks per training step (the loss is their mean); run in one batched call")
+    group.add_argument("--strategy", choices=STRATEGIES, default="ab", help="what is masked (see README)")
+    group.add_argument("--mask-scope", choices=MASK_SCOPES, default="batch",
+                       help="one mask per member ('batch', the paper) or per example")
+    group.add_argument("--rescale", action="store_true", help="scale kept entries by 1/(1-p) (the paper does not)")
+    group.add_argument("--ensemble", type=int, default=8, help="test-time ensemble size (0: single pass only)")
+    group.add_argument("--chunk-size", type=_positive_int, default=None, help="members per forward call")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loradrop", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="offline showcase: MiniLM on the tweet corpus, LoRA vs LoRA Dropout")
+    demo.add_argument("--output", default="runs/demo", help="folder for metrics.json, plots and adapters")
+    demo.add_argument("--train-samples", type=_positive_int, default=2000)
+    demo.add_argument("--eval-samples", type=_positive_int, default=800)
+    demo.add_argument("--epochs", type=float, default=2.0)
+    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--batch-size", type=_positive_int, default=32)
+    demo.add_argument("--max-seq-len", type=_positive_int, default=64)
+    demo.add_argument("--r", type=_positive_int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_lora_dropout_args(demo, p=0.5, samples=2)
+
+    train = sub.add_parser("train", help="fine-tune on a task and evaluate single pass and ensemble")
+    train.add_argument("--task", required=True, choices=TASK_NAMES)
+    train.add_argument("--model", default=None, help="local folder or hub id (default: offline MiniLM / SmolLM2)")
+    train.add_argument("--data-dir", default=None, help="GLUE-layout folder, SQuAD json folder, Alpaca json, or "
+                       "a hub dataset name")
+    train.add_argument("--method", choices=("lora", "adalora"), default="lora")
+    train.add_argument("--r", type=_positive_int, default=8)
+    train.add_argument("--alpha", type=float, default=16)
+    train.add_argument("--target-modules", default=None, help="comma-separated module names (default: per model)")
+    train.add_argument("--no-lora-dropout", action="store_true", help="plain LoRA baseline (p ignored)")
+    _add_lora_dropout_args(train, p=0.5, samples=1)
+    train.add_argument("--epochs", type=float, default=3.0)
+    train.add_argument("--max-steps", type=int, default=-1)
+    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--batch-size", type=_positive_int, default=32)
+    train.add_argument("--max-seq-len", type=_positive_int, default=128)
+    train.add_argument("--max-train-samples", type=_positive_int, default=None)
+    train.add_argument("--max-eval-samples", type=_positive_int, default=None)
+    train.add_argument("--save-steps", type=_positive_int, default=None, help="checkpoint every K steps")
+    train.add_argument("--eval-steps", type=_positive_int, default=None, help="eval loss every K steps")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--output", required=True, help="run folder (metrics.json, adapter, predictions, logs)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+
+    ev = sub.add_parser("eval", help="re-evaluate a saved run's adapter")
+    ev.add_argument("--adapter", required=True, help="adapter folder written by train (or a run folder)")
+    ev.add_argument("--task", choices=TASK_NAMES, default=None, help="default: the task the run was trained on")
+    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--model", default=None, help="default: the base model recorded in the run")
+    ev.add_argument("--ensemble", type=int, default=8)
+    ev.add_argument("--chunk-size", type=_positive_int, default=None)
+    ev.add_argument("--batch-size", type=_positive_int, default=32)
+    ev.add_argument("--max-seq-len", type=_positive_int, default=None)
+    ev.add_argument("--max-eval-samples", type=_positive_int, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output", default=None, help="where to write eval_metrics.json (default: beside the adapter)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args)
+        elif args.command == "train":
+            from .runner import run_train
+
+            run_train(args)
+        else:
+            from .runner import run_eval
+
+            run_eval(args)
+    except UsageError as err:
+        print(f"loradrop {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        print(f"loradrop {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from .models import ModelLoadError
+        from .tasks import DataUnavailableError
+
+        if not isinstance(err, (ModelLoadError, DataUnavailableError)):
+            raise
+        print(f"loradrop {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

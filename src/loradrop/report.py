@@ -1,0 +1,87 @@
+"""Tables and plots: comparison tables (text/Markdown), reliability diagrams and loss curves as PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .calibration import reliability_diagram
+
+
+def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str], *, markdown: bool = False) -> str:
+    """A fixed-width (or Markdown) table; floats are shown with 4 decimals."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "" if value is None else str(value)
+
+    grid = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in grid)) for i, c in enumerate(columns)]
+    if markdown:
+        lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+                 "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in grid]
+    else:
+        lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in grid]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_reliability(curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path,
+                     n_bins: int = 15) -> Path:
+    """Reliability diagram (accuracy vs confidence per bin) of several predictors on one axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for name, (probs, labels) in curves.items():
+        d = reliability_diagram(probs, labels, n_bins)
+        pts = [(c, a) for c, a, n in zip(d.confidence, d.accuracy, d.count) if n]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=name)
+    ax.set(xlabel="confidence (top label)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability diagram ({n_bins} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_loss_curves(histories: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]], path: str | Path) -> Path:
+    """Train (solid) and eval (dashed) loss against the optimizer step, one colour per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, history) in enumerate(histories.items()):
+        color = f"C{i}"
+        train = history.get("train", [])
+        if train:
+            ax.plot([p["step"] for p in train], [p["loss"] for p in train], "-", color=color, label=f"{name} train")
+        evaluation = history.get("eval", [])
+        if evaluation:
+            ax.plot([p["step"] for p in evaluation], [p["loss"] for p in evaluation], "--o", ms=3, color=color,
+                    label=f"{name} eval")
+    ax.set(xlabel="optimizer step", ylabel="loss", title="Loss curves")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,184 @@
+"""Training recipes on transformers' Trainer: the LoRA Dropout callback (mask stream in checkpoints, AdaLoRA),
+atomic checkpoints, and evaluation of single-pass and ensemble predictions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .config import CONFIG_FILE_NAME
+from .ensemble import ensemble_predict
+from .model import _find_controller, get_controller, set_mask_state
+
+logger = logging.getLogger("loradrop")
+
+
+class LoraDropoutCallback(TrainerCallback):
+    """Keeps the mask stream with Trainer checkpoints.
+
+    ``model.save_pretrained`` (which the Trainer calls for every checkpoint) stores the mask position beside the
+    adapter; on ``trainer.train(resume_from_checkpoint=...)`` this callback puts it back, so the resumed run draws
+    exactly the masks the uninterrupted run would have drawn.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0 or model is None or _find_controller(model) is None:
+            return
+        stored = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CONFIG_FILE_NAME
+        if not stored.is_file():
+            warnings.warn(f"loradrop: resuming at step {state.global_step} without {stored}; the mask stream "
+                          "restarts from its current position", stacklevel=2)
+            return
+        with open(stored, encoding="utf-8") as fh:
+            mask_state = json.load(fh).get("mask_state")
+        if mask_state:
+            set_mask_state(model, mask_state)
+            logger.info("loradrop: restored mask state %s", mask_state)
+
+
+class LoraDropoutTrainer(Trainer):
+    """A `Trainer` whose checkpoints appear atomically: written to a staging folder, then renamed into place, so
+    an interrupted save never leaves a half-written ``checkpoint-N`` for ``--resume`` to pick up."""
+
+    def _save_checkpoint(self, model, trial) -> None:  # noqa: D401 - Trainer hook
+        run_dir = self._get_output_dir(trial=trial)
+        staging_root = os.path.join(run_dir, ".staging")
+        name = f"checkpoint-{self.state.global_step}"
+        original = self._get_output_dir
+        self._get_output_dir = lambda trial=None: staging_root  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = original  # type: ignore[method-assign]
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if self.args.save_total_limit:
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        if self.args.parallel_mode.value == "distributed":
+            torch.distributed.barrier()
+
+
+def loss_history(trainer: Trainer) -> dict[str, list[dict[str, float]]]:
+    """The train and eval loss curves from the Trainer's log history."""
+    train, evaluation = [], []
+    for entry in trainer.state.log_history:
+        if "loss" in entry:
+            train.append({"step": entry["step"], "loss": entry["loss"]})
+        if "eval_loss" in entry:
+            evaluation.append({"step": entry["step"], "loss": entry["eval_loss"]})
+    return {"train": train, "eval": evaluation}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@dataclass
+class Predictions:
+    """Probabilities (classification) or values (regression) of the single pass and of the ensemble."""
+
+    single: torch.Tensor
+    ensemble: torch.Tensor | None
+    ensemble_std: torch.Tensor | None  # regression: member spread; classification: mutual information
+    labels: torch.Tensor | None
+
+
+@torch.no_grad()
+def predict_classification(
+    model: torch.nn.Module,
+    dataset: Any,
+    collator: Any,
+    *,
+    batch_size: int = 64,
+    ensemble: int = 0,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    regression: bool = False,
+    progress: bool = True,
+) -> Predictions:
+    """Single-pass (eval mode, expected update) and `ensemble`-member predictions over a tokenized dataset."""
+    from tqdm.auto import tqdm
+
+    if ensemble:
+        get_controller(model)  # fail early with the apply_lora_dropout hint
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    singles, ensembles, spreads, labels = [], [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    try:
+        for i, batch in enumerate(tqdm(loader, desc="evaluate", disable=not progress, leave=False)):
+            if "labels" in batch:
+                labels.append(batch["labels"])
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            logits = model(**inputs).logits.float()
+            singles.append(logits.squeeze(-1) if regression else logits.softmax(-1))
+            if ensemble:
+                # distinct, reproducible members per batch: the seed is folded with the batch index
+                out = ensemble_predict(model, inputs, ensemble, chunk_size=chunk_size, seed=seed * 1_000_003 + i)
+                if regression:
+                    ensembles.append(out.mean)
+                    spreads.append(out.std)
+                else:
+                    ensembles.append(out.probs)
+                    spreads.append(out.mutual_information)
+    finally:
+        model.train(was_training)
+    cat = (lambda xs: torch.cat(xs).cpu()) if singles else (lambda xs: None)
+    return Predictions(single=cat(singles), ensemble=cat(ensembles) if ensembles else None,
+                       ensemble_std=cat(spreads) if spreads else None, labels=cat(labels) if labels else None)
+
+
+def build_training_args(output_dir: str | os.PathLike[str], *, epochs: float = 1.0, max_steps: int = -1,
+                        lr: float = 5e-4, batch_size: int = 32, seed: int = 0, logging_steps: int = 10,
+                        save_steps: int | None = None, eval_steps: int | None = None, progress: bool = True,
+                        extra: dict[str, Any] | None = None) -> TrainingArguments:
+    """TrainingArguments with loradrop's defaults: no external reporting, CPU when no GPU, AdamW, linear decay."""
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        learning_rate=lr,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=max(batch_size, 32),
+        seed=seed,
+        data_seed=seed,
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        report_to=[],
+        disable_tqdm=not progress,
+        warmup_steps=0,
+        weight_decay=0.0,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        save_safetensors=True,
+    )
+    kwargs.update(extra or {})
+    return TrainingArguments(**kwargs)
+
+
+def make_trainer(model, args: TrainingArguments, train_dataset, eval_dataset=None, *, collator=None,
+                 callbacks: Sequence[TrainerCallback] = (), compute_metrics=None) -> LoraDropoutTrainer:
+    return LoraDropoutTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                              data_collator=collator, callbacks=[LoraDropoutCallback(), *callbacks],
+                              compute_metrics=compute_metrics)
