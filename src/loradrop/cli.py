@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="offline showcase: MiniLM on the tweet corpus, LoRA vs LoRA Dropout")
     demo.add_argument("--output", default="runs/demo", help="folder for metrics.json, plots and adapters")
-    demo.add_argument("--train-samples", type=_positive_int, default=2000)
-    demo.add_argument("--eval-samples", type=_positive_int, default=800)
+    demo.add_argument("--train-samples", type=_positive_int, default=1500)
+    demo.add_argument("--eval-samples", type=_positive_int, default=600)
     demo.add_argument("--epochs", type=float, default=2.0)
     demo.add_argument("--lr", type=float, default=1e-3)
     demo.add_argument("--batch-size", type=_positive_int, default=32)
@@ -89,17 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None, help="default: the base model recorded in the run")
     ev.add_argument("--ensemble", type=int, default=8)
     ev.add_argument("--chunk-size", type=_positive_int, default=None)
-    ev.add_argument("--batch-size", type=_positive_int, default=32)
+    ev.add_argument("--batch-size", type=_positive_int, default=None,
+                    help="default: the run's batch size (ensemble members are drawn per batch)")
     ev.add_argument("--max-seq-len", type=_positive_int, default=None)
     ev.add_argument("--max-eval-samples", type=_positive_int, default=None)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=None, help="ensemble seed (default: the run's seed)")
     ev.add_argument("--output", default=None, help="where to write eval_metrics.json (default: beside the adapter)")
     return parser
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our progress bars and results: no load reports or deprecation chatter."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         if args.command == "demo":
             from .demo import run_demo

@@ -171,7 +171,6 @@ def build_training_args(output_dir: str | os.PathLike[str], *, epochs: float = 1
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        save_safetensors=True,
     )
     kwargs.update(extra or {})
     return TrainingArguments(**kwargs)
