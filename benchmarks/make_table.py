@@ -160,14 +160,16 @@ def ensemble_tables(data: dict[str, Any]) -> list[str]:
             out.append(f"batch {batch}")
             out.append("")
             loop = find(rows, method="greedy_loop", batch=batch)
-            out.append("| method | N | total ms | first token ms | decode ms/token | × best single | × hf_generate | "
-                       "× greedy_loop | × greedy_loop (total) | tokens/s |" + (" peak MiB |" if gpu else ""))
-            out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""))
+            out.append("| method | N | total ms | total IQR ms | first token ms | decode ms/token | × best single | "
+                       "× hf_generate | × greedy_loop | × greedy_loop (total) | tokens/s |"
+                       + (" peak MiB |" if gpu else ""))
+            out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""))
             for r in rows:
                 if r["batch"] != batch:
                     continue
                 out.append(f"| {r['method']} | {r['n']} | {ms(r['latency_s']['median'])} | "
-                           f"{ms(r['first_token_s']['median'])} | {ms(r['decode_per_token_s'], 2)} | "
+                           f"{ms(r['latency_s']['iqr'])} | {ms(r['first_token_s']['median'])} | "
+                           f"{ms(r['decode_per_token_s'], 2)} | "
                            f"{x(r['decode_ratio_vs_best_single'])} | {x(r['decode_ratio_vs_hf_generate'])} | "
                            f"{x(r['decode_per_token_s'] / loop['decode_per_token_s'])} | "
                            f"{x(r['latency_ratio_vs_greedy_loop'])} | {r['tokens_per_s']:.1f} |"
