@@ -71,7 +71,7 @@ def provenance(data: dict[str, Any]) -> list[str]:
 def train_tables(data: dict[str, Any]) -> list[str]:
     s = data["settings"]
     out = [f"### Training step: {device_label(data)}, {s['dtype']}"
-           + (" (autocast)" if s.get("autocast") else ""), ""]
+           + (" (autocast)" if s.get("autocast") else "") + (f", {s['compile']}" if s.get("compile") else ""), ""]
     out += provenance(data)
     out.append(f"- {s['repeats']} interleaved rounds × {s['steps']} timed steps per configuration "
                f"(+{s['warmup']} untimed per block); memory over {s['mem_steps']} step(s)"
@@ -207,6 +207,8 @@ def targets(all_data: list[dict[str, Any]]) -> list[str]:
     for data in all_data:
         gpu = bool(data["hardware"].get("gpu"))
         where = "GPU" if gpu else "CPU"
+        if data.get("settings", {}).get("compile"):
+            where += " compiled"
         if data["benchmark"] == "cpu_page_faults":
             continue
         if data["benchmark"] == "train_step":

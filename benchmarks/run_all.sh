@@ -4,7 +4,7 @@
 #   benchmarks/run_all.sh            # auto: CUDA if torch sees a GPU, else CPU; all stages
 #   benchmarks/run_all.sh cpu        # CPU numbers (about 25 minutes on 2 cores)
 #   benchmarks/run_all.sh cuda       # GPU numbers (about 7 minutes on one H100)
-#   benchmarks/run_all.sh cpu quick  # smoke run of every script (a few minutes), results in benchmarks/results/quick
+#   benchmarks/run_all.sh cpu quick  # smoke run of every script (about 5 minutes), results in benchmarks/runs/quick
 #
 # Stages can be chosen with STAGES="train ensemble malloc table" (default: all; "malloc" is CPU only: page faults per
 # call of the cases where one large batched pass lost to sequential passes, with glibc's default allocator settings
@@ -20,10 +20,17 @@ if [[ "$DEVICE" == auto ]]; then
     DEVICE=$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
 fi
 QUICK=()
+SEQ_MINILM=(--seq-len 128 512 --batch 8 2)
+SEQ_LLAMA=(--seq-len 128 512 --batch 4 1)
+ROUNDS=(--repeats 5)
 OUTDIR=${OUTDIR:-benchmarks/results}
 if [[ "$MODE" == quick ]]; then
+    # smoke run: one short sequence per model, fewer steps and rounds, results outside the tracked folder
     QUICK=(--quick)
-    OUTDIR=${OUTDIR%/}/quick
+    SEQ_MINILM=(--seq-len 64 --batch 4)
+    SEQ_LLAMA=(--seq-len 64 --batch 2)
+    ROUNDS=()
+    OUTDIR=benchmarks/runs/quick
 fi
 mkdir -p "$OUTDIR"
 export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -32,14 +39,14 @@ run() { echo "+ $*"; "$@"; }
 
 if [[ "$DEVICE" == cpu ]]; then
     if has train; then
-        run $PY benchmarks/train_step.py --device cpu --model minilm --seq-len 128 512 --batch 8 2 "${QUICK[@]}" \
+        run $PY benchmarks/train_step.py --device cpu --model minilm "${SEQ_MINILM[@]}" "${QUICK[@]}" \
             --out "$OUTDIR/train_step_cpu_minilm.json"
-        run $PY benchmarks/train_step.py --device cpu --model llama --seq-len 128 512 --batch 4 1 "${QUICK[@]}" \
+        run $PY benchmarks/train_step.py --device cpu --model llama "${SEQ_LLAMA[@]}" "${QUICK[@]}" \
             --out "$OUTDIR/train_step_cpu_llama.json"
     fi
     if has ensemble; then
         # 5 rounds: a shared 2-core machine sees bursts of other load; medians over 5 interleaved rounds absorb them
-        run $PY benchmarks/ensemble.py --device cpu --repeats 5 "${QUICK[@]}" --out "$OUTDIR/ensemble_cpu.json"
+        run $PY benchmarks/ensemble.py --device cpu "${ROUNDS[@]}" "${QUICK[@]}" --out "$OUTDIR/ensemble_cpu.json"
     fi
     if has malloc && [[ "$MODE" != quick ]]; then
         # page faults per call of the CPU cases where one large batched pass lost to sequential passes

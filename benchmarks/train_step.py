@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--configs", default=None, help="comma-separated subset of configuration names")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    ap.add_argument("--compile", action="store_true",
+                    help="run every configuration through torch.compile (inductor); each configuration compiles once "
+                         "in the global warm-up")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (fewer steps and rounds)")
     ap.add_argument("--out", default=None, help="JSON output path")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -113,7 +116,7 @@ class Bench:
     """One model at one (seq_len, batch): the PEFT model, its optimizer, the batch and the step function."""
 
     def __init__(self, model: str, seq_len: int, batch: int, device: str, dtype: torch.dtype, llama_size: str,
-                 minilm_random: bool) -> None:
+                 minilm_random: bool, compile: bool = False) -> None:
         self.device, self.dtype = device, dtype
         base, self.info = bc.build_base(model, device, dtype, llama_size=llama_size, minilm_random=minilm_random)
         self.model = bc.make_peft(base, model)
@@ -122,12 +125,20 @@ class Bench:
         self.info["trainable_params"] = sum(p.numel() for p in trainable)
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4)
         self.batch = bc.random_batch(model, bc.vocab_of(base), batch, seq_len, device)
+        self.forward = self.model
+        if compile:
+            # One compiled wrapper for all configurations: switching a configuration fails its guards once, and
+            # every configuration keeps its own graph in dynamo's cache (the limit is raised to hold them all).
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            torch._dynamo.config.accumulated_cache_size_limit = max(
+                torch._dynamo.config.accumulated_cache_size_limit, 256)
+            self.forward = torch.compile(self.model)
 
     def step(self, accum: int = 1) -> float:
         loss_value = 0.0
         for _ in range(accum):
             with bc.autocast(self.device, self.dtype):
-                loss = self.model(**self.batch).loss
+                loss = self.forward(**self.batch).loss
             if accum > 1:
                 loss = loss / accum
             loss.backward()
@@ -215,7 +226,7 @@ def bench_one(args: argparse.Namespace, model: str, seq_len: int, batch: int,
               configs: list[dict[str, Any]]) -> dict[str, Any]:
     device, dtype = args.device, bc.parse_dtype(args.dtype)
     print(f"== {model} seq_len={seq_len} batch={batch} ({device}, {args.dtype})", flush=True)
-    bench = Bench(model, seq_len, batch, device, dtype, args.llama_size, args.minilm_random)
+    bench = Bench(model, seq_len, batch, device, dtype, args.llama_size, args.minilm_random, args.compile)
     # global warm-up: every configuration once (kernels, allocator, optimizer state)
     for cfg in configs:
         with bc.configured(bench.model, cfg):
@@ -289,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                 "mem_repeats": args.mem_repeats if args.device == "cpu" else None, "llama_size": args.llama_size,
                 "lora": {"r": bc.LORA_R, "alpha": bc.LORA_ALPHA, "targets": bc.LORA_TARGETS},
                 "loradrop_p": 0.5, "optimizer": "torch.optim.AdamW(lr=1e-4) on the LoRA (+ head) parameters",
-                "quick": args.quick}
+                "quick": args.quick, "compile": "torch.compile (inductor, default mode)" if args.compile else None}
     payload = bc.header("train_step", args.device, {"settings": settings, "runs": []})
     batches = args.batch if len(args.batch) == len(args.seq_len) else args.batch * len(args.seq_len)
     for model in args.model:

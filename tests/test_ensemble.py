@@ -197,3 +197,46 @@ def test_score_choices_matches_full_forward_for_both_paddings(tiny_llama):
     right = ensemble_score_choices(model, right_ids, choices, 5, attention_mask=(right_ids != 0).long(), seed=2,
                                    chunk_size=2)
     torch.testing.assert_close(right.probs, out.probs, atol=1e-5, rtol=1e-4)
+
+
+def test_masked_weight_cache_is_used_under_no_grad_and_follows_weight_updates(bert):
+    """Inside an ensemble block (no_grad) masked A/B copies are built once per layer; an in-place weight update
+    (version counter) or a new mask invalidates them, and with gradients on nothing is cached."""
+    ctl = loradrop.get_controller(bert)
+    key = ctl.ensemble_key(5)
+    layer = bert.base_model.model.bert.encoder.layer[0].attention.self.query
+    bert.eval()
+    with torch.no_grad(), ctl.ensemble(key, 3, 0):
+        first = bert(**INPUTS).logits
+        cached = len(ctl._weight_cache)
+        assert cached == 4  # 2 layers x (query, value)
+        again = bert(**INPUTS).logits
+        assert len(ctl._weight_cache) == cached
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        layer.lora_B["default"].weight.mul_(3.0)
+        changed = bert(**INPUTS).logits
+    assert ctl._weight_cache is None  # dropped with the block
+    with torch.no_grad(), ctl.ensemble(key, 3, 0):  # a fresh block: nothing cached, recomputed from the new weights
+        fresh = bert(**INPUTS).logits
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
+    assert not torch.allclose(changed, first)
+    with ctl.ensemble(key, 3, 0):  # gradients on: never cached (the copies must stay in the graph)
+        bert(**INPUTS).logits.sum().backward()
+        assert len(ctl._weight_cache) == 0
+    assert layer.lora_A["default"].weight.grad is not None
+
+
+def test_generate_runs_one_forward_per_new_token_and_keeps_only_last_prefill_logits(tiny_llama):
+    """T new tokens cost the prefill plus T-1 decode calls, and the prefill returns logits for one position only."""
+    model = tiny_llama()
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+    ids, mask = left_padded()
+    seen = []
+    handle = model.get_base_model().register_forward_hook(lambda mod, args, out: seen.append(out.logits.shape))
+    try:
+        out = ensemble_generate(model, ids, 3, 5, attention_mask=mask, eos_token_id=[])
+    finally:
+        handle.remove()
+    assert out.new_tokens.shape == (2, 5)
+    assert len(seen) == 5
+    assert all(shape[:2] == (6, 1) for shape in seen)  # 3 members x 2 prompts, one position each

@@ -126,3 +126,83 @@ def test_example_scope_drop_rate(one_linear):
     assert zero_fraction == pytest.approx(2 * p - p * p, abs=0.06)
     kept = delta != 0
     torch.testing.assert_close(delta[kept], full[kept])
+
+
+def reference_delta(x, a, b, bias, scaling, mask, slices, members):
+    """s * (x_m A_m^T B_m^T + bias_m) per member, written out member by member from the mask rows."""
+    out = []
+    for m, xm in enumerate(x.reshape(members, -1, x.shape[-1])):
+        am, bm, biasm = a.clone(), b.clone(), None if bias is None else bias.clone()
+        if slices.a:
+            am = am * mask[m, slices.a[0]:slices.a[1]][None, :]
+        if slices.rank:
+            am = am * mask[m, slices.rank[0]:slices.rank[1]][:, None]
+        if slices.b:
+            bm = bm * mask[m, slices.b[0]:slices.b[1]][:, None]
+            biasm = None if biasm is None else biasm * mask[m, slices.b[0]:slices.b[1]]
+        d = xm @ am.T @ bm.T
+        out.append((d if biasm is None else d + biasm) * scaling)
+    return torch.stack(out).reshape(*x.shape[:-1], b.shape[0])
+
+
+@pytest.mark.parametrize("strategy", ["ab", "a", "b", "rank"])
+@pytest.mark.parametrize("members", [1, 3, None])
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_fused_matmul_paths_equal_the_written_out_formula(strategy, members, lora_bias):
+    """The fused paths (addmm/baddbmm epilogue, masked weight copies, batched members, example scope) compute
+    result + s * B_m A_m x_m exactly as written out per member, in value and in gradient."""
+    from peft import get_peft_model
+    from tests.conftest import OneLinear, lora_config
+
+    from loradrop.layers import masked_lora_delta
+    from loradrop.members import CallPlan
+
+    torch.manual_seed(0)
+    model = get_peft_model(OneLinear(), lora_config(target_modules=["proj"], lora_bias=lora_bias))
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, strategy=strategy, seed=9))
+    layer = model.base_model.model.proj
+    variant, ctl = layer.lora_variant["default"], loradrop.get_controller(model)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    bias = layer.lora_B["default"].bias
+    x = torch.randn(6, 5, 48)
+    result = torch.randn(6, 5, 40)
+    plan = CallPlan(masked=True, training=True, key=1234, members=members)
+    n = members if members is not None else x.shape[0]
+    mask = ctl.masks(plan, n, x.device, a.dtype)
+    assert (mask == 0).any() and (mask == 1).any()
+
+    fused = masked_lora_delta(x, a, b, bias, 2.0, plan, ctl, variant.slices, result)
+    expected = result + reference_delta(x, a, b, bias, 2.0, mask, variant.slices, n)
+    torch.testing.assert_close(fused, expected)
+    delta_only = masked_lora_delta(x, a, b, bias, 2.0, plan, ctl, variant.slices)
+    torch.testing.assert_close(delta_only, expected - result)
+
+    g = torch.randn_like(fused)
+    grads = torch.autograd.grad((fused * g).sum(), (a, b))
+    ref_grads = torch.autograd.grad((expected * g).sum(), (a, b))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_path_with_bf16_base_output_and_fp32_adapters(one_linear):
+    """PEFT keeps adapters in float32 under a bf16 base layer: the result and the delta differ in dtype, so the
+    fused matmul must not be used, and the output is promoted like PEFT's own `result + delta`."""
+    from loradrop.layers import masked_lora_delta
+    from loradrop.members import CallPlan
+
+    loradrop.apply_lora_dropout(one_linear, LoraDropoutConfig(p=0.5, seed=9))
+    layer = one_linear.base_model.model.proj
+    variant, ctl = layer.lora_variant["default"], loradrop.get_controller(one_linear)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x, result = torch.randn(4, 48), torch.randn(4, 40).bfloat16()
+    plan = CallPlan(masked=True, training=True, key=7, members=1)
+    out = masked_lora_delta(x, a, b, None, 2.0, plan, ctl, variant.slices, result)
+    assert out.dtype == torch.float32
+    mask = ctl.masks(plan, 1, x.device, a.dtype)
+    torch.testing.assert_close(out, result.float() + reference_delta(x, a, b, None, 2.0, mask, variant.slices, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the fused matmul runs in bf16
+        out = masked_lora_delta(x, a, b, None, 2.0, plan, ctl, variant.slices, result)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), result.float() + reference_delta(x, a, b, None, 2.0, mask,
+                                                                               variant.slices, 1),
+                               atol=0.1, rtol=0.02)

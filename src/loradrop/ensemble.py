@@ -340,10 +340,14 @@ def ensemble_generate(
     key = controller.ensemble_key(seed)
     chosen, chosen_p, ents, mis = [], [], [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Only the last position's logits are read: ask the model for just those where it can (saves an
+    # (n * B, prompt, vocab) tensor in the prefill).
+    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     with _eval_mode(model), controller.ensemble(key, n, 0):
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-        for _ in range(max_new_tokens):
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                    **last_only)
+        for step in range(max_new_tokens):
             logits = split_members(out.logits[:, -1, :].float(), n)  # (n, B, V)
             member_probs = (logits / temperature).softmax(-1)
             probs, total, expected, mi = _uncertainty(member_probs)
@@ -353,10 +357,12 @@ def ensemble_generate(
             chosen_p.append(probs.gather(1, next_tok[:, None]).squeeze(1))
             ents.append(total)
             mis.append(mi)
+            if step == max_new_tokens - 1:  # the last token is chosen: no forward for a token never used
+                break
             if eos.numel():
                 finished = finished | torch.isin(next_tok, eos)
-            if bool(finished.all()):
-                break
+                if bool(finished.all()):  # the only host sync of the loop, and only when there is an eos to see
+                    break
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             position_ids = position_ids[:, -1:] + 1
             out = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=position_ids,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
-from .masks import STREAM_INPUT, derive_key, uniform
+from .masks import STREAM_INPUT, derive_key, fold_key, uniform
 from .members import CallPlan, MemberController
 
 
@@ -60,14 +60,66 @@ def members_of(plan: CallPlan, x: torch.Tensor) -> int:
 
 def input_dropout(x: torch.Tensor, plan: CallPlan, controller: MemberController, slices: FeatureSlices,
                   members: int) -> torch.Tensor:
-    """Element-wise inverted dropout of the layer input, one independent draw per member (the "input" strategy)."""
+    """Element-wise inverted dropout of the layer input, one independent draw per member (the "input" strategy).
+
+    The keep decision is kept as a bool tensor (what autograd saves for backward is 1 byte per element, as for
+    ``nn.Dropout``), and the index tensors are cached per size and device.
+    """
     cfg = controller.config
     per_member = x.numel() // members
-    key = derive_key(plan.key, STREAM_INPUT, slices.layer_index)
-    member_ids = torch.arange(plan.member_offset, plan.member_offset + members, device=x.device)
-    elements = torch.arange(per_member, device=x.device)
-    keep = (uniform(key, member_ids, elements) >= cfg.p).to(x.dtype).view_as(x)
-    return x * keep * cfg.keep_scale
+    if plan.input_key is not None and plan.input_key.device == x.device:
+        key = fold_key(plan.input_key, slices.layer_index)  # == derive_key(plan.key, STREAM_INPUT, layer), as data
+    else:
+        key = derive_key(plan.key, STREAM_INPUT, slices.layer_index)
+    member_ids = controller.index(members, x.device, offset=plan.member_offset)
+    keep = (uniform(key, member_ids, controller.index(per_member, x.device)) >= cfg.p).view_as(x)
+    kept = x * cfg.keep_scale if cfg.keep_scale != 1.0 else x
+    return torch.where(keep, kept, 0.0)
+
+
+def _fused_add(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor | None:
+    """``result + scaling * h @ b^T`` as ONE matmul with a fused epilogue (addmm / baddbmm), or None if it can't be.
+
+    h is (rows, r) or (M, rows, r) with b (out, r) or (M, out, r). Fusing the scale and the add into the matmul saves
+    two element-wise kernels per layer, which is what decides step time when the GPU waits on kernel launches. It
+    needs one dtype for the three tensors (or autocast, which casts them alike).
+    """
+    if not (result.dtype == h.dtype == b.dtype or torch.is_autocast_enabled(result.device.type)):
+        return None
+    out_features = b.shape[-2]
+    if h.dim() == 2:
+        fused = torch.addmm(result.reshape(-1, out_features), h, b.t(), alpha=scaling)
+    else:
+        fused = torch.baddbmm(result.reshape(h.shape[0], -1, out_features), h, b.transpose(1, 2), alpha=scaling)
+    return fused.view(result.shape)
+
+
+def masked_weights(
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    bias_b: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    slices: FeatureSlices,
+    members: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The members' masked copies of A and B (and B's bias): (r, in)/(out, r) for one member, else (M, r, in)/(M,
+    out, r), and the bias (out,) or (M, out). Unmasked sides are returned as they are, unbatched."""
+    a, b, bias = weight_a, weight_b, bias_b
+    if mask is None:
+        return a, b, bias
+    one = members == 1
+    if slices.a is not None:
+        mask_a = mask[:, slices.a[0]:slices.a[1]]  # (M, in): columns of A
+        a = a * mask_a[0] if one else a * mask_a[:, None, :]
+    if slices.rank is not None:
+        mask_r = mask[:, slices.rank[0]:slices.rank[1]]  # (M, r): rows of A
+        a = a * mask_r[0, :, None] if one else a * mask_r[:, :, None]
+    if slices.b is not None:
+        mask_b = mask[:, slices.b[0]:slices.b[1]]  # (M, out): rows of B
+        b = b * mask_b[0, :, None] if one else b * mask_b[:, :, None]
+        if bias is not None:
+            bias = bias * mask_b[0] if one else bias * mask_b
+    return a, b, bias
 
 
 def masked_lora_delta(
@@ -79,49 +131,44 @@ def masked_lora_delta(
     plan: CallPlan,
     controller: MemberController,
     slices: FeatureSlices,
+    result: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """s * B_m A_m x for every member m, as one (batched) matmul chain. Returns a tensor shaped like the output."""
+    """s * B_m A_m x for every member m, as one (batched) matmul chain.
+
+    Returns the delta shaped like the layer output, or ``result + delta`` when `result` is given (then the add and
+    the scale are fused into the last matmul where the dtypes allow).
+    """
     members = members_of(plan, x)
     if controller.config.strategy == "input":
         x = input_dropout(x, plan, controller, slices, members)
-        mask = None
+        a, b, bias = weight_a, weight_b, bias_b
     else:
-        mask = controller.masks(plan, members, x.device, weight_a.dtype)
-    mask_a = mask[:, slices.a[0]:slices.a[1]] if mask is not None and slices.a else None  # (M, in)
-    mask_b = mask[:, slices.b[0]:slices.b[1]] if mask is not None and slices.b else None  # (M, out)
-    mask_r = mask[:, slices.rank[0]:slices.rank[1]] if mask is not None and slices.rank else None  # (M, r)
+        a, b, bias = controller.masked_weights(plan, members, slices, weight_a, weight_b, bias_b)
 
-    if members == 1:
-        a = weight_a
-        if mask_a is not None:
-            a = a * mask_a[0]
-        if mask_r is not None:
-            a = a * mask_r[0, :, None]
-        b, bias = weight_b, bias_b
-        if mask_b is not None:
-            b = b * mask_b[0, :, None]
-            bias = bias * mask_b[0] if bias is not None else None
-        # Same op order as PEFT's `lora_B(lora_A(x)) * scaling`, so p = 0 is bit-for-bit plain LoRA.
-        return F.linear(F.linear(x, a), b, bias) * scaling
-
+    if a.dim() == 2 and b.dim() == 2:  # one member, or nothing masked per member ("input")
+        h = F.linear(x, a)
+        if result is not None and bias is None:
+            fused = _fused_add(result, h.reshape(-1, h.shape[-1]), b, scaling)
+            if fused is not None:
+                return fused
+        delta = F.linear(h, b, bias) * scaling
+        return delta if result is None else result + delta
     xm = x.reshape(members, -1, x.shape[-1])
-    if mask_a is not None or mask_r is not None:
-        a = weight_a.unsqueeze(0)
-        if mask_a is not None:
-            a = a * mask_a[:, None, :]
-        if mask_r is not None:
-            a = a * mask_r[:, :, None]
-        h = torch.bmm(xm, a.transpose(1, 2))  # (M, rows, r)
-    else:
-        h = F.linear(xm, weight_a)
-    if mask_b is not None:
-        b = weight_b.unsqueeze(0) * mask_b[:, :, None]  # (M, out, r)
-        out = torch.bmm(h, b.transpose(1, 2))
-        if bias_b is not None:
-            out = out + (bias_b.unsqueeze(0) * mask_b)[:, None, :]
-    else:
-        out = F.linear(h, weight_b, bias_b)
-    return out.reshape(*x.shape[:-1], weight_b.shape[0]) * scaling
+    h = torch.bmm(xm, a.transpose(1, 2)) if a.dim() == 3 else F.linear(xm, a)  # (M, rows, r)
+    h = h.reshape(members, -1, h.shape[-1])
+    if b.dim() == 2:  # B unmasked ("a", "rank"): one weight for all members
+        b = b.expand(members, *b.shape)
+        if bias is not None:
+            bias = bias.expand(members, *bias.shape)
+    if result is not None and bias is None:
+        fused = _fused_add(result, h, b, scaling)
+        if fused is not None:
+            return fused
+    out = torch.bmm(h, b.transpose(1, 2))
+    if bias is not None:
+        out = out + bias[:, None, :]
+    delta = out.view(*x.shape[:-1], b.shape[-2]) * scaling
+    return delta if result is None else result + delta
 
 
 class LoraDropoutVariant(LoraVariant):
@@ -166,14 +213,13 @@ class LoraDropoutVariant(LoraVariant):
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
         plan = self.controller.plan_for(module.training)
-        if not plan.masked:
+        if not plan.masked or self.controller.config.p == 0:  # p = 0: PEFT's exact ops, bit for bit
             factor = self.controller.expected_factor
             if factor == 1.0:
                 return result + lora_b(lora_a(dropout(x))) * scaling
             return result + lora_b(lora_a(dropout(x))) * (scaling * factor)
-        delta = masked_lora_delta(dropout(x), lora_a.weight, lora_b.weight, lora_b.bias, scaling, plan,
-                                  self.controller, self.slices)
-        return result + delta
+        return masked_lora_delta(dropout(x), lora_a.weight, lora_b.weight, lora_b.bias, scaling, plan,
+                                 self.controller, self.slices, result)
 
 
 # ------------------------------------------------------------------------------------------------ layer handlers

@@ -59,10 +59,17 @@ def derive_key(*parts: int) -> int:
     return h
 
 
-def uniform(key: int, members: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+def fold_key(key: torch.Tensor, part: int) -> torch.Tensor:
+    """``derive_key(k, ..., part)`` from the int64 tensor holding ``derive_key(k, ...)``: one more fold, as tensor ops
+    (so a compiled graph takes the key as data, not as a constant). `part` must be below 2**32."""
+    return _mix32(((key ^ part) + 0x9E3779B9) & MASK32)
+
+
+def uniform(key: int | torch.Tensor, members: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Uniform [0, 1) float32 numbers of shape (len(members), len(features)) for one key.
 
-    `members` and `features` are int64 index tensors on the target device.
+    `members` and `features` are int64 index tensors on the target device; `key` is an int or a 0-dim int64 tensor
+    on that device.
     """
     per_member = _mix32((key ^ (members * _MEMBER_STRIDE)) & MASK32)
     h = _mix32((per_member[:, None] + features[None, :] * _FEATURE_STRIDE) & MASK32)
@@ -71,7 +78,7 @@ def uniform(key: int, members: torch.Tensor, features: torch.Tensor) -> torch.Te
 
 
 def keep_mask(
-    key: int,
+    key: int | torch.Tensor,
     members: torch.Tensor,
     features: torch.Tensor,
     p: float,

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from .config import LoraDropoutConfig
-from .masks import STREAM_ENSEMBLE, STREAM_TRAIN, derive_key, keep_mask
+from .masks import STREAM_ENSEMBLE, STREAM_INPUT, STREAM_TRAIN, derive_key, keep_mask
 
 # Keyword arguments that are never batch-shaped, even when their first dimension happens to equal the batch size.
 _NOT_BATCHED = frozenset({"past_key_values", "cache_position", "num_items_in_batch", "logits_to_keep", "use_cache"})
@@ -32,13 +32,20 @@ _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "in
 
 @dataclass(frozen=True)
 class CallPlan:
-    """What the adapted layers do in one model call."""
+    """What the adapted layers do in one model call.
+
+    `mask` and `input_key` are drawn once per call by the model's pre-hook (outside any ``torch.compile`` graph),
+    so the layers read tensors only: under ``torch.compile`` a new step changes tensor values, never a Python
+    constant the graph was specialised on.
+    """
 
     masked: bool
     training: bool
     key: int = 0
     members: int | None = None  # None: one member per row (example scope)
     member_offset: int = 0
+    mask: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (members, features) keep-mask
+    input_key: torch.Tensor | None = field(default=None, compare=False, repr=False)  # "input" strategy's key
 
 
 def batch_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -102,8 +109,11 @@ class MemberController:
         self._plan: CallPlan | None = None
         # (key, members per call or None for one per row, member offset, batch repeats)
         self._ensemble: tuple[int, int | None, int, int] | None = None
-        self._feature_ids: dict[torch.device, torch.Tensor] = {}
+        self._index_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self._mask_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        # Masked A/B copies per layer, kept only inside an ensemble block under no_grad, where masks and weights are
+        # fixed for many calls (every decode step of ensemble_generate). Emptied whenever a new mask is drawn.
+        self._weight_cache: dict[Any, Any] | None = None
         # Filled by apply_lora_dropout:
         self.adapters: list[str] = []
         self.layers: list[tuple[torch.nn.Module, str, Any]] = []  # (layer, adapter, handler)
@@ -121,30 +131,51 @@ class MemberController:
         self.ensemble_calls = int(state.get("ensemble_calls", 0))
 
     # ----------------------------------------------------------------------------------------------- hooks
+    # The hooks run outside torch.compile graphs (one graph break at the model's entry, none per layer): they keep
+    # Python counters and draw the call's masks, so compiled graphs never specialise on a step number.
+    @torch.compiler.disable
     def pre_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
         self._depth += 1
         if self._depth > 1:  # an inner hooked module of the same call: the outer one already planned it
             return None
         if self._ensemble is not None:
             key, members, offset, repeats = self._ensemble
-            self._plan = CallPlan(masked=True, training=module.training, key=key, members=members,
-                                  member_offset=offset)
-            return repeat_batch(args, kwargs, repeats) if repeats > 1 else None
-        if not module.training:
+            plan = CallPlan(masked=True, training=module.training, key=key, members=members, member_offset=offset)
+        elif not module.training:
             self._plan = CallPlan(masked=False, training=False)
             return None
-        samples = self.config.samples
-        key = derive_key(self.seed, STREAM_TRAIN, self.step)
-        self.step += 1
-        members = samples if self.config.mask_scope == "batch" else None
-        self._plan = CallPlan(masked=True, training=True, key=key, members=members)
-        return repeat_batch(args, kwargs, samples) if samples > 1 else None
+        else:
+            repeats = self.config.samples
+            key = derive_key(self.seed, STREAM_TRAIN, self.step)
+            self.step += 1
+            members = repeats if self.config.mask_scope == "batch" else None
+            plan = CallPlan(masked=True, training=True, key=key, members=members)
+        batch = batch_size_of(args, kwargs)
+        self._plan = self._with_masks(plan, None if batch is None else batch * repeats)
+        return repeat_batch(args, kwargs, repeats) if repeats > 1 else None
 
+    @torch.compiler.disable
     def post_hook(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         # Runs even when the forward raised (always_call=True), so the depth never gets stuck.
         # The plan is kept: activation-checkpointing recomputes layers during backward and must see the same masks.
         self._depth = max(0, self._depth - 1)
         return None
+
+    def _with_masks(self, plan: CallPlan, rows: int | None) -> CallPlan:
+        """The plan with its masks drawn on the adapters' device and dtype (read from the first adapted layer)."""
+        if self.config.p == 0 or not self.layers:
+            return plan
+        module, adapter, handler = self.layers[0]
+        weight = handler.b_tensors(module, adapter)[0]
+        if self.config.strategy == "input":
+            # derive_key(key, STREAM_INPUT, layer) folds its parts one by one: fold the first two here, the layer
+            # index in the layer (as tensor ops, see masks.fold_key).
+            return replace(plan, input_key=torch.tensor(derive_key(plan.key, STREAM_INPUT), dtype=torch.int64,
+                                                        device=weight.device))
+        members = plan.members if plan.members is not None else rows
+        if members is None:
+            return plan
+        return replace(plan, mask=self.masks(plan, members, weight.device, weight.dtype))
 
     # ----------------------------------------------------------------------------------------------- plans
     def plan_for(self, layer_training: bool) -> CallPlan:
@@ -163,18 +194,51 @@ class MemberController:
 
         Drawn once per call (and device/dtype) for all layers at once; layers take their slices.
         """
+        mask = plan.mask
+        if mask is not None and mask.shape[0] == members and mask.device == device and mask.dtype == dtype:
+            return mask  # drawn by the pre-hook for this call
         cache_key = (plan.key, plan.member_offset, members, device, dtype)
         if self._mask_cache is not None and self._mask_cache[0] == cache_key:
             return self._mask_cache[1]
-        features = self._feature_ids.get(device)
-        if features is None:
-            features = torch.arange(self.num_features, device=device, dtype=torch.int64)
-            self._feature_ids[device] = features
-        member_ids = torch.arange(plan.member_offset, plan.member_offset + members, device=device, dtype=torch.int64)
+        features = self.index(self.num_features, device)
+        member_ids = self.index(members, device, offset=plan.member_offset)
         mask = keep_mask(plan.key, member_ids, features, self.config.p, keep_value=self.config.keep_scale,
                          dtype=dtype)
         self._mask_cache = (cache_key, mask)
+        if self._weight_cache is not None:
+            self._weight_cache.clear()
         return mask
+
+    def masked_weights(self, plan: CallPlan, members: int, slices: Any, weight_a: torch.Tensor,
+                       weight_b: torch.Tensor, bias_b: torch.Tensor | None):
+        """The members' masked copies of one layer's A and B (see `layers.masked_weights`), cached per layer while
+        an ensemble runs without gradients."""
+        from .layers import masked_weights
+
+        mask = self.masks(plan, members, weight_a.device, weight_a.dtype)
+        cache = self._weight_cache
+        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or not all(
+                isinstance(t, torch.nn.Parameter) for t in (weight_a, weight_b)):
+            return masked_weights(weight_a, weight_b, bias_b, mask, slices, members)
+        # The entry keeps the parameters alive, so their ids cannot be reused while it exists; the version
+        # counters catch in-place updates.
+        key = (slices.layer_index, id(weight_a), weight_a._version, id(weight_b), weight_b._version,
+               None if bias_b is None else (id(bias_b), bias_b._version))
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = (masked_weights(weight_a, weight_b, bias_b, mask, slices, members),
+                                (weight_a, weight_b, bias_b))
+        return hit[0]
+
+    def index(self, size: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+        """``arange(offset, offset + size)`` as int64 on `device`, cached (a few sizes per model recur every call)."""
+        cache_key = (size, offset, device)
+        ids = self._index_cache.get(cache_key)
+        if ids is None:
+            if len(self._index_cache) > 64:  # sizes vary with batch and sequence length: keep the cache small
+                self._index_cache.clear()
+            ids = self._index_cache[cache_key] = torch.arange(offset, offset + size, device=device, dtype=torch.int64)
+        return ids
 
     @property
     def expected_factor(self) -> float:
@@ -200,9 +264,11 @@ class MemberController:
         if repeats is None:
             repeats = members if members is not None else 1
         self._ensemble = (key, members, offset, repeats)
+        self._weight_cache = {}
         try:
             yield
         finally:
             self._ensemble = None
             self._plan = None
             self._mask_cache = None
+            self._weight_cache = None
