@@ -6,16 +6,17 @@
 #   benchmarks/run_all.sh cuda       # GPU numbers (about 7 minutes on one H100)
 #   benchmarks/run_all.sh cpu quick  # smoke run of every script (about 5 minutes), results in benchmarks/runs/quick
 #
-# Stages can be chosen with STAGES="train ensemble malloc table" (default: all; "malloc" is CPU only: page faults per
-# call of the cases where one large batched pass lost to sequential passes, with glibc's default allocator settings
-# and with mmap-backed allocations off); OUTDIR overrides the result folder; PYTHON the interpreter.
+# Stages can be chosen with STAGES="train ops compile ensemble malloc table" (default: all; "ops": operators dispatched
+# per step and, on CUDA, host syncs; "compile" is CUDA only: training steps under torch.compile; "malloc" is CPU only:
+# page faults per call of the cases where one large batched pass lost to sequential passes, with glibc's default
+# allocator settings and with mmap-backed allocations off); OUTDIR overrides the result folder; PYTHON the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python}
 DEVICE=${1:-auto}
 MODE=${2:-full}
-STAGES=${STAGES:-"train ensemble malloc table"}
+STAGES=${STAGES:-"train ops compile ensemble malloc table"}
 if [[ "$DEVICE" == auto ]]; then
     DEVICE=$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
 fi
@@ -44,6 +45,10 @@ if [[ "$DEVICE" == cpu ]]; then
         run $PY benchmarks/train_step.py --device cpu --model llama "${SEQ_LLAMA[@]}" "${QUICK[@]}" \
             --out "$OUTDIR/train_step_cpu_llama.json"
     fi
+    if has ops; then
+        run $PY benchmarks/op_count.py --device cpu --model minilm llama --seq-len 128 --batch 2 \
+            --out "$OUTDIR/op_count_cpu.json"
+    fi
     if has ensemble; then
         # 5 rounds: a shared 2-core machine sees bursts of other load; medians over 5 interleaved rounds absorb them
         run $PY benchmarks/ensemble.py --device cpu "${ROUNDS[@]}" "${QUICK[@]}" --out "$OUTDIR/ensemble_cpu.json"
@@ -56,6 +61,16 @@ else
     if has train; then
         run $PY benchmarks/train_step.py --device cuda --model minilm llama --seq-len 128 128 512 --batch 2 8 8 \
             "${QUICK[@]}" --out "$OUTDIR/train_step_cuda.json"
+    fi
+    if has ops; then
+        run $PY benchmarks/op_count.py --device cuda --model minilm llama --llama-size base --seq-len 128 --batch 2 \
+            --out "$OUTDIR/op_count_cuda.json"
+    fi
+    if has compile; then
+        # torch.compile (inductor): the compile-friendly path measured where host overhead decides
+        run $PY benchmarks/train_step.py --device cuda --compile --model llama --seq-len 128 --batch 2 \
+            --configs peft_lora,peft_dropout,ab_s1_batch,ab_s4_batched "${QUICK[@]}" \
+            --out "$OUTDIR/train_step_cuda_compiled.json"
     fi
     if has ensemble; then
         run $PY benchmarks/ensemble.py --device cuda "${QUICK[@]}" --out "$OUTDIR/ensemble_cuda.json"

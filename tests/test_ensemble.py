@@ -199,30 +199,34 @@ def test_score_choices_matches_full_forward_for_both_paddings(tiny_llama):
     torch.testing.assert_close(right.probs, out.probs, atol=1e-5, rtol=1e-4)
 
 
-def test_masked_weight_cache_is_used_under_no_grad_and_follows_weight_updates(bert):
-    """Inside an ensemble block (no_grad) masked A/B copies are built once per layer; an in-place weight update
-    (version counter) or a new mask invalidates them, and with gradients on nothing is cached."""
+def test_masked_weight_copies_are_reused_under_no_grad_and_follow_weight_updates(bert):
+    """Inside an ensemble block (no_grad) all layers' masked A/B copies are built once and reused by later calls
+    (every decode step); an in-place weight update (version counter) rebuilds them; with gradients on they are
+    rebuilt every call (they must be part of the autograd graph)."""
     ctl = loradrop.get_controller(bert)
     key = ctl.ensemble_key(5)
     layer = bert.base_model.model.bert.encoder.layer[0].attention.self.query
     bert.eval()
     with torch.no_grad(), ctl.ensemble(key, 3, 0):
         first = bert(**INPUTS).logits
-        cached = len(ctl._weight_cache)
-        assert cached == 4  # 2 layers x (query, value)
+        copies = ctl._plan.weights
+        assert copies is not None and sum(w is not None for w in copies) == 4  # 2 layers x (query, value)
         again = bert(**INPUTS).logits
-        assert len(ctl._weight_cache) == cached
+        assert ctl._plan.weights is copies
         torch.testing.assert_close(again, first, rtol=0, atol=0)
         layer.lora_B["default"].weight.mul_(3.0)
         changed = bert(**INPUTS).logits
-    assert ctl._weight_cache is None  # dropped with the block
-    with torch.no_grad(), ctl.ensemble(key, 3, 0):  # a fresh block: nothing cached, recomputed from the new weights
+        assert ctl._plan.weights is not copies
+    assert ctl._weights_cache is None  # dropped with the block
+    with torch.no_grad(), ctl.ensemble(key, 3, 0):  # a fresh block: recomputed from the new weights
         fresh = bert(**INPUTS).logits
     torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
     assert not torch.allclose(changed, first)
-    with ctl.ensemble(key, 3, 0):  # gradients on: never cached (the copies must stay in the graph)
+    with ctl.ensemble(key, 3, 0):  # gradients on: new copies every call, in the graph
         bert(**INPUTS).logits.sum().backward()
-        assert len(ctl._weight_cache) == 0
+        copies = ctl._plan.weights
+        bert(**INPUTS)
+        assert ctl._plan.weights is not copies
     assert layer.lora_A["default"].weight.grad is not None
 
 

@@ -206,3 +206,33 @@ def test_fused_path_with_bf16_base_output_and_fp32_adapters(one_linear):
     torch.testing.assert_close(out.float(), result.float() + reference_delta(x, a, b, None, 2.0, mask,
                                                                                variant.slices, 1),
                                atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("strategy", ["ab", "a", "b", "rank"])
+@pytest.mark.parametrize("extra", [{}, {"samples": 3}, {"mask_scope": "example"}, {"rescale": True}],
+                         ids=["s1", "s3", "example", "rescale"])
+def test_all_layers_precomputed_equal_each_layer_masking_its_own_weights(tiny_bert, strategy, extra):
+    """The pre-hook builds every layer's masked A/B (scaling folded in) in a few foreach calls; the result and the
+    gradients equal each layer slicing the mask and masking its own weights."""
+    inputs = {"input_ids": torch.randint(0, 120, (4, 10), generator=torch.Generator().manual_seed(0)),
+              "labels": torch.tensor([0, 1, 2, 1])}
+    outs = []
+    for precompute in (True, False):
+        model = tiny_bert()
+        # distinct scalings per layer, so a misplaced scale cannot cancel out
+        for i, module in enumerate(m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A):
+            module.scaling["default"] = 1.0 + 0.25 * i
+        loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, strategy=strategy, seed=4, **extra))
+        ctl = loradrop.get_controller(model)
+        if not precompute:
+            ctl._layout = False  # no layout: every layer masks its own weights
+        model.train()
+        loss = model(**inputs).loss
+        assert (ctl._plan.weights is not None) == precompute
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outs.append((loss.detach(), grads))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    assert outs[0][1].keys() == outs[1][1].keys()
+    for name in outs[0][1]:
+        torch.testing.assert_close(outs[0][1][name], outs[1][1][name])

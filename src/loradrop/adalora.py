@@ -89,7 +89,7 @@ def _svd_forward(self: SVDLinear, x: torch.Tensor, *args: Any, **kwargs: Any) ->
             continue
         controller, slices = entry
         plan = controller.plan_for(self.training)
-        if not plan.masked:
+        if not plan.masked or controller.config.p == 0:  # p = 0 masks nothing: PEFT's own ops
             factor = controller.expected_factor
             if factor == 1.0:  # keep PEFT's exact ops (bit-for-bit parity)
                 result += (dropout(x) @ (lora_A * lora_E).T @ lora_B.T) * scaling / ranknum

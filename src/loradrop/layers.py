@@ -102,23 +102,21 @@ def masked_weights(
     slices: FeatureSlices,
     members: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The members' masked copies of A and B (and B's bias): (r, in)/(out, r) for one member, else (M, r, in)/(M,
-    out, r), and the bias (out,) or (M, out). Unmasked sides are returned as they are, unbatched."""
+    """The members' masked copies of A and B (and B's bias): (M, r, in), (M, out, r) and (M, out). Unmasked sides are
+    returned as they are, unbatched."""
     a, b, bias = weight_a, weight_b, bias_b
     if mask is None:
         return a, b, bias
-    one = members == 1
+    # Always the batched (M, ...) form, also for one member: bmm/baddbmm on 3-d views dispatch fewer operators than
+    # linear on (batch, seq, features) inputs, and operator count is what a launch-bound GPU step pays for.
     if slices.a is not None:
-        mask_a = mask[:, slices.a[0]:slices.a[1]]  # (M, in): columns of A
-        a = a * mask_a[0] if one else a * mask_a[:, None, :]
+        a = a * mask[:, None, slices.a[0]:slices.a[1]]  # columns of A
     if slices.rank is not None:
-        mask_r = mask[:, slices.rank[0]:slices.rank[1]]  # (M, r): rows of A
-        a = a * mask_r[0, :, None] if one else a * mask_r[:, :, None]
+        a = a * mask[:, slices.rank[0]:slices.rank[1], None]  # rows of A (rank components)
     if slices.b is not None:
-        mask_b = mask[:, slices.b[0]:slices.b[1]]  # (M, out): rows of B
-        b = b * mask_b[0, :, None] if one else b * mask_b[:, :, None]
+        b = b * mask[:, slices.b[0]:slices.b[1], None]  # rows of B
         if bias is not None:
-            bias = bias * mask_b[0] if one else bias * mask_b
+            bias = bias * mask[:, slices.b[0]:slices.b[1]]
     return a, b, bias
 
 
@@ -143,9 +141,15 @@ def masked_lora_delta(
         x = input_dropout(x, plan, controller, slices, members)
         a, b, bias = weight_a, weight_b, bias_b
     else:
-        a, b, bias = controller.masked_weights(plan, members, slices, weight_a, weight_b, bias_b)
+        mask = controller.masks(plan, members, weight_a.device, weight_a.dtype)
+        a, b, bias = masked_weights(weight_a, weight_b, bias_b, mask, slices, members)
+    return member_matmuls(x, a, b, bias, scaling, members, result)
 
-    if a.dim() == 2 and b.dim() == 2:  # one member, or nothing masked per member ("input")
+
+def member_matmuls(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scaling: float,
+                   members: int, result: torch.Tensor | None = None) -> torch.Tensor:
+    """``[result +] s * (x_m a_m^T b_m^T + bias_m)`` with a, b either shared (2-d) or per member (3-d)."""
+    if a.dim() == 2 and b.dim() == 2:  # nothing masked per member ("input")
         h = F.linear(x, a)
         if result is not None and bias is None:
             fused = _fused_add(result, h.reshape(-1, h.shape[-1]), b, scaling)
@@ -155,7 +159,6 @@ def masked_lora_delta(
         return delta if result is None else result + delta
     xm = x.reshape(members, -1, x.shape[-1])
     h = torch.bmm(xm, a.transpose(1, 2)) if a.dim() == 3 else F.linear(xm, a)  # (M, rows, r)
-    h = h.reshape(members, -1, h.shape[-1])
     if b.dim() == 2:  # B unmasked ("a", "rank"): one weight for all members
         b = b.expand(members, *b.shape)
         if bias is not None:
@@ -167,8 +170,121 @@ def masked_lora_delta(
     out = torch.bmm(h, b.transpose(1, 2))
     if bias is not None:
         out = out + bias[:, None, :]
-    delta = out.view(*x.shape[:-1], b.shape[-2]) * scaling
+    delta = out.view(*x.shape[:-1], b.shape[-2]) if scaling == 1.0 else out.view(*x.shape[:-1], b.shape[-2]) * scaling
     return delta if result is None else result + delta
+
+
+# ------------------------------------------------------------------------------------------------ all layers at once
+@dataclass
+class _Layout:
+    """Where every precomputable layer's mask pieces sit, built once per controller."""
+
+    sizes: list[int]  # lengths of consecutive feature ranges covering [0, F)
+    a_layers: list[int]  # layer indices whose A side is masked (columns of A, or rows of A for "rank")
+    a_weights: list[torch.Tensor]
+    a_pieces: list[int]  # index into the split pieces
+    a_rows: bool  # "rank": the A-side mask multiplies rows (a column view of the mask)
+    b_layers: list[int]
+    b_weights: list[torch.Tensor]
+    b_pieces: list[int]
+    scaled_side: str  # "a" or "b": the side that carries each layer's scaling
+    count: int  # number of layers
+
+
+def _build_layout(controller: MemberController) -> _Layout | None:
+    strategy = controller.config.strategy
+    ranges: list[tuple[int, int, int, str]] = []  # (start, end, layer, side)
+    for layer, (module, adapter, handler) in enumerate(controller.layers):
+        slices = controller.slices[layer]
+        for side, rng in (("a", slices.a), ("a", slices.rank), ("b", slices.b)):
+            if rng is not None:
+                ranges.append((rng[0], rng[1], layer, side))
+    ranges.sort()
+    if not ranges or ranges[0][0] != 0 or any(r[1] != n[0] for r, n in zip(ranges, ranges[1:])):
+        return None  # not a contiguous cover of the feature index: leave every layer to itself
+    layout = _Layout(sizes=[r[1] - r[0] for r in ranges], a_layers=[], a_weights=[], a_pieces=[],
+                     a_rows=strategy == "rank", b_layers=[], b_weights=[], b_pieces=[],
+                     scaled_side="b" if strategy == "b" else "a", count=len(controller.layers))
+    for piece, (_, _, layer, side) in enumerate(ranges):
+        module, adapter, handler = controller.layers[layer]
+        weights = handler.precompute_weights(module, adapter)
+        if weights is None:
+            continue
+        if side == "a":
+            layout.a_layers.append(layer)
+            layout.a_weights.append(weights[0])
+            layout.a_pieces.append(piece)
+        else:
+            layout.b_layers.append(layer)
+            layout.b_weights.append(weights[1])
+            layout.b_pieces.append(piece)
+    return layout
+
+
+def _scale_vector(controller: MemberController, layout: _Layout, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """(F,): the layer's scaling on the scaled side of every precomputed layer, 1 elsewhere (cached until a scaling
+    changes), so the layers' matmuls need no separate scale or alpha. The mask already holds keep_scale."""
+    layers = layout.a_layers if layout.scaled_side == "a" else layout.b_layers
+    pieces = layout.a_pieces if layout.scaled_side == "a" else layout.b_pieces
+    scalings = tuple(float(controller.layers[i][0].scaling[controller.layers[i][1]]) for i in layers)
+    key = (scalings, device, dtype)
+    cached = getattr(layout, "_scale_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    starts = [0]
+    for size in layout.sizes:
+        starts.append(starts[-1] + size)
+    values = torch.ones(starts[-1], dtype=torch.float64)
+    for piece, scaling in zip(pieces, scalings):
+        values[starts[piece]:starts[piece + 1]] *= scaling
+    vector = values.to(device=device, dtype=dtype)
+    layout._scale_cache = (key, vector)  # type: ignore[attr-defined]
+    return vector
+
+
+def precompute_masked_weights(controller: MemberController, mask: torch.Tensor) -> list[Any] | None:
+    """Every layer's masked A and B for one call, built with one mask-scale multiply, two splits and two
+    `torch._foreach_mul` calls for the whole model, instead of slicing and multiplying in each layer.
+
+    When the GPU waits on the host (small batches), per-layer operators are what a step pays for; this keeps the
+    per-layer work of LoRA Dropout to its two matmuls. The layer's scaling is folded into one side, so the returned
+    copies are used with ``scaling=1``. Layers whose handler cannot precompute (AdaLoRA, lora_bias) get None.
+    Returns None when nothing can be precomputed.
+    """
+    if controller._layout is None:
+        controller._layout = _build_layout(controller) or False
+    layout = controller._layout
+    if not layout or not (layout.a_layers or layout.b_layers):
+        return None
+    weights_all = layout.a_weights + layout.b_weights
+    if any(w.device != mask.device or w.dtype != mask.dtype for w in weights_all):
+        return None  # mixed devices or dtypes: each layer masks its own weights
+    versions = None
+    if not torch.is_grad_enabled():  # reuse the last call's copies while mask and weights are unchanged
+        versions = (id(mask), tuple(w._version for w in weights_all))
+        cached = controller._weights_cache
+        if cached is not None and cached[0] == versions:
+            return cached[1]
+    scaled = mask * _scale_vector(controller, layout, mask.device, mask.dtype)
+    out: list[Any] = [None] * layout.count
+    masked_a = masked_b = []
+    if layout.a_layers:
+        view = scaled[:, :, None] if layout.a_rows else scaled[:, None, :]
+        pieces = torch.split(view, layout.sizes, dim=1 if layout.a_rows else 2)
+        masked_a = torch._foreach_mul(layout.a_weights, [pieces[i] for i in layout.a_pieces])
+    if layout.b_layers:
+        pieces = torch.split(scaled[:, :, None], layout.sizes, dim=1)
+        masked_b = torch._foreach_mul(layout.b_weights, [pieces[i] for i in layout.b_pieces])
+    for layer in layout.a_layers + layout.b_layers:
+        out[layer] = [None, None]
+    for layer, a in zip(layout.a_layers, masked_a):
+        out[layer][0] = a
+    for layer, b in zip(layout.b_layers, masked_b):
+        out[layer][1] = b
+    if versions is not None:
+        controller._weights_cache = (versions, out, mask)  # the mask is kept alive so its id stays unique
+    return out
 
 
 class LoraDropoutVariant(LoraVariant):
@@ -218,7 +334,14 @@ class LoraDropoutVariant(LoraVariant):
             if factor == 1.0:
                 return result + lora_b(lora_a(dropout(x))) * scaling
             return result + lora_b(lora_a(dropout(x))) * (scaling * factor)
-        return masked_lora_delta(dropout(x), lora_a.weight, lora_b.weight, lora_b.bias, scaling, plan,
+        if not isinstance(dropout, nn.Identity):
+            x = dropout(x)
+        pre = plan.weights[self.slices.layer_index] if plan.weights is not None else None
+        if pre is not None and plan.mask is not None:  # masked copies of this call, scaling folded in
+            a = pre[0] if pre[0] is not None else lora_a.weight
+            b = pre[1] if pre[1] is not None else lora_b.weight
+            return member_matmuls(x, a, b, None, 1.0, plan.mask.shape[0], result)
+        return masked_lora_delta(x, lora_a.weight, lora_b.weight, lora_b.bias, scaling, plan,
                                  self.controller, self.slices, result)
 
 
@@ -249,6 +372,11 @@ class LayerHandler:
 
     def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def precompute_weights(self, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) parameters whose masked copies the model pre-hook may build for all layers at once, with the
+        layer's ``scaling`` folded in; None (the default) lets the layer mask its own weights."""
+        return None
 
     def check(self, name: str, module: nn.Module, adapter: str) -> None:
         """Raise ValueError if this layer cannot take LoRA Dropout (called before anything is changed)."""
@@ -288,6 +416,11 @@ class LoraLinearHandler(LayerHandler):
     def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
         lin = module.lora_B[adapter]
         return [t for t in (lin.weight, lin.bias) if t is not None]
+
+    def precompute_weights(self, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if module.lora_B[adapter].bias is not None:  # lora_bias: the bias needs the mask too; keep it per layer
+            return None
+        return module.lora_A[adapter].weight, module.lora_B[adapter].weight
 
 
 LAYER_HANDLERS: list[LayerHandler] = [LoraLinearHandler()]

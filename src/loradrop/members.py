@@ -45,6 +45,9 @@ class CallPlan:
     members: int | None = None  # None: one member per row (example scope)
     member_offset: int = 0
     mask: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (members, features) keep-mask
+    # Per layer index: (masked A or None, masked B or None) with the layer's scaling folded in, or None for a layer
+    # that computes its own (see layers.precompute_masked_weights).
+    weights: list[Any] | None = field(default=None, compare=False, repr=False)
     input_key: torch.Tensor | None = field(default=None, compare=False, repr=False)  # "input" strategy's key
 
 
@@ -111,9 +114,11 @@ class MemberController:
         self._ensemble: tuple[int, int | None, int, int] | None = None
         self._index_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self._mask_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
-        # Masked A/B copies per layer, kept only inside an ensemble block under no_grad, where masks and weights are
-        # fixed for many calls (every decode step of ensemble_generate). Emptied whenever a new mask is drawn.
-        self._weight_cache: dict[Any, Any] | None = None
+        # All layers' masked A/B copies of the last call, reused by the next call under no_grad when its mask and the
+        # weights (version counters) are unchanged: every decode step of ensemble_generate.
+        self._weights_cache: tuple[Any, ...] | None = None
+        self._layout: Any = None  # built by layers.precompute_masked_weights on first use
+        self.slices: list[Any] = []  # FeatureSlices per layer, filled by apply_lora_dropout
         # Filled by apply_lora_dropout:
         self.adapters: list[str] = []
         self.layers: list[tuple[torch.nn.Module, str, Any]] = []  # (layer, adapter, handler)
@@ -175,7 +180,10 @@ class MemberController:
         members = plan.members if plan.members is not None else rows
         if members is None:
             return plan
-        return replace(plan, mask=self.masks(plan, members, weight.device, weight.dtype))
+        from .layers import precompute_masked_weights
+
+        mask = self.masks(plan, members, weight.device, weight.dtype)
+        return replace(plan, mask=mask, weights=precompute_masked_weights(self, mask))
 
     # ----------------------------------------------------------------------------------------------- plans
     def plan_for(self, layer_training: bool) -> CallPlan:
@@ -205,30 +213,7 @@ class MemberController:
         mask = keep_mask(plan.key, member_ids, features, self.config.p, keep_value=self.config.keep_scale,
                          dtype=dtype)
         self._mask_cache = (cache_key, mask)
-        if self._weight_cache is not None:
-            self._weight_cache.clear()
         return mask
-
-    def masked_weights(self, plan: CallPlan, members: int, slices: Any, weight_a: torch.Tensor,
-                       weight_b: torch.Tensor, bias_b: torch.Tensor | None):
-        """The members' masked copies of one layer's A and B (see `layers.masked_weights`), cached per layer while
-        an ensemble runs without gradients."""
-        from .layers import masked_weights
-
-        mask = self.masks(plan, members, weight_a.device, weight_a.dtype)
-        cache = self._weight_cache
-        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or not all(
-                isinstance(t, torch.nn.Parameter) for t in (weight_a, weight_b)):
-            return masked_weights(weight_a, weight_b, bias_b, mask, slices, members)
-        # The entry keeps the parameters alive, so their ids cannot be reused while it exists; the version
-        # counters catch in-place updates.
-        key = (slices.layer_index, id(weight_a), weight_a._version, id(weight_b), weight_b._version,
-               None if bias_b is None else (id(bias_b), bias_b._version))
-        hit = cache.get(key)
-        if hit is None:
-            hit = cache[key] = (masked_weights(weight_a, weight_b, bias_b, mask, slices, members),
-                                (weight_a, weight_b, bias_b))
-        return hit[0]
 
     def index(self, size: int, device: torch.device, offset: int = 0) -> torch.Tensor:
         """``arange(offset, offset + size)`` as int64 on `device`, cached (a few sizes per model recur every call)."""
@@ -264,11 +249,10 @@ class MemberController:
         if repeats is None:
             repeats = members if members is not None else 1
         self._ensemble = (key, members, offset, repeats)
-        self._weight_cache = {}
         try:
             yield
         finally:
             self._ensemble = None
             self._plan = None
             self._mask_cache = None
-            self._weight_cache = None
+            self._weights_cache = None

@@ -118,6 +118,7 @@ def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_n
     controller = MemberController(config, num_features=offset)
     controller.adapters = adapters
     controller.layers = [(module, adapter, handler) for _, module, adapter, handler in supported]
+    controller.slices = slices_list
     for (_, module, adapter, handler), slices in zip(supported, slices_list):
         handler.install(module, adapter, controller, slices)
     for hooked in _hook_targets(model):
