@@ -13,6 +13,7 @@ so the extra memory is M * r * (in + out) numbers, whatever the batch or sequenc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,9 @@ def member_matmuls(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torc
     out = torch.bmm(h, b.transpose(1, 2))
     if bias is not None:
         out = out + bias[:, None, :]
-    delta = out.view(*x.shape[:-1], b.shape[-2]) if scaling == 1.0 else out.view(*x.shape[:-1], b.shape[-2]) * scaling
+    delta = out.view(*x.shape[:-1], b.shape[-2])
+    if scaling != 1.0:
+        delta = delta * scaling
     return delta if result is None else result + delta
 
 
@@ -189,13 +192,13 @@ class _Layout:
     b_pieces: list[int]
     scaled_side: str  # "a" or "b": the side that carries each layer's scaling
     count: int  # number of layers
+    scale_cache: tuple[Any, torch.Tensor] | None = None  # (scalings, device, dtype) -> scale vector
 
 
 def _build_layout(controller: MemberController) -> _Layout | None:
     strategy = controller.config.strategy
     ranges: list[tuple[int, int, int, str]] = []  # (start, end, layer, side)
-    for layer, (module, adapter, handler) in enumerate(controller.layers):
-        slices = controller.slices[layer]
+    for layer, slices in enumerate(controller.slices):
         for side, rng in (("a", slices.a), ("a", slices.rank), ("b", slices.b)):
             if rng is not None:
                 ranges.append((rng[0], rng[1], layer, side))
@@ -229,9 +232,8 @@ def _scale_vector(controller: MemberController, layout: _Layout, device: torch.d
     pieces = layout.a_pieces if layout.scaled_side == "a" else layout.b_pieces
     scalings = tuple(float(controller.layers[i][0].scaling[controller.layers[i][1]]) for i in layers)
     key = (scalings, device, dtype)
-    cached = getattr(layout, "_scale_cache", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if layout.scale_cache is not None and layout.scale_cache[0] == key:
+        return layout.scale_cache[1]
     starts = [0]
     for size in layout.sizes:
         starts.append(starts[-1] + size)
@@ -239,7 +241,7 @@ def _scale_vector(controller: MemberController, layout: _Layout, device: torch.d
     for piece, scaling in zip(pieces, scalings):
         values[starts[piece]:starts[piece + 1]] *= scaling
     vector = values.to(device=device, dtype=dtype)
-    layout._scale_cache = (key, vector)  # type: ignore[attr-defined]
+    layout.scale_cache = (key, vector)
     return vector
 
 
