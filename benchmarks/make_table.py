@@ -23,7 +23,8 @@ def load(results: Path) -> list[dict[str, Any]]:
     out = []
     for path in sorted(results.glob("*.json")):
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and data.get("benchmark") in ("train_step", "ensemble", "cpu_page_faults"):
+        kinds = ("train_step", "ensemble", "cpu_page_faults", "op_count")
+        if isinstance(data, dict) and data.get("benchmark") in kinds:
             data["_file"] = path.as_posix()
             out.append(data)
     return out
@@ -197,6 +198,33 @@ def page_fault_tables(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def op_count_tables(data: dict[str, Any]) -> list[str]:
+    s = data["settings"]
+    gpu = bool(data["hardware"].get("gpu"))
+    out = [f"### Operators dispatched per training step: {device_label(data)}, {s['dtype']}", ""]
+    out += provenance(data)
+    out.append(f"- One profiled optimizer step (forward + backward + AdamW) after two warm-up steps, seq len "
+               f"{s['seq_len']}, batch {s['batch']}: `aten::` operator events"
+               + (" and GPU kernels" if gpu else "") + " counted by `torch.profiler`.")
+    out.append("")
+    models = [run["model"] for run in data["runs"]]
+    header = "| configuration | " + " | ".join(
+        f"{m} aten ops | × plain" + (" | kernels | × plain" if gpu else "") for m in models) + " |"
+    cols = 2 + (2 if gpu else 0)
+    out += [header, "|---|" + "---:|" * (cols * len(models))]
+    by_model = [{c["name"]: c for c in run["configs"]} for run in data["runs"]]
+    for cfg in data["runs"][0]["configs"]:
+        cells = []
+        for rows in by_model:
+            r = rows[cfg["name"]]
+            cells += [f"{r['aten_ops']:,}", x(r["aten_ops_vs_plain"], 3)]
+            if gpu:
+                cells += [f"{r['gpu_kernels']:,}", x(r.get("gpu_kernels_vs_plain"), 3)]
+        out.append(f"| {cfg['label']} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ targets
 def verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
@@ -209,7 +237,7 @@ def targets(all_data: list[dict[str, Any]]) -> list[str]:
         where = "GPU" if gpu else "CPU"
         if data.get("settings", {}).get("compile"):
             where += " compiled"
-        if data["benchmark"] == "cpu_page_faults":
+        if data["benchmark"] in ("cpu_page_faults", "op_count"):
             continue
         if data["benchmark"] == "train_step":
             for run in data["runs"]:
@@ -282,9 +310,10 @@ def render(all_data: list[dict[str, Any]]) -> str:
     lines = [BEGIN, "", "<!-- Do not edit by hand: rerun `python benchmarks/make_table.py --write "
              "docs/PERFORMANCE.md`. -->", ""]
     lines += targets(all_data)
-    kinds = {"train_step": 0, "ensemble": 1, "cpu_page_faults": 2}
+    kinds = {"train_step": 0, "op_count": 1, "ensemble": 2, "cpu_page_faults": 3}
     order = sorted(all_data, key=lambda d: (kinds[d["benchmark"]], bool(d["hardware"].get("gpu")), d["_file"]))
-    render_one = {"train_step": train_tables, "ensemble": ensemble_tables, "cpu_page_faults": page_fault_tables}
+    render_one = {"train_step": train_tables, "op_count": op_count_tables, "ensemble": ensemble_tables,
+                  "cpu_page_faults": page_fault_tables}
     for data in order:
         lines += render_one[data["benchmark"]](data)
     lines.append(END)

@@ -236,3 +236,23 @@ def test_all_layers_precomputed_equal_each_layer_masking_its_own_weights(tiny_be
     assert outs[0][1].keys() == outs[1][1].keys()
     for name in outs[0][1]:
         torch.testing.assert_close(outs[0][1][name], outs[1][1][name])
+
+
+def test_no_grad_precompute_respects_its_memory_budget(tiny_bert, monkeypatch):
+    """Under no_grad the masked copies of all layers are held at once only within a budget; past it every layer
+    masks its own weights (transient copies), with the same outputs."""
+    import loradrop.layers as layers
+
+    model = tiny_bert()
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=4))
+    ctl = loradrop.get_controller(model)
+    inputs = {"input_ids": torch.randint(0, 120, (3, 8), generator=torch.Generator().manual_seed(0))}
+    model.eval()
+    with torch.no_grad(), ctl.ensemble(ctl.ensemble_key(1), 4, 0):
+        held = model(**inputs).logits
+        assert ctl._plan.weights is not None
+        monkeypatch.setattr(layers, "NO_GRAD_PRECOMPUTE_ELEMENTS", 10)
+        ctl._weights_cache = None
+        per_layer = model(**inputs).logits
+        assert ctl._plan.weights is None
+    torch.testing.assert_close(per_layer, held)

@@ -52,3 +52,15 @@ __all__ += [
 from .adalora import AdaLoraCallback, adalora_step, effective_ranks  # noqa: E402
 
 __all__ += ["AdaLoraCallback", "adalora_step", "effective_ranks"]
+
+_TRAINING = ("chunked_backward", "LoraDropoutTrainer", "LoraDropoutCallback")
+__all__ += list(_TRAINING)
+
+
+def __getattr__(name: str):
+    # The Trainer integration imports transformers' Trainer (slow): load it on first use.
+    if name in _TRAINING:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'loradrop' has no attribute {name!r}")

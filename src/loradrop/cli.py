@@ -37,7 +37,9 @@ def _add_lora_dropout_args(parser: argparse.ArgumentParser, *, p: float, samples
                        help="one mask per member ('batch', the paper) or per example")
     group.add_argument("--rescale", action="store_true", help="scale kept entries by 1/(1-p) (the paper does not)")
     group.add_argument("--ensemble", type=int, default=8, help="test-time ensemble size (0: single pass only)")
-    group.add_argument("--chunk-size", type=_positive_int, default=None, help="members per forward call")
+    group.add_argument("--chunk-size", type=_positive_int, default=None,
+                       help="members per forward call: bounds memory of --samples in training (same result, "
+                            "one backward per chunk) and of the test-time ensemble")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,6 +40,10 @@ class LoraDropoutConfig:
         seed: seed of the mask stream; ``None`` draws one from torch's global generator at apply time.
         eval_mode: what a plain forward in ``model.eval()`` uses: ``"expected"`` (the expected update) or ``"raw"``
             (the unscaled update, the paper's "dropout only in training" ablation).
+        member_chunk: the memory knob of ``samples > 1``: run at most this many members per forward/backward pass
+            (the Trainer and `loradrop.chunked_backward` loop over the chunks within one step). The masks, the loss
+            and the gradients equal the one-call run; peak activation memory is that of `member_chunk` members.
+            ``None``: all N members in one call.
     """
 
     p: float = 0.5
@@ -49,6 +53,7 @@ class LoraDropoutConfig:
     rescale: bool = False
     seed: int | None = None
     eval_mode: str = "expected"
+    member_chunk: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -67,6 +72,18 @@ class LoraDropoutConfig:
             raise ValueError(f"seed must be None or a non-negative integer, got {self.seed!r}")
         if self.eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {list(EVAL_MODES)}, got {self.eval_mode!r}")
+        if self.member_chunk is not None and (isinstance(self.member_chunk, bool)
+                                              or not isinstance(self.member_chunk, int) or self.member_chunk < 1):
+            raise ValueError(f"member_chunk must be None or an integer >= 1, got {self.member_chunk!r}")
+        if self.member_chunk is not None and self.mask_scope == "example":
+            raise ValueError("member_chunk applies to samples > 1 with mask_scope='batch'; with mask_scope='example' "
+                             "every row is its own member and a step is one call")
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        """(member offset, members) of each forward/backward pass of one training step."""
+        size = self.member_chunk or self.samples
+        return [(start, min(size, self.samples - start)) for start in range(0, self.samples, size)]
 
     @property
     def keep_scale(self) -> float:

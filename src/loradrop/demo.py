@@ -87,7 +87,8 @@ def run_demo(args: argparse.Namespace) -> None:
 
     output = Path(args.output)
     cfg = LoraDropoutConfig(p=args.p, samples=args.samples, strategy=args.strategy, mask_scope=args.mask_scope,
-                            rescale=args.rescale, seed=args.seed)
+                            rescale=args.rescale, seed=args.seed,
+                            member_chunk=args.chunk_size if args.mask_scope == "batch" else None)
     if args.ensemble < 0:
         raise UsageError(f"--ensemble must be >= 0, got {args.ensemble}")
     staging = _staging(output, args.overwrite)

@@ -178,6 +178,7 @@ def member_matmuls(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torc
 
 
 # ------------------------------------------------------------------------------------------------ all layers at once
+NO_GRAD_PRECOMPUTE_ELEMENTS = 1 << 26  # 256 MiB of float32 masked copies held at once under no_grad
 @dataclass
 class _Layout:
     """Where every precomputable layer's mask pieces sit, built once per controller."""
@@ -263,7 +264,12 @@ def precompute_masked_weights(controller: MemberController, mask: torch.Tensor) 
     if any(w.device != mask.device or w.dtype != mask.dtype for w in weights_all):
         return None  # mixed devices or dtypes: each layer masks its own weights
     versions = None
-    if not torch.is_grad_enabled():  # reuse the last call's copies while mask and weights are unchanged
+    if not torch.is_grad_enabled():
+        # Without autograd each layer's copies would be transient; holding all of them costs M x (LoRA parameters).
+        # Past a budget, let each layer build and free its own (large ensembles of large adapters).
+        if mask.shape[0] * sum(w.numel() for w in weights_all) > NO_GRAD_PRECOMPUTE_ELEMENTS:
+            return None
+        # reuse the last call's copies while mask and weights are unchanged (every decode step of a generation)
         versions = (id(mask), tuple(w._version for w in weights_all))
         cached = controller._weights_cache
         if cached is not None and cached[0] == versions:
@@ -339,7 +345,8 @@ class LoraDropoutVariant(LoraVariant):
         if not isinstance(dropout, nn.Identity):
             x = dropout(x)
         pre = plan.weights[self.slices.layer_index] if plan.weights is not None else None
-        if pre is not None and plan.mask is not None:  # masked copies of this call, scaling folded in
+        # masked copies of this call, scaling folded in (when this layer sees the rows the call was planned for)
+        if pre is not None and plan.mask is not None and plan.mask.shape[0] == members_of(plan, x):
             a = pre[0] if pre[0] is not None else lora_a.weight
             b = pre[1] if pre[1] is not None else lora_b.weight
             return member_matmuls(x, a, b, None, 1.0, plan.mask.shape[0], result)

@@ -112,6 +112,7 @@ class MemberController:
         self._plan: CallPlan | None = None
         # (key, members per call or None for one per row, member offset, batch repeats)
         self._ensemble: tuple[int, int | None, int, int] | None = None
+        self._chunk: tuple[int, int, int] | None = None  # (training step key, member offset, members)
         self._index_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self._mask_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
         # All layers' masked A/B copies of the last call, reused by the next call under no_grad when its mask and the
@@ -149,6 +150,9 @@ class MemberController:
         elif not module.training:
             self._plan = CallPlan(masked=False, training=False)
             return None
+        elif self._chunk is not None:  # one chunk of a training step's members (see `member_chunks`)
+            key, offset, repeats = self._chunk
+            plan = CallPlan(masked=True, training=True, key=key, members=repeats, member_offset=offset)
         else:
             repeats = self.config.samples
             key = derive_key(self.seed, STREAM_TRAIN, self.step)
@@ -175,8 +179,9 @@ class MemberController:
         if self.config.strategy == "input":
             # derive_key(key, STREAM_INPUT, layer) folds its parts one by one: fold the first two here, the layer
             # index in the layer (as tensor ops, see masks.fold_key).
-            return replace(plan, input_key=torch.tensor(derive_key(plan.key, STREAM_INPUT), dtype=torch.int64,
-                                                        device=weight.device))
+            # torch.full writes the value with a fill kernel: no host-to-device copy, so no synchronisation.
+            return replace(plan, input_key=torch.full((), derive_key(plan.key, STREAM_INPUT), dtype=torch.int64,
+                                                      device=weight.device))
         members = plan.members if plan.members is not None else rows
         if members is None:
             return plan
@@ -229,6 +234,22 @@ class MemberController:
     def expected_factor(self) -> float:
         """Factor on the update in a plain eval forward (and in merges/exports)."""
         return self.config.expected_factor if self.eval_mode == "expected" else 1.0
+
+    # ----------------------------------------------------------------------------------------------- member chunks
+    def member_chunks(self) -> Iterator[tuple[int, int]]:
+        """One training step whose members run in chunks (``config.member_chunk``): yields (offset, members) per
+        chunk; every model call inside the loop body runs that chunk's members of THIS step (same key, member ids
+        offset, offset+1, ...), so masks equal those of the one-call step. The step counter advances once."""
+        if self._ensemble is not None or self._chunk is not None:
+            raise RuntimeError("loradrop member chunks cannot be nested in an ensemble or another chunk loop")
+        key = derive_key(self.seed, STREAM_TRAIN, self.step)
+        self.step += 1
+        try:
+            for offset, size in self.config.chunks:
+                self._chunk = (key, offset, size)
+                yield offset, size
+        finally:
+            self._chunk = None
 
     # ----------------------------------------------------------------------------------------------- ensembles
     def ensemble_key(self, seed: int | None) -> int:

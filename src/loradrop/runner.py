@@ -285,7 +285,8 @@ def lora_dropout_config(args: argparse.Namespace) -> LoraDropoutConfig | None:
     if args.no_lora_dropout:
         return None
     return LoraDropoutConfig(p=args.p, samples=args.samples, strategy=args.strategy, mask_scope=args.mask_scope,
-                             rescale=args.rescale, seed=args.seed)
+                             rescale=args.rescale, seed=args.seed,
+                             member_chunk=args.chunk_size if args.mask_scope == "batch" else None)
 
 
 # ================================================================================================ data

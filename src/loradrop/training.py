@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,59 @@ class LoraDropoutCallback(TrainerCallback):
             logger.info("loradrop: restored mask state %s", mask_state)
 
 
+def chunked_backward(model: torch.nn.Module, batch: Mapping[str, Any],
+                     loss_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+    """Forward and backward of ONE training step with ``samples=N``, `member_chunk` members per pass.
+
+    For hand-written loops (the Trainer does this itself): call it where you would call ``model(**batch)`` and
+    ``loss.backward()``, then step the optimizer as usual. Each chunk's loss (``out.loss``, or `loss_fn(out)`, a
+    mean over the chunk) is weighted by its share of the N members, so loss and gradients equal the one-call step
+    while only one chunk's activations are alive at a time. Returns the step's loss (detached).
+    """
+    controller = get_controller(model)
+    samples = controller.config.samples
+    total = None
+    for _, size in controller.member_chunks():
+        out = model(**batch)
+        loss = (loss_fn(out) if loss_fn is not None else out.loss) * (size / samples)
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
 class LoraDropoutTrainer(Trainer):
-    """A `Trainer` whose checkpoints appear atomically: written to a staging folder, then renamed into place, so
-    an interrupted save never leaves a half-written ``checkpoint-N`` for ``--resume`` to pick up."""
+    """A `Trainer` that runs ``samples=N`` in chunks of ``member_chunk`` members per pass when the config asks
+    for it, and whose checkpoints appear atomically: written to a staging folder, then renamed into place, so an
+    interrupted save never leaves a half-written ``checkpoint-N`` for ``--resume`` to pick up."""
+
+    _loradrop_chunk_weight: float | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D401 - Trainer hook
+        controller = _find_controller(model)
+        if controller is None or len(controller.config.chunks) == 1 or not model.training:
+            return super().training_step(model, inputs, num_items_in_batch)
+        samples = controller.config.samples
+        total = None
+        for _, size in controller.member_chunks():
+            # Every chunk's loss is the mean over its members; weighted by size / N the chunks add up to the mean
+            # over all N, in value and in gradient (compute_loss applies the weight before the backward).
+            self._loradrop_chunk_weight = size / samples
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._loradrop_chunk_weight = None
+            total = loss if total is None else total + loss
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D401
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        weight = self._loradrop_chunk_weight
+        if weight is None:
+            return out
+        if return_outputs:
+            loss, outputs = out
+            return loss * weight, outputs
+        return out * weight
 
     def _save_checkpoint(self, model, trial) -> None:  # noqa: D401 - Trainer hook
         run_dir = self._get_output_dir(trial=trial)
