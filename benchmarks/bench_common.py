@@ -331,7 +331,8 @@ def configured(model: nn.Module, cfg: dict[str, Any]) -> Iterator[None]:
     elif kind == "loradrop":
         config = loradrop.LoraDropoutConfig(p=cfg.get("p", 0.5), samples=cfg.get("samples", 1),
                                             strategy=cfg.get("strategy", "ab"),
-                                            mask_scope=cfg.get("scope", "batch"), seed=0)
+                                            mask_scope=cfg.get("scope", "batch"), seed=0,
+                                            member_chunk=cfg.get("member_chunk"))
         loradrop.apply_lora_dropout(model, config)
         try:
             yield

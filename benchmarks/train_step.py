@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402
+import loradrop  # noqa: E402
 
 CONFIGS: list[dict[str, Any]] = [
     {"name": "peft_lora", "label": "PEFT LoRA, lora_dropout=0 (reference)", "kind": "plain"},
@@ -40,6 +41,8 @@ CONFIGS: list[dict[str, Any]] = [
      "strategy": "ab", "samples": 4},
     {"name": "ab_s4_accum", "label": "loradrop ab, 4 sequential passes + grad accumulation", "kind": "loradrop",
      "strategy": "ab", "accum": 4},
+    {"name": "ab_s4_chunk2", "label": "loradrop ab, samples=4 in 2 chunks (member_chunk=2)", "kind": "loradrop",
+     "strategy": "ab", "samples": 4, "member_chunk": 2},
     {"name": "a_s1", "label": "loradrop a, samples=1", "kind": "loradrop", "strategy": "a"},
     {"name": "b_s1", "label": "loradrop b, samples=1", "kind": "loradrop", "strategy": "b"},
     {"name": "rank_s1", "label": "loradrop rank, samples=1", "kind": "loradrop", "strategy": "rank"},
@@ -135,6 +138,13 @@ class Bench:
             self.forward = torch.compile(self.model)
 
     def step(self, accum: int = 1) -> float:
+        controller = loradrop.model._find_controller(self.model)
+        if controller is not None and controller.config.member_chunk:
+            with bc.autocast(self.device, self.dtype):
+                loss = loradrop.chunked_backward(self.model, self.batch)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(loss) if self.device == "cpu" else 0.0
         loss_value = 0.0
         for _ in range(accum):
             with bc.autocast(self.device, self.dtype):
