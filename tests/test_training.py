@@ -45,6 +45,14 @@ def test_member_chunk_validation():
     assert LoraDropoutConfig(samples=3).chunks == [(0, 3)]
 
 
+def test_chunked_backward_refuses_eval_mode(tiny_bert):
+    model = loradrop.apply_lora_dropout(tiny_bert(), LoraDropoutConfig(p=0.5, samples=2, member_chunk=1, seed=0))
+    model.eval()
+    with pytest.raises(ValueError, match="call model.train\\(\\) first"):
+        loradrop.chunked_backward(model, BATCH)
+    assert loradrop.get_controller(model).step == 0  # nothing was consumed
+
+
 def test_trainer_runs_member_chunks_with_the_same_result(tiny_bert, tmp_path):
     """LoraDropoutTrainer with member_chunk=2 trains to the same weights and losses as the one-call samples=4."""
     from loradrop.training import build_training_args, loss_history, make_trainer

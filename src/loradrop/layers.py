@@ -179,6 +179,8 @@ def member_matmuls(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torc
 
 # ------------------------------------------------------------------------------------------------ all layers at once
 NO_GRAD_PRECOMPUTE_ELEMENTS = 1 << 26  # 256 MiB of float32 masked copies held at once under no_grad
+
+
 @dataclass
 class _Layout:
     """Where every precomputable layer's mask pieces sit, built once per controller."""

@@ -57,6 +57,8 @@ def chunked_backward(model: torch.nn.Module, batch: Mapping[str, Any],
     while only one chunk's activations are alive at a time. Returns the step's loss (detached).
     """
     controller = get_controller(model)
+    if not model.training:
+        raise ValueError("chunked_backward runs a training step: call model.train() first")
     samples = controller.config.samples
     total = None
     for _, size in controller.member_chunks():
@@ -76,7 +78,7 @@ class LoraDropoutTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D401 - Trainer hook
         controller = _find_controller(model)
-        if controller is None or len(controller.config.chunks) == 1 or not model.training:
+        if controller is None or len(controller.config.chunks) == 1:
             return super().training_step(model, inputs, num_items_in_batch)
         samples = controller.config.samples
         total = None
