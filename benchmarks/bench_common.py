@@ -196,16 +196,21 @@ def rss_parts_mib() -> dict[str, float]:
     return out
 
 
-def rss_mib() -> float:
-    """Current resident set size of this process (Linux)."""
+def _status_mib(field: str) -> float:
+    """One kB field of /proc/self/status (Linux) in MiB; NaN where it cannot be read."""
     try:
         with open("/proc/self/status", encoding="utf-8") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process (Linux)."""
+    return _status_mib("VmRSS")
 
 
 def vm_hwm_mib() -> float:
@@ -214,14 +219,7 @@ def vm_hwm_mib() -> float:
     Unlike ``ru_maxrss``, it is not inherited from the parent: Linux carries ``ru_maxrss`` across fork and exec, so a
     child started by a large parent reports at least the parent's peak.
     """
-    try:
-        with open("/proc/self/status", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return _status_mib("VmHWM")
 
 
 def max_rss_mib() -> float:

@@ -17,6 +17,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The shared data folder ($LORADROP_DATA_DIR or <repo>/../shared/data); skips with the reason when absent."""
+    from loradrop.tasks import find_data_root
+
+    root = find_data_root()
+    if root is None:
+        pytest.skip("real benchmark data not found: set LORADROP_DATA_DIR or provide <repo>/../shared/data")
+    return root
+
+
 class OneLinear(nn.Module):
     """A single adapted projection: its LoRA delta can be read directly from outputs."""
 

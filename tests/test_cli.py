@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from cli_helpers import make_tiny_bert, make_tiny_llama
 from loradrop.calibration import classification_calibration
 from loradrop.cli import build_parser, main
-from loradrop.tasks import find_data_root, find_tweet_corpus
+from loradrop.tasks import find_tweet_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +30,6 @@ VERSION_KEYS = {"python", "torch", "transformers", "peft", "loradrop"}
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def data_root() -> Path:
-    root = find_data_root()
-    if root is None:
-        pytest.skip("real benchmark data not found: set LORADROP_DATA_DIR or provide <repo>/../shared/data")
-    return root
-
-
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory) -> Path:
     from loradrop.models import ModelLoadError

@@ -155,8 +155,7 @@ class MemberController:
             plan = CallPlan(masked=True, training=True, key=key, members=repeats, member_offset=offset)
         else:
             repeats = self.config.samples
-            key = derive_key(self.seed, STREAM_TRAIN, self.step)
-            self.step += 1
+            key = self._next_train_key()
             members = repeats if self.config.mask_scope == "batch" else None
             plan = CallPlan(masked=True, training=True, key=key, members=members)
         batch = batch_size_of(args, kwargs)
@@ -236,14 +235,19 @@ class MemberController:
         return self.config.expected_factor if self.eval_mode == "expected" else 1.0
 
     # ----------------------------------------------------------------------------------------------- member chunks
+    def _next_train_key(self) -> int:
+        """The mask key of the next training step; advances the step counter (once per step, chunked or not)."""
+        key = derive_key(self.seed, STREAM_TRAIN, self.step)
+        self.step += 1
+        return key
+
     def member_chunks(self) -> Iterator[tuple[int, int]]:
         """One training step whose members run in chunks (``config.member_chunk``): yields (offset, members) per
         chunk; every model call inside the loop body runs that chunk's members of THIS step (same key, member ids
         offset, offset+1, ...), so masks equal those of the one-call step. The step counter advances once."""
         if self._ensemble is not None or self._chunk is not None:
             raise RuntimeError("loradrop member chunks cannot be nested in an ensemble or another chunk loop")
-        key = derive_key(self.seed, STREAM_TRAIN, self.step)
-        self.step += 1
+        key = self._next_train_key()
         try:
             for offset, size in self.config.chunks:
                 self._chunk = (key, offset, size)

@@ -38,12 +38,12 @@ def get_controller(model: nn.Module) -> MemberController:
 
 def _find_controller(model: nn.Module) -> MemberController | None:
     # DDP / accelerate wrap the model in `.module`, torch.compile in `._orig_mod` (in either order)
-    seen: list[nn.Module] = []
     candidate: nn.Module | None = model
-    while candidate is not None and len(seen) < 4:
+    for _ in range(4):  # a few wrapper levels at most
+        if candidate is None:
+            break
         if _ATTR in getattr(candidate, "__dict__", {}):
             return candidate.__dict__[_ATTR]
-        seen.append(candidate)
         candidate = getattr(candidate, "_orig_mod", None) or getattr(candidate, "module", None)
     return None
 

