@@ -217,7 +217,7 @@ def test_masked_weight_copies_are_reused_under_no_grad_and_follow_weight_updates
         layer.lora_B["default"].weight.mul_(3.0)
         changed = bert(**INPUTS).logits
         assert ctl._plan.weights is not copies
-    assert ctl._weights_cache is None  # dropped with the block
+    assert not ctl.precompute.holds_copies  # dropped with the block
     with torch.no_grad(), ctl.ensemble(key, 3, 0):  # a fresh block: recomputed from the new weights
         fresh = bert(**INPUTS).logits
     torch.testing.assert_close(changed, fresh, rtol=0, atol=0)

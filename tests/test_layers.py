@@ -225,7 +225,7 @@ def test_all_layers_precomputed_equal_each_layer_masking_its_own_weights(tiny_be
         loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, strategy=strategy, seed=4, **extra))
         ctl = loradrop.get_controller(model)
         if not precompute:
-            ctl._layout = False  # no layout: every layer masks its own weights
+            ctl.precompute.disable()  # every layer masks its own weights
         model.train()
         loss = model(**inputs).loss
         assert (ctl._plan.weights is not None) == precompute
@@ -241,7 +241,7 @@ def test_all_layers_precomputed_equal_each_layer_masking_its_own_weights(tiny_be
 def test_no_grad_precompute_respects_its_memory_budget(tiny_bert, monkeypatch):
     """Under no_grad the masked copies of all layers are held at once only within a budget; past it every layer
     masks its own weights (transient copies), with the same outputs."""
-    import loradrop.layers as layers
+    import loradrop.precompute as precompute
 
     model = tiny_bert()
     loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=4))
@@ -251,8 +251,8 @@ def test_no_grad_precompute_respects_its_memory_budget(tiny_bert, monkeypatch):
     with torch.no_grad(), ctl.ensemble(ctl.ensemble_key(1), 4, 0):
         held = model(**inputs).logits
         assert ctl._plan.weights is not None
-        monkeypatch.setattr(layers, "NO_GRAD_PRECOMPUTE_ELEMENTS", 10)
-        ctl._weights_cache = None
+        monkeypatch.setattr(precompute, "NO_GRAD_PRECOMPUTE_ELEMENTS", 10)
+        ctl.precompute.clear()
         per_layer = model(**inputs).logits
         assert ctl._plan.weights is None
     torch.testing.assert_close(per_layer, held)

@@ -128,13 +128,34 @@ class LoraDropoutConfig:
         return target
 
     @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> LoraDropoutConfig:
+        """The settings in a payload returned by `read_config_file` (its ``"loradrop_config"`` entry)."""
+        return cls.from_dict(payload.get("loradrop_config", payload))
+
+    @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> LoraDropoutConfig:
-        path = Path(directory) / CONFIG_FILE_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_FILE_NAME} in {str(directory)!r}: was it saved by loradrop?")
+        """The settings stored in `directory`'s ``loradrop_config.json``."""
+        return cls.from_payload(read_config_file(directory))
+
+
+def read_config_file(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The whole JSON object of `folder`'s ``loradrop_config.json`` (written by `LoraDropoutConfig.save`): the
+    settings under ``"loradrop_config"`` plus the metadata saved with them (``"mask_state"``, ``"eval_mode"``,
+    ``"adapters"``, versions).
+
+    Raises FileNotFoundError when the file is absent and ValueError, naming the file, when it is not a JSON object.
+    """
+    path = Path(folder) / CONFIG_FILE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE_NAME} in {str(folder)!r}: was it saved by loradrop?")
+    try:
         with open(path, encoding="utf-8") as fh:
             payload = json.load(fh)
-        return cls.from_dict(payload.get("loradrop_config", payload))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); delete it or save the adapter again") from err
+    if not isinstance(payload, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(payload).__name__}, not the object loradrop writes")
+    return payload
 
 
 def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:

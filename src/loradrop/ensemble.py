@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,8 +23,28 @@ _LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
 
 
 def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy (nats) along `dim`, with 0 log 0 = 0."""
+    """Shannon entropy (nats) along `dim`, with 0 log 0 = 0, in the dtype of `probs` (pass float64 for reports)."""
     return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim)
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The ensemble seed of one batch of an evaluation run with seed `seed`: distinct, reproducible members per
+    batch (the seed folded with the batch index), so the run does not reuse one set of masks for every batch."""
+    return seed * 1_000_003 + batch_index
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with `model` in ``eval()`` and restore its previous train/eval mode afterwards, also on error.
+
+    (Module mode only; which update a LoRA Dropout model uses in eval is `loradrop.set_eval_mode`.)
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -55,7 +75,6 @@ class EnsembleOutput:
     span_start: torch.Tensor | None = None
     span_end: torch.Tensor | None = None
     span_score: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -122,17 +141,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode and restore the previous mode afterwards, also on error."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _chunks(n: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
     step = n if chunk_size is None else min(chunk_size, n)
     for offset in range(0, n, step):
@@ -195,7 +203,7 @@ def ensemble_predict(
     inputs = _model_inputs(model, batch)
     key = controller.ensemble_key(seed)
     outputs: dict[str, list[torch.Tensor]] = {}
-    with _eval_mode(model):
+    with eval_mode(model):
         for offset, members in _chunks(n, chunk_size):
             with controller.ensemble(key, members, offset):
                 out = model(**inputs)
@@ -277,7 +285,7 @@ def ensemble_score_choices(
         kwargs["logits_to_keep"] = 1
     key = controller.ensemble_key(seed)
     parts = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for offset, members in _chunks(n, chunk_size):
             with controller.ensemble(key, members, offset):
                 logits = model(**kwargs).logits
@@ -343,7 +351,7 @@ def ensemble_generate(
     # Only the last position's logits are read: ask the model for just those where it can (saves an
     # (n * B, prompt, vocab) tensor in the prefill).
     last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    with _eval_mode(model), controller.ensemble(key, n, 0):
+    with eval_mode(model), controller.ensemble(key, n, 0):
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                     **last_only)

@@ -7,46 +7,20 @@ exists to reproduce PEFT's element-wise ``lora_dropout``). For M members the lay
     A_m = A * mA[m]  (columns of A)        B_m = B * mB[m, :, None]  (rows of B)
     delta_m = (x_m A_m^T) B_m^T * s
 
-so the extra memory is M * r * (in + out) numbers, whatever the batch or sequence length.
+so the extra memory is M * r * (in + out) numbers, whatever the batch or sequence length. The all-layer version of
+the masking (one call's masked copies of every layer at once) is `precompute.WeightPrecompute`, run by the
+controller's pre-hook; a layer uses those copies when the plan carries them and masks its own weights otherwise.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
-from .masks import STREAM_INPUT, derive_key, fold_key, uniform
+from .masks import STREAM_INPUT, FeatureSlices, derive_key, fold_key, plan_slices, uniform  # noqa: F401 - re-exported
 from .members import CallPlan, MemberController
-
-
-@dataclass(frozen=True)
-class FeatureSlices:
-    """Where one adapted layer's mask entries live in the model-wide feature index."""
-
-    layer_index: int
-    a: tuple[int, int] | None = None  # input features: columns of A
-    b: tuple[int, int] | None = None  # output features: rows of B
-    rank: tuple[int, int] | None = None  # rank components: rows of A
-
-
-def plan_slices(strategy: str, layer_index: int, offset: int, in_features: int, out_features: int,
-                rank: int) -> tuple[FeatureSlices, int]:
-    """Allocate this layer's mask features starting at `offset`; return the slices and the next free offset."""
-    if strategy == "ab":
-        a, b = (offset, offset + in_features), (offset + in_features, offset + in_features + out_features)
-        return FeatureSlices(layer_index, a=a, b=b), b[1]
-    if strategy == "a":
-        return FeatureSlices(layer_index, a=(offset, offset + in_features)), offset + in_features
-    if strategy == "b":
-        return FeatureSlices(layer_index, b=(offset, offset + out_features)), offset + out_features
-    if strategy == "rank":
-        return FeatureSlices(layer_index, rank=(offset, offset + rank)), offset + rank
-    return FeatureSlices(layer_index), offset  # "input": drawn per element, nothing shared
 
 
 def members_of(plan: CallPlan, x: torch.Tensor) -> int:
@@ -175,126 +149,6 @@ def member_matmuls(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torc
     if scaling != 1.0:
         delta = delta * scaling
     return delta if result is None else result + delta
-
-
-# ------------------------------------------------------------------------------------------------ all layers at once
-NO_GRAD_PRECOMPUTE_ELEMENTS = 1 << 26  # 256 MiB of float32 masked copies held at once under no_grad
-
-
-@dataclass
-class _Layout:
-    """Where every precomputable layer's mask pieces sit, built once per controller."""
-
-    sizes: list[int]  # lengths of consecutive feature ranges covering [0, F)
-    a_layers: list[int]  # layer indices whose A side is masked (columns of A, or rows of A for "rank")
-    a_weights: list[torch.Tensor]
-    a_pieces: list[int]  # index into the split pieces
-    a_rows: bool  # "rank": the A-side mask multiplies rows (a column view of the mask)
-    b_layers: list[int]
-    b_weights: list[torch.Tensor]
-    b_pieces: list[int]
-    scaled_side: str  # "a" or "b": the side that carries each layer's scaling
-    count: int  # number of layers
-    scale_cache: tuple[Any, torch.Tensor] | None = None  # (scalings, device, dtype) -> scale vector
-
-
-def _build_layout(controller: MemberController) -> _Layout | None:
-    strategy = controller.config.strategy
-    ranges: list[tuple[int, int, int, str]] = []  # (start, end, layer, side)
-    for layer, slices in enumerate(controller.slices):
-        for side, rng in (("a", slices.a), ("a", slices.rank), ("b", slices.b)):
-            if rng is not None:
-                ranges.append((rng[0], rng[1], layer, side))
-    ranges.sort()
-    if not ranges or ranges[0][0] != 0 or any(r[1] != n[0] for r, n in zip(ranges, ranges[1:])):
-        return None  # not a contiguous cover of the feature index: leave every layer to itself
-    layout = _Layout(sizes=[r[1] - r[0] for r in ranges], a_layers=[], a_weights=[], a_pieces=[],
-                     a_rows=strategy == "rank", b_layers=[], b_weights=[], b_pieces=[],
-                     scaled_side="b" if strategy == "b" else "a", count=len(controller.layers))
-    for piece, (_, _, layer, side) in enumerate(ranges):
-        module, adapter, handler = controller.layers[layer]
-        weights = handler.precompute_weights(module, adapter)
-        if weights is None:
-            continue
-        if side == "a":
-            layout.a_layers.append(layer)
-            layout.a_weights.append(weights[0])
-            layout.a_pieces.append(piece)
-        else:
-            layout.b_layers.append(layer)
-            layout.b_weights.append(weights[1])
-            layout.b_pieces.append(piece)
-    return layout
-
-
-def _scale_vector(controller: MemberController, layout: _Layout, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """(F,): the layer's scaling on the scaled side of every precomputed layer, 1 elsewhere (cached until a scaling
-    changes), so the layers' matmuls need no separate scale or alpha. The mask already holds keep_scale."""
-    layers = layout.a_layers if layout.scaled_side == "a" else layout.b_layers
-    pieces = layout.a_pieces if layout.scaled_side == "a" else layout.b_pieces
-    scalings = tuple(float(controller.layers[i][0].scaling[controller.layers[i][1]]) for i in layers)
-    key = (scalings, device, dtype)
-    if layout.scale_cache is not None and layout.scale_cache[0] == key:
-        return layout.scale_cache[1]
-    starts = [0]
-    for size in layout.sizes:
-        starts.append(starts[-1] + size)
-    values = torch.ones(starts[-1], dtype=torch.float64)
-    for piece, scaling in zip(pieces, scalings):
-        values[starts[piece]:starts[piece + 1]] *= scaling
-    vector = values.to(device=device, dtype=dtype)
-    layout.scale_cache = (key, vector)
-    return vector
-
-
-def precompute_masked_weights(controller: MemberController, mask: torch.Tensor) -> list[Any] | None:
-    """Every layer's masked A and B for one call, built with one mask-scale multiply, two splits and two
-    `torch._foreach_mul` calls for the whole model, instead of slicing and multiplying in each layer.
-
-    When the GPU waits on the host (small batches), per-layer operators are what a step pays for; this keeps the
-    per-layer work of LoRA Dropout to its two matmuls. The layer's scaling is folded into one side, so the returned
-    copies are used with ``scaling=1``. Layers whose handler cannot precompute (AdaLoRA, lora_bias) get None.
-    Returns None when nothing can be precomputed.
-    """
-    if controller._layout is None:
-        controller._layout = _build_layout(controller) or False
-    layout = controller._layout
-    if not layout or not (layout.a_layers or layout.b_layers):
-        return None
-    weights_all = layout.a_weights + layout.b_weights
-    if any(w.device != mask.device or w.dtype != mask.dtype for w in weights_all):
-        return None  # mixed devices or dtypes: each layer masks its own weights
-    versions = None
-    if not torch.is_grad_enabled():
-        # Without autograd each layer's copies would be transient; holding all of them costs M x (LoRA parameters).
-        # Past a budget, let each layer build and free its own (large ensembles of large adapters).
-        if mask.shape[0] * sum(w.numel() for w in weights_all) > NO_GRAD_PRECOMPUTE_ELEMENTS:
-            return None
-        # reuse the last call's copies while mask and weights are unchanged (every decode step of a generation)
-        versions = (id(mask), tuple(w._version for w in weights_all))
-        cached = controller._weights_cache
-        if cached is not None and cached[0] == versions:
-            return cached[1]
-    scaled = mask * _scale_vector(controller, layout, mask.device, mask.dtype)
-    out: list[Any] = [None] * layout.count
-    masked_a = masked_b = []
-    if layout.a_layers:
-        view = scaled[:, :, None] if layout.a_rows else scaled[:, None, :]
-        pieces = torch.split(view, layout.sizes, dim=1 if layout.a_rows else 2)
-        masked_a = torch._foreach_mul(layout.a_weights, [pieces[i] for i in layout.a_pieces])
-    if layout.b_layers:
-        pieces = torch.split(scaled[:, :, None], layout.sizes, dim=1)
-        masked_b = torch._foreach_mul(layout.b_weights, [pieces[i] for i in layout.b_pieces])
-    for layer in layout.a_layers + layout.b_layers:
-        out[layer] = [None, None]
-    for layer, a in zip(layout.a_layers, masked_a):
-        out[layer][0] = a
-    for layer, b in zip(layout.b_layers, masked_b):
-        out[layer][1] = b
-    if versions is not None:
-        controller._weights_cache = (versions, out, mask)  # the mask is kept alive so its id stays unique
-    return out
 
 
 class LoraDropoutVariant(LoraVariant):

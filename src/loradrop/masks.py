@@ -7,10 +7,15 @@ evaluated with vectorised tensor ops on the model's device. So
 - no generator state has to be threaded through layers, and there is no host synchronisation,
 - CPU and GPU draw identical masks for the same key.
 
+All masks of one call are drawn over one model-wide feature index; `FeatureSlices` says where each adapted layer's
+features sit in it.
+
 All integer arithmetic stays below 2**63 (32-bit values times constants below 2**31), so int64 never overflows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -89,3 +94,29 @@ def keep_mask(
     """A (members, features) mask: `keep_value` with probability 1-p, else 0."""
     kept = uniform(key, members, features) >= p
     return kept.to(dtype) * keep_value if keep_value != 1.0 else kept.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ the feature index
+@dataclass(frozen=True)
+class FeatureSlices:
+    """Where one adapted layer's mask entries live in the model-wide feature index."""
+
+    layer_index: int
+    a: tuple[int, int] | None = None  # input features: columns of A
+    b: tuple[int, int] | None = None  # output features: rows of B
+    rank: tuple[int, int] | None = None  # rank components: rows of A
+
+
+def plan_slices(strategy: str, layer_index: int, offset: int, in_features: int, out_features: int,
+                rank: int) -> tuple[FeatureSlices, int]:
+    """Allocate this layer's mask features starting at `offset`; return the slices and the next free offset."""
+    if strategy == "ab":
+        a, b = (offset, offset + in_features), (offset + in_features, offset + in_features + out_features)
+        return FeatureSlices(layer_index, a=a, b=b), b[1]
+    if strategy == "a":
+        return FeatureSlices(layer_index, a=(offset, offset + in_features)), offset + in_features
+    if strategy == "b":
+        return FeatureSlices(layer_index, b=(offset, offset + out_features)), offset + out_features
+    if strategy == "rank":
+        return FeatureSlices(layer_index, rank=(offset, offset + rank)), offset + rank
+    return FeatureSlices(layer_index), offset  # "input": drawn per element, nothing shared

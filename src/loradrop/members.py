@@ -8,22 +8,27 @@ One idea carries the library (see docs/DESIGN.md): a *member* is one independent
 | training, ``mask_scope="example"``   | one per row           | as it is                            |
 | test-time ensemble of n              | n (or a chunk)        | batch repeated n (or chunk) times   |
 
-The controller is attached to one model instance. Forward pre-hooks (on the PeftModel and on the wrapped
-transformers model, guarded so only the outermost call acts) decide the plan of each call, repeat the batch where
-members share it, and hand the adapted layers a `CallPlan`.
+The controller is attached to one model instance and is complete when constructed: it gets the adapted layers
+(``(module, adapter, handler)`` triples) and their `masks.FeatureSlices` from `model.apply_lora_dropout`. Forward
+pre-hooks (on the PeftModel and on the wrapped transformers model, guarded so only the outermost call acts) decide the
+plan of each call, repeat the batch where members share it, and hand the adapted layers a `CallPlan`. The all-layer
+masked weights of a call are built by the controller's `precompute.WeightPrecompute`.
+
+This module imports no loradrop module that imports it back (layers and handlers import it, not the reverse).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from .config import LoraDropoutConfig
-from .masks import STREAM_ENSEMBLE, STREAM_INPUT, STREAM_TRAIN, derive_key, keep_mask
+from .masks import STREAM_ENSEMBLE, STREAM_INPUT, STREAM_TRAIN, FeatureSlices, derive_key, keep_mask
+from .precompute import WeightPrecompute
 
 # Keyword arguments that are never batch-shaped, even when their first dimension happens to equal the batch size.
 _NOT_BATCHED = frozenset({"past_key_values", "cache_position", "num_items_in_batch", "logits_to_keep", "use_cache"})
@@ -46,7 +51,7 @@ class CallPlan:
     member_offset: int = 0
     mask: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (members, features) keep-mask
     # Per layer index: (masked A or None, masked B or None) with the layer's scaling folded in, or None for a layer
-    # that computes its own (see layers.precompute_masked_weights).
+    # that computes its own (see precompute.WeightPrecompute).
     weights: list[Any] | None = field(default=None, compare=False, repr=False)
     input_key: torch.Tensor | None = field(default=None, compare=False, repr=False)  # "input" strategy's key
 
@@ -95,10 +100,35 @@ def split_members(tensor: torch.Tensor, members: int) -> torch.Tensor:
 
 
 class MemberController:
-    """Per-model state of LoRA Dropout: the config, the mask stream, and the plan of the current call."""
+    """Per-model state of LoRA Dropout: the config, the adapted layers, the mask stream, and the plan of the current
+    call.
 
-    def __init__(self, config: LoraDropoutConfig, num_features: int) -> None:
+    Args:
+        config: the settings.
+        layers: ``(module, adapter, handler)`` per adapted layer; layer ``i`` owns ``slices[i]``.
+        slices: where each layer's mask features sit in the model-wide feature index.
+        adapters: the adapter names LoRA Dropout runs on (stored with saved adapters).
+        num_features: size of the feature index; by default the end of the last slice.
+    """
+
+    def __init__(
+        self,
+        config: LoraDropoutConfig,
+        layers: Sequence[tuple[torch.nn.Module, str, Any]] = (),
+        slices: Sequence[FeatureSlices] = (),
+        adapters: Sequence[str] = (),
+        *,
+        num_features: int | None = None,
+    ) -> None:
+        if len(layers) != len(slices):
+            raise ValueError(f"one FeatureSlices per layer is needed, got {len(layers)} layers and {len(slices)}")
         self.config = config
+        self.adapters: list[str] = list(adapters)
+        self.layers: list[tuple[torch.nn.Module, str, Any]] = list(layers)
+        self.slices: list[FeatureSlices] = list(slices)
+        if num_features is None:
+            ends = [rng[1] for s in self.slices for rng in (s.a, s.b, s.rank) if rng is not None]
+            num_features = max(ends, default=0)
         if config.seed is None:
             # Drawn from torch's global generator so that torch.manual_seed makes runs reproducible.
             self.seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -115,14 +145,8 @@ class MemberController:
         self._chunk: tuple[int, int, int] | None = None  # (training step key, member offset, members)
         self._index_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self._mask_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
-        # All layers' masked A/B copies of the last call, reused by the next call under no_grad when its mask and the
-        # weights (version counters) are unchanged: every decode step of ensemble_generate.
-        self._weights_cache: tuple[Any, ...] | None = None
-        self._layout: Any = None  # built by layers.precompute_masked_weights on first use
-        self.slices: list[Any] = []  # FeatureSlices per layer, filled by apply_lora_dropout
-        # Filled by apply_lora_dropout:
-        self.adapters: list[str] = []
-        self.layers: list[tuple[torch.nn.Module, str, Any]] = []  # (layer, adapter, handler)
+        # All layers' masked A/B copies of a call (and their reuse under no_grad)
+        self.precompute = WeightPrecompute(config, self.layers, self.slices)
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, int]:
@@ -184,10 +208,8 @@ class MemberController:
         members = plan.members if plan.members is not None else rows
         if members is None:
             return plan
-        from .layers import precompute_masked_weights
-
         mask = self.masks(plan, members, weight.device, weight.dtype)
-        return replace(plan, mask=mask, weights=precompute_masked_weights(self, mask))
+        return replace(plan, mask=mask, weights=self.precompute(mask))
 
     # ----------------------------------------------------------------------------------------------- plans
     def plan_for(self, layer_training: bool) -> CallPlan:
@@ -280,4 +302,4 @@ class MemberController:
             self._ensemble = None
             self._plan = None
             self._mask_cache = None
-            self._weights_cache = None
+            self.precompute.clear()

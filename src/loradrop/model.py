@@ -18,8 +18,10 @@ from peft import PeftModel
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from .config import CONFIG_FILE_NAME, EVAL_MODES, LoraDropoutConfig
-from .layers import LAYER_HANDLERS, handler_for, plan_slices
+from .adalora_layer import AdaLoraSVDHandler  # noqa: F401 - importing it registers the AdaLoRA layer handler
+from .config import CONFIG_FILE_NAME, EVAL_MODES, LoraDropoutConfig, read_config_file
+from .layers import LAYER_HANDLERS, handler_for
+from .masks import plan_slices
 from .members import MemberController
 
 _ATTR = "_loradrop_controller"
@@ -115,10 +117,8 @@ def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_n
         in_features, out_features, rank = handler.dims(module, adapter)
         slices, offset = plan_slices(config.strategy, index, offset, in_features, out_features, rank)
         slices_list.append(slices)
-    controller = MemberController(config, num_features=offset)
-    controller.adapters = adapters
-    controller.layers = [(module, adapter, handler) for _, module, adapter, handler in supported]
-    controller.slices = slices_list
+    layers = [(module, adapter, handler) for _, module, adapter, handler in supported]
+    controller = MemberController(config, layers, slices_list, adapters, num_features=offset)
     for (_, module, adapter, handler), slices in zip(supported, slices_list):
         handler.install(module, adapter, controller, slices)
     for hooked in _hook_targets(model):
@@ -225,11 +225,8 @@ def from_pretrained(
     stored_state = None
     eval_mode = None
     if config is None:
-        config = LoraDropoutConfig.load(path)
-        import json
-
-        with open(path / CONFIG_FILE_NAME, encoding="utf-8") as fh:
-            payload = json.load(fh)
+        payload = read_config_file(path)
+        config = LoraDropoutConfig.from_payload(payload)
         stored_state = payload.get("mask_state")
         eval_mode = payload.get("eval_mode")
     model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable, **peft_kwargs)
