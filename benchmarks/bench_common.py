@@ -253,7 +253,7 @@ def build_base(model: str, device: str, dtype: torch.dtype, *, llama_size: str =
         base = None
         if not minilm_random:
             try:
-                from loradrop.models import load_model
+                from loradrop.pretrained import load_model
 
                 base = load_model("minilm", "classification", num_labels=3, dtype=torch.float32)
             except Exception as err:  # noqa: BLE001 - any failure falls back to the architecture alone

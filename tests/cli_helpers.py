@@ -13,9 +13,8 @@ import torch
 
 def make_tiny_bert(folder: Path) -> Path:
     """A 2-layer, 32-wide BERT (BertModel weights: task heads are created by the run) + MiniLM's tokenizer."""
+    from loradrop.pretrained import minilm_dir
     from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from loradrop.models import minilm_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -29,9 +28,8 @@ def make_tiny_bert(folder: Path) -> Path:
 
 def make_tiny_llama(folder: Path) -> Path:
     """A 2-layer, 32-wide Llama causal LM + SmolLM2's tokenizer (read from the offline GGUF)."""
+    from loradrop.pretrained import load_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loradrop.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

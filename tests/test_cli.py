@@ -32,7 +32,7 @@ VERSION_KEYS = {"python", "torch", "transformers", "peft", "loradrop"}
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory) -> Path:
-    from loradrop.models import ModelLoadError
+    from loradrop.pretrained import ModelLoadError
 
     try:
         return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
@@ -42,7 +42,7 @@ def bert_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
-    from loradrop.models import ModelLoadError
+    from loradrop.pretrained import ModelLoadError
 
     pytest.importorskip("gguf", reason="reading the SmolLM2 tokenizer from its GGUF needs the gguf package")
     try:
@@ -284,7 +284,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
 def test_resume_after_interruption_matches_uninterrupted(rte_run: Path, bert_dir: Path, tmp_path: Path) -> None:
     from transformers import TrainerCallback
 
-    from loradrop.runner import run_train
+    from loradrop.app import train
+    from loradrop.cli import settings_from_args
 
     class Crash(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -292,9 +293,9 @@ def test_resume_after_interruption_matches_uninterrupted(rte_run: Path, bert_dir
                 raise KeyboardInterrupt("simulated interruption after checkpoint-3")
 
     output = tmp_path / "rte"
-    args = build_parser().parse_args(rte_args(bert_dir, output))
+    settings = settings_from_args(build_parser().parse_args(rte_args(bert_dir, output)))
     with pytest.raises(KeyboardInterrupt):
-        run_train(args, callbacks=[Crash()])
+        train(settings, callbacks=[Crash()])
     staging = tmp_path / ".rte.partial"
     assert not output.exists() and [p.name for p in staging.glob("checkpoint-*")] == ["checkpoint-3"]
     assert main(rte_args(bert_dir, output)) == 2  # a fresh run must not silently discard it

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 import loradrop
 from loradrop import LoraDropoutConfig
-from loradrop.models import ModelLoadError, load_model, load_tokenizer, smollm2_gguf
+from loradrop.pretrained import ModelLoadError, load_model, load_tokenizer, smollm2_gguf
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,20 @@
 """The ``loradrop`` command line: demo, train, eval.
 
-Errors from bad input print one line on stderr and exit with status 2, leaving no partial output folder.
+Flags are parsed into the typed settings of `loradrop.app` (one flag per field) and the command runs through the same
+Python entry points a script would call. Errors from bad input (`loradrop.errors.LoradropError`) print one line on
+stderr and exit with status 2, leaving no partial output folder; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 
 from .config import MASK_SCOPES, STRATEGIES
-
-TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "squad", "squad_v2", "instruct",
-              "tweets")
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr."""
+from .errors import LoradropError
 
 
 def _positive_int(text: str) -> int:
@@ -43,6 +40,9 @@ def _add_lora_dropout_args(parser: argparse.ArgumentParser, *, p: float, samples
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tasks import trainable_task_names
+
+    tasks = trainable_task_names()
     parser = argparse.ArgumentParser(prog="loradrop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora_dropout_args(demo, p=0.5, samples=2)
 
     train = sub.add_parser("train", help="fine-tune on a task and evaluate single pass and ensemble")
-    train.add_argument("--task", required=True, choices=TASK_NAMES)
+    train.add_argument("--task", required=True, choices=tasks,
+                       help="a registered task ('instruct': Alpaca, or LIMA when --data-dir is a LIMA file)")
     train.add_argument("--model", default=None, help="local folder or hub id (default: offline MiniLM / SmolLM2)")
     train.add_argument("--data-dir", default=None, help="GLUE-layout folder, SQuAD json folder, Alpaca json, or "
                        "a hub dataset name")
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="re-evaluate a saved run's adapter")
     ev.add_argument("--adapter", required=True, help="adapter folder written by train (or a run folder)")
-    ev.add_argument("--task", choices=TASK_NAMES, default=None, help="default: the task the run was trained on")
+    ev.add_argument("--task", choices=tasks, default=None, help="default: the task the run was trained on")
     ev.add_argument("--data-dir", default=None)
     ev.add_argument("--model", default=None, help="default: the base model recorded in the run")
     ev.add_argument("--ensemble", type=int, default=8)
@@ -98,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=None, help="ensemble seed (default: the run's seed)")
     ev.add_argument("--output", default=None, help="where to write eval_metrics.json (default: beside the adapter)")
     return parser
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The typed settings of a parsed command line (validated; raises `SettingsError`)."""
+    from .app import DemoSettings, EvalSettings, TrainSettings
+
+    cls = {"demo": DemoSettings, "train": TrainSettings, "eval": EvalSettings}[args.command]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _quiet_libraries() -> None:
@@ -115,32 +125,18 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
     try:
+        settings = settings_from_args(args)
+        _quiet_libraries()
+        from . import app
+
         if args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(args)
+            app.run_demo(settings)
         elif args.command == "train":
-            from .runner import run_train
-
-            run_train(args)
+            app.train(settings)
         else:
-            from .runner import run_eval
-
-            run_eval(args)
-    except UsageError as err:
-        print(f"loradrop {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
-        print(f"loradrop {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        from .models import ModelLoadError
-        from .tasks import DataUnavailableError
-
-        if not isinstance(err, (ModelLoadError, DataUnavailableError)):
-            raise
+            app.evaluate(settings)
+    except LoradropError as err:
         print(f"loradrop {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,6 @@
-"""Training recipes on transformers' Trainer: the LoRA Dropout callback (mask stream in checkpoints, AdaLoRA),
-atomic checkpoints, and evaluation of single-pass and ensemble predictions."""
+"""Training on transformers' Trainer: the LoRA Dropout callback (mask stream in checkpoints), a Trainer with atomic
+checkpoints and member chunks, `chunked_backward` for hand-written loops, and TrainingArguments with loradrop's
+defaults. (Prediction loops are in `loradrop.prediction`.)"""
 
 from __future__ import annotations
 
@@ -9,16 +10,13 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import CONFIG_FILE_NAME
-from .ensemble import ensemble_predict
 from .model import _find_controller, get_controller, set_mask_state
 
 logger = logging.getLogger("loradrop")
@@ -137,63 +135,6 @@ def loss_history(trainer: Trainer) -> dict[str, list[dict[str, float]]]:
         if "eval_loss" in entry:
             evaluation.append({"step": entry["step"], "loss": entry["eval_loss"]})
     return {"train": train, "eval": evaluation}
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
-@dataclass
-class Predictions:
-    """Probabilities (classification) or values (regression) of the single pass and of the ensemble."""
-
-    single: torch.Tensor
-    ensemble: torch.Tensor | None
-    ensemble_std: torch.Tensor | None  # regression: member spread; classification: mutual information
-    labels: torch.Tensor | None
-
-
-@torch.no_grad()
-def predict_classification(
-    model: torch.nn.Module,
-    dataset: Any,
-    collator: Any,
-    *,
-    batch_size: int = 64,
-    ensemble: int = 0,
-    chunk_size: int | None = None,
-    seed: int = 0,
-    regression: bool = False,
-    progress: bool = True,
-) -> Predictions:
-    """Single-pass (eval mode, expected update) and `ensemble`-member predictions over a tokenized dataset."""
-    from tqdm.auto import tqdm
-
-    if ensemble:
-        get_controller(model)  # fail early with the apply_lora_dropout hint
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    singles, ensembles, spreads, labels = [], [], [], []
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
-    try:
-        for i, batch in enumerate(tqdm(loader, desc="evaluate", disable=not progress, leave=False)):
-            if "labels" in batch:
-                labels.append(batch["labels"])
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            logits = model(**inputs).logits.float()
-            singles.append(logits.squeeze(-1) if regression else logits.softmax(-1))
-            if ensemble:
-                # distinct, reproducible members per batch: the seed is folded with the batch index
-                out = ensemble_predict(model, inputs, ensemble, chunk_size=chunk_size, seed=seed * 1_000_003 + i)
-                if regression:
-                    ensembles.append(out.mean)
-                    spreads.append(out.std)
-                else:
-                    ensembles.append(out.probs)
-                    spreads.append(out.mutual_information)
-    finally:
-        model.train(was_training)
-    cat = (lambda xs: torch.cat(xs).cpu()) if singles else (lambda xs: None)
-    return Predictions(single=cat(singles), ensemble=cat(ensembles) if ensembles else None,
-                       ensemble_std=cat(spreads) if spreads else None, labels=cat(labels) if labels else None)
 
 
 def build_training_args(output_dir: str | os.PathLike[str], *, epochs: float = 1.0, max_steps: int = -1,

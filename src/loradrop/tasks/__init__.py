@@ -1,5 +1,6 @@
 """Task layer: a registry of benchmark tasks (GLUE, SQuAD, instruction SFT + MMLU, tweet sentiment), loaders over
-local files (or the hub), Trainer-ready preprocessing and the official metrics.
+local files (or the hub), Trainer-ready preprocessing, the official metrics, and each task's preparation and
+evaluation for a run (`prepare_task`, ``spec.evaluate``).
 
 Typical use::
 
@@ -22,13 +23,11 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from . import glue, instruct, squad, tweets
+from ..errors import DataError, DataUnavailableError
+from . import glue, instruct, mmlu, squad, tweets
 from .base import (
     DATA_DIR_ENV,
     DEFAULT_VALIDATION_FRACTION,
-    KINDS,
-    DataUnavailableError,
-    TaskSpec,
     check_not_empty,
     find_data_root,
     get_metadata,
@@ -40,22 +39,18 @@ from .base import (
     subsample,
 )
 from .base import attach_metadata as _attach_metadata
-from .instruct import (
-    IGNORE_INDEX,
-    MMLU_CHOICES,
-    format_alpaca_prompt,
-    load_mmlu,
-    mmlu_metrics,
-    mmlu_prompt,
-    mmlu_subjects,
-    tokenize_sft,
-)
-from .squad import normalize_answer, postprocess_squad, squad_metrics
+from .instruct import IGNORE_INDEX, format_alpaca_prompt, tokenize_sft
+from .mmlu import MMLU_CHOICES, load_mmlu, mmlu_metrics, mmlu_prompt, mmlu_subjects
+from .span import postprocess_squad
+from .spec import KINDS, EvalResult, TaskData, TaskSpec
+from .squad import normalize_answer, squad_metrics
 from .tweets import find_tweet_corpus
 
-TASKS: dict[str, TaskSpec] = {**glue.TASK_SPECS, **squad.TASK_SPECS, **instruct.TASK_SPECS, **tweets.TASK_SPECS}
+TASKS: dict[str, TaskSpec] = {**glue.TASK_SPECS, **squad.TASK_SPECS, **instruct.TASK_SPECS, **mmlu.TASK_SPECS,
+                               **tweets.TASK_SPECS}
 """Every registered task, by name."""
-FAMILIES: tuple[str, ...] = ("glue", "squad", "instruct", "tweets")
+INSTRUCT_ALIAS = "instruct"
+"""Command-line name for instruction tuning: Alpaca, or LIMA when the data file is a LIMA file."""
 _GLUE_HUB_ALIASES = {"glue", "nyu-mll/glue"}
 _SQUAD_HUB_ALIASES = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
 
@@ -72,7 +67,33 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
         for task_name in TASKS:
             if task_name.replace("_", "") == squashed:
                 return TASKS[task_name]
-    raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
+    raise DataError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
+
+
+def trainable_task_names() -> tuple[str, ...]:
+    """Names a training run accepts: every trainable registered task plus ``instruct``."""
+    return (*sorted(name for name, spec in TASKS.items() if spec.trainable), INSTRUCT_ALIAS)
+
+
+def resolve_task(name: str, data_dir: str | os.PathLike | None = None) -> TaskSpec:
+    """The registry task of a run's task name: ``instruct`` is Alpaca, or LIMA when `data_dir` is a LIMA file."""
+    if name != INSTRUCT_ALIAS:
+        return get_task(name)
+    path = Path(data_dir) if data_dir is not None else None
+    lima = path is not None and path.is_file() and path.name.lower().startswith("lima")
+    return TASKS["lima" if lima else "alpaca"]
+
+
+def prepare_task(spec: TaskSpec, data_dir: str | os.PathLike | None, tokenizer: Any, *, max_seq_len: int, seed: int,
+                 max_train_samples: int | None = None, max_eval_samples: int | None = None,
+                 need_train: bool = True) -> TaskData:
+    """Load a task (`load_task_data`) and make it ready for a run with its own ``prepare``: tokenized splits, the
+    collator, and whatever its ``evaluate`` needs."""
+    raw = load_task_data(spec, data_dir, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+                         seed=seed)
+    return spec.prepare(spec, raw, tokenizer, max_seq_len=max_seq_len, need_train=need_train,
+                        data_dir=None if data_dir is None else str(data_dir), seed=seed,
+                        max_eval_samples=max_eval_samples)
 
 
 def _hub_name_and_config(spec: TaskSpec, name: str) -> tuple[str, str | None]:
@@ -104,14 +125,14 @@ def load_task_data(
     """
     spec = get_task(task)
     if spec.loader is None:  # pragma: no cover - every registered task has one
-        raise ValueError(f"task {spec.name!r} has no loader")
+        raise DataError(f"task {spec.name!r} has no loader")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
     if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
-        raise ValueError(f"data_dir must be a path, a hub dataset name or None, got {type(data_dir).__name__}")
+        raise DataError(f"data_dir must be a path, a hub dataset name or None, got {type(data_dir).__name__}")
     if isinstance(data_dir, str) and is_hub_name(data_dir):
         if spec.hub_name is None:
-            raise ValueError(f"task {spec.name!r}: data_dir {data_dir!r} does not exist locally and this task has no "
+            raise DataError(f"task {spec.name!r}: data_dir {data_dir!r} does not exist locally and this task has no "
                              "hub loader; pass a local --data-dir")
         name, config = _hub_name_and_config(spec, data_dir)
         loaded = load_hub_dataset(name, config, spec.name)
@@ -121,7 +142,7 @@ def load_task_data(
     else:
         path = Path(data_dir).expanduser() if data_dir is not None else None
         if path is not None and not path.exists():
-            raise ValueError(f"task {spec.name!r}: data_dir {str(data_dir)!r} does not exist (pass a local folder or "
+            raise DataError(f"task {spec.name!r}: data_dir {str(data_dir)!r} does not exist (pass a local folder or "
                              "file, or a hub dataset name such as 'nyu-mll/glue')")
         dataset_dict, metadata = spec.loader(spec, path, seed=seed, validation_fraction=validation_fraction)
         source = str(metadata.get("source", path))
@@ -153,9 +174,9 @@ def preprocess(
     """
     spec = get_task(task)
     if not isinstance(dataset_dict, DatasetDict):
-        raise ValueError(f"dataset_dict must be a datasets.DatasetDict, got {type(dataset_dict).__name__}")
+        raise DataError(f"dataset_dict must be a datasets.DatasetDict, got {type(dataset_dict).__name__}")
     if spec.preprocessor is None:  # pragma: no cover
-        raise ValueError(f"task {spec.name!r} has no preprocessor")
+        raise DataError(f"task {spec.name!r} has no preprocessor")
     return spec.preprocessor(spec, dataset_dict, tokenizer, max_seq_len, **kwargs)
 
 
@@ -168,7 +189,7 @@ def compute_metrics(task: str | TaskSpec, predictions: Any, references: Any, **k
     """
     spec = get_task(task)
     if spec.metrics is None:  # pragma: no cover
-        raise ValueError(f"task {spec.name!r} has no metrics")
+        raise DataError(f"task {spec.name!r} has no metrics")
     return spec.metrics(spec, predictions, references, **kwargs)
 
 
@@ -176,7 +197,7 @@ def make_compute_metrics(task: str | TaskSpec) -> Callable[[Any], dict[str, floa
     """A ``compute_metrics`` callable for ``transformers.Trainer`` (classification, regression, SFT)."""
     spec = get_task(task)
     if spec.kind == "span" or spec.name == "mmlu":
-        raise ValueError(f"task {spec.name!r} needs post-processing (postprocess_squad / choice scoring); "
+        raise DataError(f"task {spec.name!r} needs post-processing (postprocess_squad / choice scoring); "
                          "make_compute_metrics supports kinds classification, regression and SFT causal_lm")
 
     def trainer_metrics(eval_prediction: Any) -> dict[str, float]:
@@ -190,12 +211,15 @@ def make_compute_metrics(task: str | TaskSpec) -> Callable[[Any], dict[str, floa
 
 __all__ = [
     "DATA_DIR_ENV",
-    "FAMILIES",
     "IGNORE_INDEX",
+    "INSTRUCT_ALIAS",
     "KINDS",
     "MMLU_CHOICES",
     "TASKS",
+    "DataError",
     "DataUnavailableError",
+    "EvalResult",
+    "TaskData",
     "TaskSpec",
     "compute_metrics",
     "find_data_root",
@@ -211,9 +235,12 @@ __all__ = [
     "mmlu_subjects",
     "normalize_answer",
     "postprocess_squad",
+    "prepare_task",
     "preprocess",
     "require_data_root",
+    "resolve_task",
     "split_indices",
     "squad_metrics",
     "tokenize_sft",
+    "trainable_task_names",
 ]

@@ -7,15 +7,17 @@ import csv
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict, DatasetInfo, Features, Value
 
-KINDS: tuple[str, ...] = ("classification", "regression", "span", "causal_lm")
+from ..errors import DataError, DataUnavailableError
+from ..pretrained import hub_offline
+from .spec import TaskSpec
+
 DATA_DIR_ENV = "LORADROP_DATA_DIR"
 """Environment variable naming the data root (the layout of ``shared/data``: ``glue/``, ``squad/``, ``mmlu/``...)."""
 DEFAULT_VALIDATION_FRACTION = 0.2
@@ -23,65 +25,6 @@ DEFAULT_VALIDATION_FRACTION = 0.2
 METADATA_MARKER = "[loradrop-metadata] "
 _TRUE = {"1", "true", "yes", "on"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-
-
-class DataUnavailableError(RuntimeError):
-    """Raised when data must come from the Hugging Face hub but the hub cannot be reached (offline)."""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Static description of one task and the functions that load, preprocess and score it.
-
-    Attributes:
-        name: registry key, e.g. ``"rte"``.
-        family: module that implements it: ``"glue"``, ``"squad"``, ``"instruct"`` or ``"tweets"``.
-        kind: one of `KINDS`.
-        num_labels: classes (1 for regression, 0 for span / generation tasks, 4 for MMLU choices).
-        label_names: class names in id order (empty where there are no classes).
-        text_columns: input text columns in the order they are fed to the tokenizer.
-        metric_names: keys `compute_metrics` returns (the official metrics first).
-        main_metric: the metric used for model selection.
-        label_column: target column of the loaded (untokenized) data, or ``None``.
-        hub_name / hub_config: default hub dataset when ``data_dir`` names a hub dataset of this family.
-        loader: ``loader(spec, data_dir, *, seed, validation_fraction) -> (DatasetDict, metadata)``.
-        preprocessor: ``preprocessor(spec, dataset_dict, tokenizer, max_seq_len, **kwargs) -> DatasetDict``.
-        metrics: ``metrics(spec, predictions, references, **kwargs) -> dict``.
-    """
-
-    name: str
-    family: str
-    kind: str
-    num_labels: int
-    label_names: tuple[str, ...]
-    text_columns: tuple[str, ...]
-    metric_names: tuple[str, ...]
-    main_metric: str
-    label_column: str | None = "label"
-    hub_name: str | None = None
-    hub_config: str | None = None
-    description: str = ""
-    loader: Callable[..., tuple[DatasetDict, dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
-    preprocessor: Callable[..., DatasetDict] | None = field(default=None, repr=False, compare=False)
-    metrics: Callable[..., dict[str, float]] | None = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"TaskSpec {self.name!r}: kind must be one of {list(KINDS)}, got {self.kind!r}")
-        if self.main_metric not in self.metric_names:
-            raise ValueError(f"TaskSpec {self.name!r}: main_metric {self.main_metric!r} not in {self.metric_names}")
-        if self.label_names and len(self.label_names) != self.num_labels:
-            raise ValueError(f"TaskSpec {self.name!r}: {len(self.label_names)} label names for {self.num_labels}")
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        """Class id -> name (for a model config)."""
-        return dict(enumerate(self.label_names))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        """Class name -> id (for a model config)."""
-        return {name: i for i, name in enumerate(self.label_names)}
 
 
 # ----------------------------------------------------------------------------------------------- data locations
@@ -107,7 +50,7 @@ def require_data_root() -> Path:
     if root is None:
         env = os.environ.get(DATA_DIR_ENV)
         where = f"${DATA_DIR_ENV}={env!r} is not a directory" if env else f"${DATA_DIR_ENV} is not set"
-        raise ValueError(
+        raise DataError(
             f"No data directory: {where} and no shared/data folder next to the source checkout. "
             f"Pass data_dir (--data-dir) or set {DATA_DIR_ENV}."
         )
@@ -143,16 +86,16 @@ def read_tsv(
         rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     if has_header:
         if not rows:
-            raise ValueError(f"{path} is empty (expected a header row)")
+            raise DataError(f"{path} is empty (expected a header row)")
         header, rows = rows[0], rows[1:]
     else:
         if fieldnames is None:
-            raise ValueError("fieldnames is required when has_header=False")
+            raise DataError("fieldnames is required when has_header=False")
         header = list(fieldnames)
     width = len(header)
     for lineno, row in enumerate(rows, start=2 if has_header else 1):
         if len(row) != width:
-            raise ValueError(f"{path}:{lineno}: expected {width} tab-separated fields ({header}), got {len(row)}")
+            raise DataError(f"{path}:{lineno}: expected {width} tab-separated fields ({header}), got {len(row)}")
     return header, rows
 
 
@@ -160,7 +103,7 @@ def require_columns(available: Sequence[str], required: Sequence[str], where: st
     """ValueError naming the missing columns and the available ones."""
     missing = [c for c in required if c not in available]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; available columns: {list(available)}")
+        raise DataError(f"{where}: missing column(s) {missing}; available columns: {list(available)}")
 
 
 def parse_label(raw: str, label_map: Mapping[str, int], where: str) -> int:
@@ -168,7 +111,7 @@ def parse_label(raw: str, label_map: Mapping[str, int], where: str) -> int:
     try:
         return label_map[raw.strip()]
     except KeyError:
-        raise ValueError(f"{where}: label {raw!r} is not one of {sorted(label_map)}") from None
+        raise DataError(f"{where}: label {raw!r} is not one of {sorted(label_map)}") from None
 
 
 # ------------------------------------------------------------------------------------------------- splitting
@@ -191,15 +134,15 @@ def split_indices(
     groups. Uses ``numpy.random.default_rng(seed)``, so the split depends only on the inputs and the seed.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation/test fraction must be in (0, 1), got {fraction!r}")
+        raise DataError(f"validation/test fraction must be in (0, 1), got {fraction!r}")
     if n < 2:
-        raise ValueError(f"cannot split {n} row(s) into two non-empty parts")
+        raise DataError(f"cannot split {n} row(s) into two non-empty parts")
     if groups is None:
         group_of_row = np.arange(n)
         first_row = np.arange(n)
     else:
         if len(groups) != n:
-            raise ValueError(f"groups has {len(groups)} entries for {n} rows")
+            raise DataError(f"groups has {len(groups)} entries for {n} rows")
         _, first_row, group_of_row = np.unique(np.asarray(groups, dtype=object).astype(str), return_index=True,
                                                return_inverse=True)
         group_of_row = group_of_row.reshape(-1)
@@ -208,7 +151,7 @@ def split_indices(
         stratum_of_row = np.zeros(n, dtype=np.int64)
     else:
         if len(strata) != n:
-            raise ValueError(f"strata has {len(strata)} entries for {n} rows")
+            raise DataError(f"strata has {len(strata)} entries for {n} rows")
         _, stratum_of_row = np.unique(np.asarray(strata, dtype=object).astype(str), return_inverse=True)
         stratum_of_row = stratum_of_row.reshape(-1)
     counts = np.zeros((n_groups, int(stratum_of_row.max()) + 1), dtype=np.int64)
@@ -242,7 +185,7 @@ def subsample(dataset: Dataset, max_samples: int | None, seed: int, what: str) -
     if max_samples is None:
         return dataset
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-        raise ValueError(f"{what} must be None or a positive integer, got {max_samples!r}")
+        raise DataError(f"{what} must be None or a positive integer, got {max_samples!r}")
     if max_samples >= len(dataset):
         return dataset
     rng = np.random.default_rng(seed)
@@ -261,7 +204,7 @@ def check_not_empty(dataset_dict: DatasetDict, task: str, source: str) -> None:
     """ValueError for any split with no rows."""
     for split, dataset in dataset_dict.items():
         if len(dataset) == 0:
-            raise ValueError(f"{task}: split {split!r} loaded from {source} is empty")
+            raise DataError(f"{task}: split {split!r} loaded from {source} is empty")
 
 
 def attach_metadata(dataset_dict: DatasetDict, metadata: Mapping[str, Any]) -> DatasetDict:
@@ -283,18 +226,6 @@ def get_metadata(data: Dataset | DatasetDict) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- hub
-
-
-def hub_offline() -> bool:
-    """Whether the HF offline switches are on."""
-    if any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
-        return True
-    try:
-        import datasets.config
-
-        return bool(getattr(datasets.config, "HF_HUB_OFFLINE", False))
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def load_hub_dataset(name: str, config: str | None, task: str) -> DatasetDict:
@@ -337,7 +268,7 @@ def normalize_hub_splits(
         target = {"validation_matched": "validation"}.get(split, split)
         out[target] = dataset
     if "train" not in out:
-        raise ValueError(f"hub dataset {name!r} has no 'train' split; splits: {list(loaded)}")
+        raise DataError(f"hub dataset {name!r} has no 'train' split; splits: {list(loaded)}")
     for split, dataset in out.items():
         required = [*spec.text_columns, *([spec.label_column] if spec.label_column else [])]
         require_columns(dataset.column_names, required, f"hub dataset {name!r} split {split!r}")
@@ -370,7 +301,7 @@ def tokenize_classification(
 ) -> DatasetDict:
     """Tokenize one or two text columns (``truncation=True``) and keep only model inputs plus ``labels``."""
     if not isinstance(max_seq_len, int) or max_seq_len < 8:
-        raise ValueError(f"max_seq_len must be an integer >= 8, got {max_seq_len!r}")
+        raise DataError(f"max_seq_len must be an integer >= 8, got {max_seq_len!r}")
     columns = list(spec.text_columns)
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
@@ -393,12 +324,12 @@ def as_class_predictions(predictions: Any, num_labels: int, what: str = "predict
     preds = np.asarray(predictions)
     if preds.ndim == 2:
         if preds.shape[1] != num_labels:
-            raise ValueError(f"{what} has shape {preds.shape}; expected (n, {num_labels}) scores or (n,) class ids")
+            raise DataError(f"{what} has shape {preds.shape}; expected (n, {num_labels}) scores or (n,) class ids")
         preds = preds.argmax(axis=-1)
     if preds.ndim != 1:
-        raise ValueError(f"{what} must be class ids (n,) or scores (n, {num_labels}), got shape {preds.shape}")
+        raise DataError(f"{what} must be class ids (n,) or scores (n, {num_labels}), got shape {preds.shape}")
     if preds.size and np.issubdtype(preds.dtype, np.floating) and not np.all(np.equal(np.mod(preds, 1), 0)):
-        raise ValueError(f"{what} are non-integer floats; pass class ids or (n, {num_labels}) scores")
+        raise DataError(f"{what} are non-integer floats; pass class ids or (n, {num_labels}) scores")
     return preds.astype(np.int64)
 
 
@@ -409,26 +340,26 @@ def classification_metrics(spec: TaskSpec, predictions: Any, references: Any) ->
 
     refs = np.asarray(references)
     if refs.ndim != 1 or refs.size == 0:
-        raise ValueError(f"{spec.name}: references must be a non-empty 1-D sequence, got shape {refs.shape}")
+        raise DataError(f"{spec.name}: references must be a non-empty 1-D sequence, got shape {refs.shape}")
     if spec.kind == "regression":
         preds = np.asarray(predictions, dtype=np.float64)
         if preds.ndim == 2 and preds.shape[1] == 1:
             preds = preds[:, 0]
         if preds.shape != refs.shape:
-            raise ValueError(f"{spec.name}: predictions shape {preds.shape} != references shape {refs.shape}")
+            raise DataError(f"{spec.name}: predictions shape {preds.shape} != references shape {refs.shape}")
         refs = refs.astype(np.float64)
         if len(refs) < 2:
-            raise ValueError(f"{spec.name}: correlations need at least 2 examples, got {len(refs)}")
+            raise DataError(f"{spec.name}: correlations need at least 2 examples, got {len(refs)}")
         result = {"pearson": float(pearsonr(preds, refs)[0]), "spearman": float(spearmanr(preds, refs)[0])}
         return {k: result[k] for k in spec.metric_names}
     preds = as_class_predictions(predictions, spec.num_labels)
     refs = as_class_predictions(refs, spec.num_labels, "references")
     if preds.shape != refs.shape:
-        raise ValueError(f"{spec.name}: {len(preds)} predictions for {len(refs)} references")
+        raise DataError(f"{spec.name}: {len(preds)} predictions for {len(refs)} references")
     for what, values in (("predictions", preds), ("references", refs)):
         bad = sorted(set(np.unique(values).tolist()) - set(range(spec.num_labels)))
         if bad:
-            raise ValueError(f"{spec.name}: {what} contain label id(s) {bad}; allowed: 0..{spec.num_labels - 1} "
+            raise DataError(f"{spec.name}: {what} contain label id(s) {bad}; allowed: 0..{spec.num_labels - 1} "
                              f"({list(spec.label_names)})")
     labels = list(range(spec.num_labels))
     result: dict[str, float] = {}
@@ -442,5 +373,5 @@ def classification_metrics(spec: TaskSpec, predictions: Any, references: Any) ->
         elif name == "matthews_correlation":
             result[name] = float(matthews_corrcoef(refs, preds))
         else:  # pragma: no cover - guarded by the registry
-            raise ValueError(f"{spec.name}: unknown metric {name!r}")
+            raise DataError(f"{spec.name}: unknown metric {name!r}")
     return result

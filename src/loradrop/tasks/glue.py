@@ -16,9 +16,9 @@ from typing import Any
 
 from datasets import ClassLabel, DatasetDict, Features, Value
 
+from ..errors import DataError
 from .base import (
     DEFAULT_VALIDATION_FRACTION,
-    TaskSpec,
     classification_metrics,
     make_dataset,
     parse_label,
@@ -28,6 +28,8 @@ from .base import (
     split_indices,
     tokenize_classification,
 )
+from .classification import evaluate_classification, prepare_classification
+from .spec import TaskSpec
 
 GLUE_TASK_NAMES: tuple[str, ...] = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 BINARY = {"0": 0, "1": 1}
@@ -90,7 +92,7 @@ def find_glue_folder(task: str, data_dir: Path) -> tuple[Path, GlueLayout]:
         if all((data_dir / f).is_file() for f in layout.validation):
             return data_dir, layout
     expected = " or ".join(f"{lay.folder}/{{{','.join((*(lay.train or ()), *lay.validation))}}}" for lay in layouts)
-    raise ValueError(
+    raise DataError(
         f"{task}: {data_dir} is not a GLUE data folder for this task: expected {expected} under it (or under "
         f"its glue/ subfolder); looked in {[str(p) for p in tried]}"
     )
@@ -116,9 +118,9 @@ def _read_split(task: str, folder: Path, layout: GlueLayout, files: tuple[str, .
                 try:
                     score = float(raw)
                 except ValueError:
-                    raise ValueError(f"{where}: score {raw!r} is not a number in {list(STSB_RANGE)}") from None
+                    raise DataError(f"{where}: score {raw!r} is not a number in {list(STSB_RANGE)}") from None
                 if not STSB_RANGE[0] <= score <= STSB_RANGE[1]:
-                    raise ValueError(f"{where}: score {score} is outside the allowed range {list(STSB_RANGE)}")
+                    raise DataError(f"{where}: score {score} is outside the allowed range {list(STSB_RANGE)}")
                 columns["label"].append(score)
             else:
                 columns["label"].append(parse_label(raw, label_map, where))
@@ -141,7 +143,7 @@ def load_glue(
     """Load one GLUE task from local TSVs into train / validation (+ MNLI's validation_mismatched)."""
     data_dir = Path(data_dir) if data_dir is not None else require_data_root()
     if not data_dir.is_dir():
-        raise ValueError(f"{spec.name}: data_dir {data_dir} is not a directory (expected a GLUE folder)")
+        raise DataError(f"{spec.name}: data_dir {data_dir} is not a directory (expected a GLUE folder)")
     folder, layout = find_glue_folder(spec.name, data_dir)
     features = glue_features(spec)
     fraction = DEFAULT_VALIDATION_FRACTION if validation_fraction is None else validation_fraction
@@ -192,8 +194,9 @@ def _spec(name: str, kind: str, labels: tuple[str, ...], metrics: tuple[str, ...
     return TaskSpec(
         name=name, family="glue", kind=kind, num_labels=len(labels) if labels else 1, label_names=labels,
         text_columns=tuple(LAYOUTS[name][0].columns), metric_names=metrics, main_metric=main, label_column="label",
-        hub_name="nyu-mll/glue", hub_config=name, description=desc,
+        hub_name="nyu-mll/glue", description=desc,
         loader=load_glue, preprocessor=preprocess_glue, metrics=glue_metrics,
+        prepare=prepare_classification, evaluate=evaluate_classification,
     )
 
 

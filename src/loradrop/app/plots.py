@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import reliability_diagram
+from ..calibration import reliability_diagram
 
 
 def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str], *, markdown: bool = False) -> str:

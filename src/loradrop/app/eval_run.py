@@ -1,0 +1,96 @@
+"""``loradrop eval`` as a Python function: reload a run's adapter on its base model, evaluate the single pass and the
+ensemble again, and write ``eval_metrics.json`` and ``eval_predictions.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import CONFIG_FILE_NAME
+from ..errors import UsageError
+from .provenance import hardware, jsonable, versions
+from .runfolder import ADAPTER_DIR, EVAL_METRICS_FILE, METRICS_FILE, read_json, write_json, write_jsonl
+from .settings import EvalSettings
+from .train_run import RunResult, headline
+
+
+def find_run(adapter: Path) -> tuple[Path, Path, dict[str, Any] | None]:
+    """(adapter folder, run folder, the run's metrics) for an adapter folder or a run folder."""
+    if not adapter.exists():
+        raise UsageError(f"--adapter {str(adapter)!r} does not exist")
+    if (adapter / ADAPTER_DIR / "adapter_config.json").is_file():
+        adapter_dir, run_dir = adapter / ADAPTER_DIR, adapter
+    elif (adapter / "adapter_config.json").is_file():
+        adapter_dir, run_dir = adapter, adapter.parent
+    else:
+        raise UsageError(f"--adapter {str(adapter)!r} holds no adapter_config.json (nor {ADAPTER_DIR}/ of a run)")
+    for candidate in (run_dir / METRICS_FILE, adapter_dir / METRICS_FILE):
+        if candidate.is_file():
+            return adapter_dir, run_dir, read_json(candidate)
+    return adapter_dir, run_dir, None
+
+
+def evaluate(settings: EvalSettings) -> RunResult:
+    """Evaluate a saved adapter as `settings` describe; unset values come from the run that trained it."""
+    from peft import PeftModel
+
+    from ..model import from_pretrained
+    from ..pretrained import check_model_fits, load_model, load_tokenizer, model_id, prepare_base
+    from ..tasks import prepare_task, resolve_task
+
+    adapter_dir, run_dir, run = find_run(Path(settings.adapter).expanduser())
+    run_args = (run or {}).get("config", {}).get("args", {})
+    task = settings.task or (run or {}).get("task")
+    if task is None:
+        raise UsageError(f"no {METRICS_FILE} next to {str(adapter_dir)!r}; pass --task and --model")
+    model_name = settings.model or (run or {}).get("model")
+    if model_name is None:
+        raise UsageError(f"no {METRICS_FILE} next to {str(adapter_dir)!r} records the base model; pass --model")
+    same_task = run is not None and task == run.get("task")
+    data_dir = settings.data_dir if settings.data_dir is not None else (run_args.get("data_dir") if same_task else None)
+    seed = settings.seed if settings.seed is not None else int(run_args.get("seed", 0))
+    data_seed = int(run_args.get("seed", seed)) if same_task else seed  # the run's splits, never its train rows
+    max_seq_len = settings.max_seq_len or int(run_args.get("max_seq_len", 128))
+    max_eval = settings.max_eval_samples if settings.max_eval_samples is not None else (
+        run_args.get("max_eval_samples") if same_task else None)
+    batch_size = settings.batch_size or int((run or {}).get("config", {}).get("eval_batch_size", 32))
+    spec = resolve_task(task, data_dir)
+    check_model_fits(model_name, spec.kind)
+    has_loradrop = (adapter_dir / CONFIG_FILE_NAME).is_file()
+    ensemble = settings.ensemble if has_loradrop else 0
+
+    tokenizer = load_tokenizer(model_name)
+    data = prepare_task(spec, data_dir, tokenizer, max_seq_len=max_seq_len, seed=data_seed,
+                        max_eval_samples=max_eval, need_train=False)
+    torch.manual_seed(seed)
+    base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None), tokenizer)
+    model = from_pretrained(base, adapter_dir) if has_loradrop else PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    start = time.perf_counter()
+    result = spec.evaluate(model, data, tokenizer, batch_size=batch_size, ensemble=ensemble,
+                           chunk_size=settings.chunk_size, seed=seed)
+    eval_s = time.perf_counter() - start
+    out_dir = Path(settings.output).expanduser() if settings.output else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "eval_predictions.jsonl", result.rows)
+    metrics = {
+        "task": task, "registry_task": spec.name, "kind": spec.kind, "model": model_id(model_name),
+        "adapter": str(adapter_dir.resolve()), "seed": seed,
+        "config": {"args": settings.to_dict(), "ensemble": ensemble, "batch_size": batch_size,
+                   "max_seq_len": max_seq_len, "max_eval_samples": max_eval, "data_seed": data_seed,
+                   "data_dir": data_dir},
+        "versions": versions(), "hardware": hardware(), "wall_time": {"eval_s": eval_s}, "data": data.metadata,
+        "eval_split": data.eval_split,
+        "eval": {"single": result.single, "ensemble": result.ensemble},
+        "files": {"predictions": "eval_predictions.jsonl"},
+    }
+    write_json(out_dir / EVAL_METRICS_FILE, metrics)
+    print(f"{spec.name} single pass: {json.dumps(jsonable(headline(result.single)))}", flush=True)
+    if result.ensemble is not None:
+        print(f"{spec.name} ensemble:    {json.dumps(jsonable(headline(result.ensemble)))}", flush=True)
+    print(f"wrote {out_dir / EVAL_METRICS_FILE}", flush=True)
+    return RunResult(out_dir, out_dir / EVAL_METRICS_FILE, jsonable(metrics))

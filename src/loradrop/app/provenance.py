@@ -1,0 +1,55 @@
+"""What a result was produced with: library versions, the hardware, and JSON-ready copies of values."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def versions() -> dict[str, str]:
+    """Versions of python, torch, transformers, peft, datasets, accelerate and loradrop."""
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "datasets": datasets.__version__, "accelerate": accelerate.__version__,
+            "loradrop": __version__}
+
+
+def hardware() -> dict[str, Any]:
+    """The machine: CPU cores, torch threads, and the GPU (name, memory) when one is used."""
+    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    gpu_count=torch.cuda.device_count())
+    return info
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-serialisable copy of `value` (sets become sorted lists, paths and enums strings)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(jsonable(v) for v in value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "value") and isinstance(value.value, (str, int)):  # enums
+        return value.value
+    return str(value)

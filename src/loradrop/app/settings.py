@@ -1,0 +1,286 @@
+"""Typed settings: the one description of a run.
+
+`TrainSettings`, `EvalSettings` and `DemoSettings` are what ``loradrop train`` / ``eval`` / ``demo`` run. The command
+line only parses flags into them (field names are the flags with ``_`` for ``-``); Python users and the sweep engine
+build them directly::
+
+    from loradrop.app import TrainSettings, train
+
+    result = train(TrainSettings(task="rte", output="runs/rte", p=0.5, samples=4, epochs=10))
+    print(result.metrics["eval"]["ensemble"]["accuracy"])
+
+Every setting is checked in ``__post_init__`` and every problem is reported at once (`SettingsError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import LoraDropoutConfig
+from ..errors import SettingsError
+
+METHODS = ("lora", "adalora")
+# Settings that must not change between a run and its --resume (the result would no longer be one run).
+RESUME_KEYS = ("task", "model", "data_dir", "method", "r", "alpha", "target_modules", "no_lora_dropout", "p",
+               "samples", "strategy", "mask_scope", "rescale", "epochs", "max_steps", "lr", "batch_size",
+               "max_seq_len", "max_train_samples", "seed")
+
+
+class _Checks:
+    """Collects problems so that a settings object reports all of them in one error."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def add(self, problem: str) -> None:
+        self.problems.append(problem)
+
+    def integer(self, name: str, value: Any, *, minimum: int | None = None, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.add(f"{name} must be an integer, got {value!r}")
+        elif minimum is not None and value < minimum:
+            self.add(f"{name} must be >= {minimum}, got {value}")
+
+    def number(self, name: str, value: Any, *, positive: bool = False, non_negative: bool = False) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.add(f"{name} must be a finite number, got {value!r}")
+        elif positive and value <= 0:
+            self.add(f"{name} must be > 0, got {value}")
+        elif non_negative and value < 0:
+            self.add(f"{name} must be >= 0, got {value}")
+
+    def choice(self, name: str, value: Any, allowed: Sequence[str]) -> None:
+        if value not in allowed:
+            self.add(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+    def boolean(self, name: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            self.add(f"{name} must be True or False, got {value!r}")
+
+    def text(self, name: str, value: Any, *, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, (str, Path)) or not str(value).strip():
+            self.add(f"{name} must be a non-empty string or path, got {value!r}")
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise SettingsError(self.problems)
+
+
+class _Settings:
+    """Shared behaviour: a JSON-ready record of the settings, and building from a mapping (unknown keys refused)."""
+
+    command = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (recorded in run folders as ``config.args``)."""
+        out: dict[str, Any] = {"command": self.command}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """Settings from a mapping (a sweep plan, a stored record); ``command`` is ignored, unknown keys refused."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - names - {"command"})
+        if unknown:
+            raise SettingsError([f"unknown {cls.__name__} setting(s) {unknown}; allowed: {sorted(names)}"])
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def replace(self, **changes: Any):
+        """A validated copy with some settings changed."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _lora_dropout_checks(checks: _Checks, s: Any) -> None:
+    """The LoRA Dropout options, validated by `LoraDropoutConfig` itself (one message per problem)."""
+    checks.integer("chunk_size", s.chunk_size, minimum=1, optional=True)
+    checks.integer("ensemble", s.ensemble, minimum=0)
+    try:
+        _config_of(s)
+    except (ValueError, TypeError) as err:
+        checks.add(str(err))
+
+
+def _config_of(s: Any) -> LoraDropoutConfig:
+    return LoraDropoutConfig(p=s.p, samples=s.samples, strategy=s.strategy, mask_scope=s.mask_scope,
+                             rescale=s.rescale, seed=s.seed,
+                             member_chunk=s.chunk_size if s.mask_scope == "batch" else None)
+
+
+@dataclass
+class TrainSettings(_Settings):
+    """One fine-tuning run: the task and data, the model and adapter, LoRA Dropout, the optimisation, the run folder.
+
+    ``target_modules`` accepts a comma-separated string or a list of names (default: per model);
+    ``no_lora_dropout=True`` trains plain LoRA / AdaLoRA (the baseline; ``p`` and the ensemble are then unused).
+    """
+
+    command = "train"
+
+    task: str
+    output: str | Path
+    model: str | None = None
+    data_dir: str | None = None
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    target_modules: str | Sequence[str] | None = None
+    no_lora_dropout: bool = False
+    p: float = 0.5
+    samples: int = 1
+    strategy: str = "ab"
+    mask_scope: str = "batch"
+    rescale: bool = False
+    ensemble: int = 8
+    chunk_size: int | None = None
+    epochs: float = 3.0
+    max_steps: int = -1
+    lr: float = 5e-4
+    batch_size: int = 32
+    max_seq_len: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    save_steps: int | None = None
+    eval_steps: int | None = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = ",".join(str(m).strip() for m in self.target_modules)
+        checks = _Checks()
+        from ..tasks import trainable_task_names
+
+        checks.choice("task", self.task, trainable_task_names())
+        checks.text("output", self.output)
+        checks.text("model", self.model, optional=True)
+        checks.text("data_dir", self.data_dir, optional=True)
+        checks.choice("method", self.method, METHODS)
+        checks.integer("r", self.r, minimum=1)
+        checks.number("alpha", self.alpha, positive=True)
+        if self.target_modules is not None and not (
+                isinstance(self.target_modules, str) and any(m.strip() for m in self.target_modules.split(","))):
+            checks.add(f"target_modules must be module names (a comma-separated string or a list), got "
+                       f"{self.target_modules!r}")
+        for name in ("no_lora_dropout", "rescale", "resume", "overwrite"):
+            checks.boolean(name, getattr(self, name))
+        _lora_dropout_checks(checks, self)
+        checks.number("epochs", self.epochs, non_negative=True)
+        checks.integer("max_steps", self.max_steps)
+        if not checks.problems and self.epochs <= 0 and self.max_steps <= 0:
+            checks.add("give epochs > 0 or max_steps > 0")
+        checks.number("lr", self.lr, positive=True)
+        for name in ("batch_size", "max_seq_len"):
+            checks.integer(name, getattr(self, name), minimum=1)
+        for name in ("max_train_samples", "max_eval_samples", "save_steps", "eval_steps"):
+            checks.integer(name, getattr(self, name), minimum=1, optional=True)
+        checks.integer("seed", self.seed, minimum=0)
+        if self.resume is True and self.overwrite is True:
+            checks.add("resume and overwrite exclude each other")
+        checks.raise_if_any()
+
+    @property
+    def target_module_list(self) -> list[str] | None:
+        if self.target_modules is None:
+            return None
+        return [m.strip() for m in str(self.target_modules).split(",") if m.strip()]
+
+    def lora_dropout_config(self) -> LoraDropoutConfig | None:
+        """The LoRA Dropout config of the run, or None for the plain baseline."""
+        return None if self.no_lora_dropout else _config_of(self)
+
+    def resume_differences(self, stored: Mapping[str, Any]) -> list[str]:
+        """Settings that differ from a stored record, as ``--name old -> new`` (empty when resuming is safe)."""
+        now = self.to_dict()
+        return [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {now.get(k)!r}" for k in RESUME_KEYS
+                if k in stored and stored.get(k) != now.get(k)]
+
+
+@dataclass
+class EvalSettings(_Settings):
+    """Re-evaluation of a saved adapter. Unset values come from the run that wrote it (its ``metrics.json``)."""
+
+    command = "eval"
+
+    adapter: str | Path
+    task: str | None = None
+    data_dir: str | None = None
+    model: str | None = None
+    ensemble: int = 8
+    chunk_size: int | None = None
+    batch_size: int | None = None
+    max_seq_len: int | None = None
+    max_eval_samples: int | None = None
+    seed: int | None = None
+    output: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        checks = _Checks()
+        checks.text("adapter", self.adapter)
+        if self.task is not None:
+            from ..tasks import trainable_task_names
+
+            checks.choice("task", self.task, trainable_task_names())
+        for name in ("data_dir", "model", "output"):
+            checks.text(name, getattr(self, name), optional=True)
+        checks.integer("ensemble", self.ensemble, minimum=0)
+        for name in ("chunk_size", "batch_size", "max_seq_len", "max_eval_samples"):
+            checks.integer(name, getattr(self, name), minimum=1, optional=True)
+        checks.integer("seed", self.seed, minimum=0, optional=True)
+        checks.raise_if_any()
+
+
+@dataclass
+class DemoSettings(_Settings):
+    """The offline showcase: MiniLM on the tweet corpus, plain LoRA against LoRA Dropout."""
+
+    command = "demo"
+
+    output: str | Path = "runs/demo"
+    train_samples: int = 1500
+    eval_samples: int = 600
+    epochs: float = 2.0
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_seq_len: int = 64
+    r: int = 8
+    seed: int = 0
+    overwrite: bool = False
+    p: float = 0.5
+    samples: int = 2
+    strategy: str = "ab"
+    mask_scope: str = "batch"
+    rescale: bool = False
+    ensemble: int = 8
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = _Checks()
+        checks.text("output", self.output)
+        for name in ("train_samples", "eval_samples", "batch_size", "max_seq_len", "r"):
+            checks.integer(name, getattr(self, name), minimum=1)
+        checks.number("epochs", self.epochs, positive=True)
+        checks.number("lr", self.lr, positive=True)
+        checks.integer("seed", self.seed, minimum=0)
+        for name in ("overwrite", "rescale"):
+            checks.boolean(name, getattr(self, name))
+        _lora_dropout_checks(checks, self)
+        checks.raise_if_any()
+
+    def lora_dropout_config(self) -> LoraDropoutConfig:
+        return _config_of(self)
+
+
+__all__ = ["METHODS", "RESUME_KEYS", "DemoSettings", "EvalSettings", "TrainSettings"]

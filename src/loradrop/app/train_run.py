@@ -1,0 +1,334 @@
+"""``loradrop train`` as a Python function: fine-tune a task with LoRA (or AdaLoRA) plus LoRA Dropout on the
+transformers ``Trainer``, evaluate the single pass and the test-time ensemble, and write the run folder.
+
+A run folder holds ``metrics.json`` (settings, versions, hardware, data metadata, wall times, ``eval.single`` and
+``eval.ensemble``), ``adapter/`` (standard PEFT files plus ``loradrop_config.json``), ``predictions.jsonl``,
+``loss_history.json``, ``train.log``, ``run_config.json`` and the ``checkpoint-N`` folders of ``save_steps``.
+Under ``torchrun`` the Trainer trains with DDP and only rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from .provenance import hardware, jsonable, versions
+from .runfolder import (
+    ADAPTER_DIR,
+    LOG_FILE,
+    LOSS_HISTORY_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RUN_CONFIG_FILE,
+    RunPlan,
+    checkpoints,
+    plan_run,
+    publish,
+    replace_dir,
+    run_log,
+    stored_settings,
+    write_json,
+    write_jsonl,
+)
+from .settings import TrainSettings
+
+logger = logging.getLogger("loradrop.app")
+
+
+@dataclass
+class RunResult:
+    """What a run wrote: its folder, the metrics file and its content (None on the non-writing DDP ranks)."""
+
+    output: Path
+    metrics_file: Path | None
+    metrics: dict[str, Any] | None
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def train_steps(n_rows: int, settings: TrainSettings, world_size: int) -> int:
+    """Optimizer steps the Trainer will run (its own formula)."""
+    if settings.max_steps > 0:
+        return int(settings.max_steps)
+    per_epoch = max(1, math.ceil(n_rows / (settings.batch_size * world_size)))
+    return max(1, math.ceil(settings.epochs * per_epoch))
+
+
+def build_peft_config(settings: TrainSettings, kind: str, target_modules: list[str], total_steps: int) -> Any:
+    """LoraConfig (lora_dropout=0: LoRA Dropout replaces it), or AdaLoraConfig with a schedule for the run."""
+    from peft import AdaLoraConfig, LoraConfig
+
+    from ..pretrained import model_kind
+
+    common = dict(lora_alpha=settings.alpha, target_modules=target_modules, lora_dropout=0.0,
+                  task_type=model_kind(kind).peft_task_type)
+    if settings.method == "adalora":
+        from ..adalora import adalora_schedule
+
+        return AdaLoraConfig(**adalora_schedule(total_steps, target_r=settings.r), **common)
+    return LoraConfig(r=settings.r, **common)
+
+
+def _ddp_options(world_size: int) -> dict[str, Any] | None:
+    """TrainingArguments for several processes: gloo on CPU; every trainable parameter is used in each step."""
+    if world_size <= 1:
+        return None
+    options: dict[str, Any] = {"ddp_find_unused_parameters": False}
+    if not torch.cuda.is_available():
+        options["ddp_backend"] = "gloo"
+    return options
+
+
+def _leave_process_group() -> None:
+    """After training under torchrun: synchronise once, then close the process group on every rank, so that
+    replicas exit cleanly while rank 0 evaluates and writes alone (no collective call is left to wait on)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _log_callback() -> Any:
+    from transformers import TrainerCallback
+
+    class LogToFile(TrainerCallback):
+        """Trainer log entries (loss, learning rate, eval loss) into the run log."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401 - Trainer hook
+            if logs and state.is_world_process_zero:
+                logger.info("step %d: %s", state.global_step, json.dumps(jsonable(logs), sort_keys=True))
+
+    return LogToFile()
+
+
+def _resolve_data_dir(settings: TrainSettings) -> TrainSettings:
+    """An existing local data folder is recorded as an absolute path (for resume and eval)."""
+    if settings.data_dir is not None and Path(settings.data_dir).expanduser().exists():
+        return settings.replace(data_dir=str(Path(settings.data_dir).expanduser().resolve()))
+    return settings
+
+
+def train(settings: TrainSettings, *, callbacks: Sequence[Any] = ()) -> RunResult:
+    """Fine-tune, evaluate and write the run folder described by `settings`.
+
+    `callbacks` are extra Trainer callbacks (for tests and embedding). Raises a `loradrop.errors.LoradropError` for
+    bad input, before anything is written.
+    """
+    from peft import get_peft_model
+
+    from ..model import apply_lora_dropout
+    from ..pretrained import check_model_fits, default_target_modules, load_model, load_tokenizer, prepare_base
+    from ..tasks import prepare_task, resolve_task
+    from ..training import build_training_args
+
+    settings = _resolve_data_dir(settings)
+    plan = plan_run(settings.output, resume=settings.resume, overwrite=settings.overwrite)
+    stored = stored_settings(plan)
+    if stored is not None:
+        changed = settings.resume_differences(stored)
+        if changed:
+            raise UsageError(f"--resume with settings that differ from the run being resumed: {', '.join(changed)}")
+    ld_config = settings.lora_dropout_config()
+    spec = resolve_task(settings.task, settings.data_dir)
+    model_name = settings.model or _default_model(spec.kind)
+    check_model_fits(model_name, spec.kind)
+    tokenizer = load_tokenizer(model_name)
+    data = prepare_task(spec, settings.data_dir, tokenizer, max_seq_len=settings.max_seq_len, seed=settings.seed,
+                        max_train_samples=settings.max_train_samples, max_eval_samples=settings.max_eval_samples)
+    world_size = _world_size()
+    total_steps = train_steps(len(data.train), settings, world_size)
+
+    torch.manual_seed(settings.seed)  # new heads start the same in every process and every resumed run
+    base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None), tokenizer)
+    if spec.kind == "causal_lm":
+        base.config.use_cache = False
+    target_modules = settings.target_module_list or default_target_modules(base)
+    peft_config = build_peft_config(settings, spec.kind, target_modules, total_steps)
+    model = get_peft_model(base, peft_config)
+    if ld_config is not None:
+        apply_lora_dropout(model, ld_config)
+
+    logging_steps = max(1, min(50, total_steps // 20))
+    training_args = build_training_args(plan.work, epochs=settings.epochs, max_steps=settings.max_steps,
+                                        lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
+                                        logging_steps=logging_steps, save_steps=settings.save_steps,
+                                        eval_steps=settings.eval_steps, extra=_ddp_options(world_size))
+    main = int(getattr(training_args, "process_index", 0)) == 0
+    with training_args.main_process_first(local=False, desc="prepare the run folder"):
+        if main:
+            if plan.fresh:
+                shutil.rmtree(plan.work, ignore_errors=True)
+            plan.work.mkdir(parents=True, exist_ok=True)
+    run = _Run(settings, plan, spec, data, tokenizer, model, model_name, peft_config, ld_config, training_args,
+               total_steps, target_modules)
+    try:
+        with run_log(plan.work / LOG_FILE if main else None):
+            return run.train_and_write(callbacks)
+    except BaseException:
+        if main and plan.fresh and not checkpoints(plan.work):
+            shutil.rmtree(plan.work, ignore_errors=True)
+        elif main and checkpoints(plan.work):
+            logger.warning("loradrop: the run stopped; continue it with --resume (checkpoints in %s)", plan.work)
+        raise
+
+
+def _default_model(kind: str) -> str:
+    from ..pretrained import model_kind
+
+    return model_kind(kind).default_model
+
+
+@dataclass
+class _Run:
+    """One training run, built by `train`: trains, evaluates on rank 0, writes the run folder."""
+
+    settings: TrainSettings
+    plan: RunPlan
+    spec: Any
+    data: Any
+    tokenizer: Any
+    model: Any
+    model_name: str
+    peft_config: Any
+    ld_config: Any
+    training_args: Any
+    total_steps: int
+    target_modules: list[str]
+
+    @property
+    def main(self) -> bool:
+        return int(getattr(self.training_args, "process_index", 0)) == 0
+
+    @property
+    def ensemble(self) -> int:
+        return self.settings.ensemble if self.ld_config is not None else 0
+
+    def train_and_write(self, callbacks: Sequence[Any]) -> RunResult:
+        from ..pretrained import model_id
+        from ..training import loss_history, make_trainer
+
+        s, plan = self.settings, self.plan
+        if self.main:
+            write_json(plan.work / RUN_CONFIG_FILE, {"args": s.to_dict(), "model": model_id(self.model_name),
+                                                    "task": self.spec.name})
+            logger.info("loradrop train: %s", " ".join(f"{k}={v}" for k, v in sorted(s.to_dict().items())))
+            logger.info("data: %s", self.data.metadata.get("summary", ""))
+        extra_callbacks = [_log_callback(), *callbacks]
+        if s.method == "adalora":
+            from ..adalora import AdaLoraCallback
+
+            extra_callbacks.insert(0, AdaLoraCallback())
+        trainer = make_trainer(self.model, self.training_args, self.data.train,
+                               self.data.eval_loss if s.eval_steps else None, collator=self.data.collator,
+                               callbacks=extra_callbacks)
+        if self.spec.kind != "causal_lm":
+            # Classification/QA heads average their loss themselves and ignore `num_items_in_batch`; without this
+            # the Trainer would still multiply their loss by the number of processes under DDP.
+            trainer.model_accepts_loss_kwargs = False
+        if plan.resume_from is not None:
+            logger.info("resuming from %s", plan.resume_from)
+        start = time.perf_counter()
+        train_output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+        train_s = time.perf_counter() - start
+        _leave_process_group()
+        if not self.main:
+            return RunResult(plan.output, None, None)
+        start = time.perf_counter()
+        result = self.spec.evaluate(self.model, self.data, self.tokenizer, batch_size=s.batch_size,
+                                    ensemble=self.ensemble, chunk_size=s.chunk_size, seed=s.seed)
+        eval_s = time.perf_counter() - start
+
+        adapter_tmp = plan.work / f".{ADAPTER_DIR}.tmp"
+        shutil.rmtree(adapter_tmp, ignore_errors=True)
+        self.model.save_pretrained(str(adapter_tmp))
+        replace_dir(adapter_tmp, plan.work / ADAPTER_DIR)
+        write_jsonl(plan.work / PREDICTIONS_FILE, result.rows)
+        history = loss_history(trainer)
+        write_json(plan.work / LOSS_HISTORY_FILE, history)
+        metrics = self._metrics(result, trainer, train_output, train_s, eval_s)
+        write_json(plan.work / METRICS_FILE, metrics)
+        logger.info("eval single: %s", json.dumps(jsonable(headline(result.single))))
+        if result.ensemble is not None:
+            logger.info("eval ensemble: %s", json.dumps(jsonable(headline(result.ensemble))))
+        publish(plan)
+        print_summary(self.spec.name, result.single, result.ensemble)
+        print(f"wrote {plan.output}/{METRICS_FILE}, {ADAPTER_DIR}/, {PREDICTIONS_FILE}, {LOSS_HISTORY_FILE}, "
+              f"{LOG_FILE}", flush=True)
+        return RunResult(plan.output, plan.output / METRICS_FILE, jsonable(metrics))
+
+    def _metrics(self, result: Any, trainer: Any, train_output: Any, train_s: float, eval_s: float) -> dict:
+        from ..pretrained import model_id
+
+        s = self.settings
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        return {
+            "task": s.task,
+            "registry_task": self.spec.name,
+            "kind": self.spec.kind,
+            "model": model_id(self.model_name),
+            "seed": s.seed,
+            "config": {
+                "args": s.to_dict(),
+                "method": s.method,
+                "peft": jsonable(self.peft_config.to_dict()),
+                "lora_dropout": self.ld_config.to_dict() if self.ld_config is not None else None,
+                "target_modules": self.target_modules,
+                "ensemble": self.ensemble,
+                "eval_batch_size": s.batch_size,
+                "total_steps": self.total_steps,
+                "world_size": int(self.training_args.world_size),
+                "per_device_batch_size": s.batch_size,
+                **self.data.recorded,
+            },
+            "versions": versions(),
+            "hardware": hardware(),
+            "wall_time": {"train_s": train_s, "eval_s": eval_s},
+            "peak_memory_mib": {"cuda": peak},
+            "data": self.data.metadata,
+            "eval_split": self.data.eval_split,
+            "eval": {"single": result.single, "ensemble": result.ensemble},
+            "train": {"global_step": int(trainer.state.global_step),
+                      "train_loss": float(train_output.training_loss),
+                      "resumed_from": self.plan.resume_from.name if self.plan.resume_from else None,
+                      "checkpoints": [p.name for p in checkpoints(self.plan.work)]},
+            "files": {"adapter": ADAPTER_DIR, "predictions": PREDICTIONS_FILE, "loss_history": LOSS_HISTORY_FILE,
+                      "log": LOG_FILE},
+        }
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The scalar metrics (per-subject MMLU numbers left out)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out[key] = {k: v for k, v in value.items() if not k.startswith("accuracy_") or k == "accuracy_macro"}
+        else:
+            out[key] = value
+    return out
+
+
+def print_summary(task: str, single: dict[str, Any], ensemble: dict[str, Any] | None) -> None:
+    """One line for the single pass and one for the ensemble, rounded."""
+
+    def fmt(metrics: dict[str, Any]) -> str:
+        flat = {k: v for k, v in headline(metrics).items() if not isinstance(v, dict)}
+        for key, value in metrics.items():
+            if isinstance(value, dict):
+                flat[f"{key}.accuracy"] = value.get("accuracy")
+        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items())
+
+    print(f"{task} single pass: {fmt(single)}", flush=True)
+    if ensemble is not None:
+        print(f"{task} ensemble:    {fmt(ensemble)}", flush=True)

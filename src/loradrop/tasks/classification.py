@@ -1,0 +1,91 @@
+"""Preparation and evaluation shared by the sequence-level tasks (GLUE, tweets): classification heads, scored with
+the official metrics plus ECE / NLL / Brier, and regression heads (STS-B), scored with Pearson / Spearman."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import DatasetDict
+
+from ..calibration import classification_calibration
+from ..ensemble import entropy
+from ..errors import DataError
+from ..prediction import predict_classification
+from .spec import EvalResult, TaskData, TaskSpec
+
+CALIBRATION_METRICS = ("ece", "nll", "brier")
+
+
+def floats(values: Any) -> list[float]:
+    """A flat list of Python floats (for prediction rows)."""
+    return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+
+
+def check_encoded(spec: TaskSpec, max_seq_len: int, **splits: Any) -> None:
+    """Refuse a split that tokenization left empty."""
+    for name, dataset in splits.items():
+        if dataset is not None and len(dataset) == 0:
+            raise DataError(f"{spec.name}: the {name} split is empty after tokenization (max_seq_len {max_seq_len} "
+                            "too small?)")
+
+
+def prepare_classification(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_len: int,
+                           need_train: bool = True, **_: Any) -> TaskData:
+    """Tokenized train / validation (for the Trainer's eval loss) and the evaluation split: ``test`` where the task
+    has one (tweets), else ``validation`` (GLUE dev)."""
+    from transformers import DataCollatorWithPadding
+
+    eval_split = "test" if "test" in raw else "validation"
+    splits = [*(["train", "validation"] if need_train else []), eval_split]
+    encoded = spec.preprocessor(spec, DatasetDict({k: raw[k] for k in dict.fromkeys(splits)}), tokenizer,
+                                max_seq_len)
+    train = encoded["train"] if need_train else None
+    eval_loss = encoded["validation"] if need_train else None
+    check_encoded(spec, max_seq_len, train=train, validation=eval_loss)
+    from .base import get_metadata
+
+    return TaskData(spec=spec, raw=raw, train=train, eval_loss=eval_loss, eval_split=eval_split,
+                    collator=DataCollatorWithPadding(tokenizer), metadata=get_metadata(raw),
+                    extras={"eval_encoded": encoded[eval_split]})
+
+
+def evaluate_classification(model: torch.nn.Module, data: TaskData, tokenizer: Any = None, *, batch_size: int,
+                            ensemble: int, chunk_size: int | None, seed: int) -> EvalResult:
+    """Official metrics (+ ECE/NLL/Brier for classification) of the single pass and the ensemble."""
+    spec = data.spec
+    regression = spec.kind == "regression"
+    preds = predict_classification(model, data.extras["eval_encoded"], data.collator, batch_size=batch_size,
+                                   ensemble=ensemble, chunk_size=chunk_size, seed=seed, regression=regression)
+    labels = preds.labels
+    raw = data.raw[data.eval_split]
+    ids = list(raw["idx"]) if "idx" in raw.column_names else list(range(len(raw)))
+
+    def metrics(values: torch.Tensor) -> dict[str, Any]:
+        out: dict[str, Any] = dict(spec.metrics(spec, values.numpy(), labels.numpy()))
+        if not regression:
+            calibration = classification_calibration(values, labels)
+            out.update({k: calibration[k] for k in CALIBRATION_METRICS})
+        out["n"] = len(labels)
+        return out
+
+    single = metrics(preds.single)
+    ens = {**metrics(preds.ensemble), "ensemble_size": ensemble} if preds.ensemble is not None else None
+    rows = []
+    for i in range(len(labels)):
+        row: dict[str, Any] = {"index": i, "id": ids[i]}
+        if regression:
+            row.update(label=float(labels[i]), single=float(preds.single[i]))
+            if ens is not None:
+                row.update(ensemble_mean=float(preds.ensemble[i]),
+                           uncertainty={"ensemble_std": float(preds.ensemble_std[i])})
+        else:
+            row.update(label=int(labels[i]), single_pred=int(preds.single[i].argmax()),
+                       single_probs=floats(preds.single[i]))
+            if ens is not None:
+                row.update(ensemble_pred=int(preds.ensemble[i].argmax()), ensemble_probs=floats(preds.ensemble[i]),
+                           uncertainty={"entropy": float(entropy(preds.ensemble[i].double())),
+                                        "mutual_information": float(preds.mutual_information[i])})
+        rows.append(row)
+    return EvalResult(single=single, ensemble=ens, rows=rows)

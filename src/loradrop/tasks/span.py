@@ -1,0 +1,161 @@
+"""Preparation and evaluation of extractive question answering (SQuAD): overlapping windows, start/end logits,
+the official EM / F1 after post-processing, and the ensemble's averaged start/end distributions."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+
+from ..ensemble import batch_seed, ensemble_predict, entropy, eval_mode
+from ..errors import DataError
+from .classification import check_encoded
+from .spec import EvalResult, TaskData, TaskSpec
+
+SCORE_TYPES = ("logits", "probs")
+
+
+def prepare_span(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_len: int, need_train: bool = True,
+                 **_: Any) -> TaskData:
+    """Train windows with answer positions, the validation questions in the same layout (the Trainer's eval loss),
+    and evaluation windows with ``example_id`` / ``offset_mapping`` for post-processing."""
+    from transformers import default_data_collator
+
+    from .base import get_metadata
+
+    doc_stride = min(128, max_seq_len // 3)
+
+    def windows(split: str, as_split: str) -> Any:
+        return spec.preprocessor(spec, DatasetDict({as_split: raw[split]}), tokenizer, max_seq_len,
+                                 doc_stride=doc_stride)[as_split]
+
+    train = windows("train", "train") if need_train else None
+    eval_loss = windows("validation", "train") if need_train else None  # answer positions for the eval loss
+    check_encoded(spec, max_seq_len, train=train, validation=eval_loss)
+    return TaskData(spec=spec, raw=raw, train=train, eval_loss=eval_loss, eval_split="validation",
+                    collator=default_data_collator, metadata=get_metadata(raw),
+                    extras={"eval_features": windows("validation", "validation")},
+                    recorded={"doc_stride": doc_stride})
+
+
+def postprocess_squad(
+    examples: Dataset | Mapping[str, Sequence[Any]],
+    features: Dataset | Mapping[str, Sequence[Any]],
+    start_logits: Any,
+    end_logits: Any,
+    n_best: int = 20,
+    max_answer_len: int = 30,
+    *,
+    score_type: str = "logits",
+    version_2_with_negative: bool = False,
+    null_score_diff_threshold: float = 0.0,
+) -> dict[str, str]:
+    """Map per-feature start/end scores back to answer texts: ``{example id: predicted text}``.
+
+    ``start_logits``/``end_logits`` are (num_features, seq_len) logits, or, with ``score_type="probs"``, position
+    probabilities (e.g. averaged over ensemble members; a span then scores log p_start + log p_end). The n_best
+    starts and ends of every window are combined into spans inside the context of length <= ``max_answer_len``
+    tokens; the best span over all windows of an example wins. With ``version_2_with_negative`` the answer is
+    ``""`` when the null (CLS) score beats the best span by more than ``null_score_diff_threshold``.
+    """
+    if score_type not in SCORE_TYPES:
+        raise DataError(f"score_type must be one of {list(SCORE_TYPES)}, got {score_type!r}")
+    if n_best < 1 or max_answer_len < 1:
+        raise DataError(f"n_best and max_answer_len must be >= 1, got {n_best}, {max_answer_len}")
+    example_ids = list(examples["id"])
+    contexts = list(examples["context"])
+    feature_example_ids = list(features["example_id"])
+    offsets_all = list(features["offset_mapping"])
+    if len(start_logits) != len(feature_example_ids) or len(end_logits) != len(feature_example_ids):
+        raise DataError(f"got {len(start_logits)} start / {len(end_logits)} end score rows for "
+                         f"{len(feature_example_ids)} features")
+    features_per_example: dict[str, list[int]] = collections.defaultdict(list)
+    for i, ex_id in enumerate(feature_example_ids):
+        features_per_example[ex_id].append(i)
+
+    def scores(row: Any) -> np.ndarray:
+        arr = np.asarray(row, dtype=np.float64)
+        return np.log(np.clip(arr, 1e-12, None)) if score_type == "probs" else arr
+
+    predictions: dict[str, str] = {}
+    for ex_id, context in zip(example_ids, contexts):
+        best_text, best_score = "", -np.inf
+        min_null = np.inf
+        for fi in features_per_example.get(ex_id, []):
+            start, end = scores(start_logits[fi]), scores(end_logits[fi])
+            offsets = offsets_all[fi]
+            min_null = min(min_null, float(start[0] + end[0]))
+            start_idx = np.argsort(start)[-1: -n_best - 1: -1]
+            end_idx = np.argsort(end)[-1: -n_best - 1: -1]
+            for s in start_idx:
+                for e in end_idx:
+                    if s >= len(offsets) or e >= len(offsets) or offsets[s] is None or offsets[e] is None:
+                        continue
+                    if e < s or e - s + 1 > max_answer_len:
+                        continue
+                    score = float(start[s] + end[e])
+                    if score > best_score:
+                        best_score = score
+                        best_text = context[offsets[s][0]: offsets[e][1]]
+        if version_2_with_negative and (best_score == -np.inf or min_null - best_score > null_score_diff_threshold):
+            predictions[ex_id] = ""
+        else:
+            predictions[ex_id] = best_text
+    return predictions
+
+
+@torch.no_grad()
+def evaluate_span(model: torch.nn.Module, data: TaskData, tokenizer: Any = None, *, batch_size: int, ensemble: int,
+                  chunk_size: int | None, seed: int) -> EvalResult:
+    """EM / F1 of the single pass and of the ensemble (answers read from the averaged start/end probabilities);
+    per question, the ensemble's mutual information averaged over start and end and over its windows."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import default_data_collator
+
+    spec = data.spec
+    examples = data.raw["validation"]
+    features = data.extras["eval_features"]
+    inputs_only = features.remove_columns([c for c in ("example_id", "offset_mapping") if c in features.column_names])
+    loader = DataLoader(inputs_only, batch_size=batch_size, collate_fn=default_data_collator)
+    device = next(model.parameters()).device
+    starts, ends, ens_starts, ens_ends, start_mi, end_mi = [], [], [], [], [], []
+    with eval_mode(model):
+        for i, batch in enumerate(tqdm(loader, desc="evaluate", leave=False)):
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            out = model(**inputs)
+            starts.append(out.start_logits.float().cpu())
+            ends.append(out.end_logits.float().cpu())
+            if ensemble:
+                ens = ensemble_predict(model, inputs, ensemble, chunk_size=chunk_size, seed=batch_seed(seed, i))
+                ens_starts.append(ens.start_probs.cpu())
+                ens_ends.append(ens.end_probs.cpu())
+                for mean, members, into in ((ens.start_probs, ens.member_start_probs, start_mi),
+                                            (ens.end_probs, ens.member_end_probs, end_mi)):
+                    into.append((entropy(mean.double()) - entropy(members.double()).mean(0)).cpu())
+    version_2 = spec.name == "squad_v2"
+    single_text = postprocess_squad(examples, features, torch.cat(starts).numpy(), torch.cat(ends).numpy(),
+                                    version_2_with_negative=version_2)
+    single = {**spec.metrics(spec, single_text, examples), "n": len(examples)}
+    ens_text, ens_metrics, by_example = None, None, {}
+    if ensemble:
+        ens_text = postprocess_squad(examples, features, torch.cat(ens_starts).numpy(), torch.cat(ens_ends).numpy(),
+                                     score_type="probs", version_2_with_negative=version_2)
+        ens_metrics = {**spec.metrics(spec, ens_text, examples), "n": len(examples), "ensemble_size": ensemble}
+        mi = (torch.cat(start_mi).clamp_min(0) + torch.cat(end_mi).clamp_min(0)) / 2
+        for fi, ex_id in enumerate(features["example_id"]):
+            by_example.setdefault(ex_id, []).append(float(mi[fi]))
+    rows = []
+    for i, (ex_id, answers) in enumerate(zip(examples["id"], examples["answers"])):
+        row: dict[str, Any] = {"index": i, "id": ex_id, "answers": list(answers["text"]),
+                               "single_prediction": single_text[ex_id]}
+        if ens_text is not None:
+            windows = by_example.get(ex_id, [0.0])
+            row.update(ensemble_prediction=ens_text[ex_id],
+                       uncertainty={"mutual_information": float(np.mean(windows)), "windows": len(windows)})
+        rows.append(row)
+    return EvalResult(single=single, ensemble=ens_metrics, rows=rows)

@@ -1,0 +1,95 @@
+"""The task contract: `TaskSpec` (what a task is and the functions that load, prepare and evaluate it), `TaskData`
+(a task made ready for one run) and `EvalResult` (what a task's evaluation returns).
+
+Adding a task is one module that builds a `TaskSpec` with these functions, plus one entry in the registry
+(`loradrop.tasks.TASKS`); the application layer never switches on task kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS: tuple[str, ...] = ("classification", "regression", "span", "causal_lm")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Static description of one task and the functions that load, preprocess, prepare, evaluate and score it.
+
+    Attributes:
+        name: registry key, e.g. ``"rte"``.
+        family: module that implements it: ``"glue"``, ``"squad"``, ``"instruct"``, ``"mmlu"`` or ``"tweets"``.
+        kind: one of `KINDS` (picks the model head: see `loradrop.pretrained.KINDS`).
+        num_labels: classes (1 for regression, 0 for span / generation tasks, 4 for MMLU choices).
+        label_names: class names in id order (empty where there are no classes).
+        text_columns: input text columns in the order they are fed to the tokenizer.
+        metric_names: keys `compute_metrics` returns (the official metrics first).
+        main_metric: the metric used for model selection.
+        label_column: target column of the loaded (untokenized) data, or ``None``.
+        hub_name: default hub dataset when ``data_dir`` names a hub dataset of this family.
+        trainable: whether ``loradrop train`` can fine-tune on it (MMLU is an evaluation set only).
+        loader: ``loader(spec, data_dir, *, seed, validation_fraction) -> (DatasetDict, metadata)``.
+        preprocessor: ``preprocessor(spec, dataset_dict, tokenizer, max_seq_len, **kwargs) -> DatasetDict``.
+        metrics: ``metrics(spec, predictions, references, **kwargs) -> dict``.
+        prepare: ``prepare(spec, raw, tokenizer, *, max_seq_len, need_train, data_dir, seed, max_eval_samples)
+            -> TaskData``: everything a training or evaluation run needs from the data side.
+        evaluate: ``evaluate(model, data, tokenizer, *, batch_size, ensemble, chunk_size, seed) -> EvalResult``:
+            single-pass and ensemble metrics plus one prediction row per example.
+    """
+
+    name: str
+    family: str
+    kind: str
+    num_labels: int
+    label_names: tuple[str, ...]
+    text_columns: tuple[str, ...]
+    metric_names: tuple[str, ...]
+    main_metric: str
+    label_column: str | None = "label"
+    hub_name: str | None = None
+    trainable: bool = True
+    description: str = ""
+    loader: Callable[..., tuple[Any, dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
+    preprocessor: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
+    metrics: Callable[..., dict[str, float]] | None = field(default=None, repr=False, compare=False)
+    prepare: Callable[..., TaskData] | None = field(default=None, repr=False, compare=False)
+    evaluate: Callable[..., EvalResult] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"TaskSpec {self.name!r}: kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.main_metric not in self.metric_names:
+            raise ValueError(f"TaskSpec {self.name!r}: main_metric {self.main_metric!r} not in {self.metric_names}")
+        if self.label_names and len(self.label_names) != self.num_labels:
+            raise ValueError(f"TaskSpec {self.name!r}: {len(self.label_names)} label names for {self.num_labels}")
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """Class name -> id (for a model config)."""
+        return {name: i for i, name in enumerate(self.label_names)}
+
+
+@dataclass
+class TaskData:
+    """A task made ready for one run by its ``prepare`` function."""
+
+    spec: TaskSpec
+    raw: Any  # DatasetDict as loaded (subsampled)
+    train: Any  # tokenized train set, or None for an evaluation-only run
+    eval_loss: Any  # tokenized set for the Trainer's evaluation loss (or None)
+    eval_split: str  # what the final metrics are computed on (a split of `raw`, or e.g. "mmlu:test")
+    collator: Any
+    metadata: dict[str, Any]
+    extras: dict[str, Any] = field(default_factory=dict)  # what the task's evaluate needs (encoded eval set...)
+    recorded: dict[str, Any] = field(default_factory=dict)  # preparation settings to record (e.g. doc_stride)
+
+
+@dataclass
+class EvalResult:
+    """Metrics of the single pass and of the ensemble (None without one), and one prediction row per example."""
+
+    single: dict[str, Any]
+    ensemble: dict[str, Any] | None
+    rows: list[dict[str, Any]]
