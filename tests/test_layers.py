@@ -152,8 +152,8 @@ def test_fused_matmul_paths_equal_the_written_out_formula(strategy, members, lor
     """The fused paths (addmm/baddbmm epilogue, masked weight copies, batched members, example scope) compute
     result + s * B_m A_m x_m exactly as written out per member, in value and in gradient."""
     from peft import get_peft_model
-    from tests.conftest import OneLinear, lora_config
 
+    from helpers import OneLinear, lora_config
     from loradrop.layers import masked_lora_delta
     from loradrop.members import CallPlan
 

@@ -167,7 +167,7 @@ def test_save_load_round_trip_vanilla_peft_and_loradrop(tiny_bert, tmp_path):
     base_sd = {k.replace("base_model.model.", ""): v for k, v in model.get_base_model().state_dict().items()}
     def fresh_base():
         torch.manual_seed(0)
-        from conftest import tiny_bert_config
+        from helpers import tiny_bert_config
         base = BertForSequenceClassification(tiny_bert_config())
         base.load_state_dict({k: v for k, v in base_sd.items() if "lora" not in k}, strict=False)
         return base
@@ -230,7 +230,7 @@ def test_bad_input_leaves_the_model_unchanged(tiny_bert):
 def test_unsupported_models_are_refused_cleanly(tiny_bert):
     from transformers import BertForSequenceClassification
 
-    from conftest import tiny_bert_config
+    from helpers import tiny_bert_config
 
     prefix = get_peft_model(BertForSequenceClassification(tiny_bert_config()),
                             PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))

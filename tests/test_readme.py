@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from conftest import minilm_dir
+from helpers import minilm_dir
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
