@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import make_tiny_bert, make_tiny_llama
+from helpers import make_tiny_bert, make_tiny_llama
 from loradrop.calibration import classification_calibration
 from loradrop.cli import build_parser, main
 from loradrop.tasks import find_tweet_corpus
