@@ -4,7 +4,6 @@ defaults. (Prediction loops are in `loradrop.prediction`.)"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .config import CONFIG_FILE_NAME
+from .config import CONFIG_FILE_NAME, read_config_file
 from .model import _find_controller, get_controller, set_mask_state
 
 logger = logging.getLogger("loradrop")
@@ -33,13 +32,12 @@ class LoraDropoutCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0 or model is None or _find_controller(model) is None:
             return
-        stored = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CONFIG_FILE_NAME
-        if not stored.is_file():
-            warnings.warn(f"loradrop: resuming at step {state.global_step} without {stored}; the mask stream "
-                          "restarts from its current position", stacklevel=2)
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not (checkpoint / CONFIG_FILE_NAME).is_file():
+            warnings.warn(f"loradrop: resuming at step {state.global_step} without {checkpoint / CONFIG_FILE_NAME}; "
+                          "the mask stream restarts from its current position", stacklevel=2)
             return
-        with open(stored, encoding="utf-8") as fh:
-            mask_state = json.load(fh).get("mask_state")
+        mask_state = read_config_file(checkpoint).get("mask_state")
         if mask_state:
             set_mask_state(model, mask_state)
             logger.info("loradrop: restored mask state %s", mask_state)
