@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha", type=float, default=16)
     train.add_argument("--target-modules", default=None, help="comma-separated module names (default: per model)")
     train.add_argument("--no-lora-dropout", action="store_true", help="plain LoRA baseline (p ignored)")
+    train.add_argument("--peft-dropout", type=float, default=0.0,
+                       help="PEFT's element-wise lora_dropout on the LoRA input (a baseline; 0: off)")
     _add_lora_dropout_args(train, p=0.5, samples=1)
+    train.add_argument("--test-ensemble", choices=("auto", "mc_dropout", "masks", "none"), default="auto",
+                       help="test-time ensemble: auto (LoRA Dropout's members), mc_dropout (PEFT dropout on at test), "
+                            "masks (LoRA Dropout masks at test only, for a baseline), none")
     train.add_argument("--epochs", type=float, default=3.0)
     train.add_argument("--max-steps", type=int, default=-1)
     train.add_argument("--lr", type=float, default=5e-4)
@@ -80,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-eval-samples", type=_positive_int, default=None)
     train.add_argument("--save-steps", type=_positive_int, default=None, help="checkpoint every K steps")
     train.add_argument("--eval-steps", type=_positive_int, default=None, help="eval loss every K steps")
+    train.add_argument("--holdout-fraction", type=float, default=None,
+                       help="carve a validation split out of train (model selection); score on the dev split")
+    train.add_argument("--epoch-eval", action="store_true",
+                       help="score validation and test after every epoch (metrics.json: epochs, best_epoch)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, help="run folder (metrics.json, adapter, predictions, logs)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")

@@ -149,6 +149,14 @@ class MemberController:
         self.precompute = WeightPrecompute(config, self.layers, self.slices)
 
     # ----------------------------------------------------------------------------------------------- state
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy: merged exports, Trainer internals) starts without the last call's plan and caches:
+        # they describe a call of the original model, and after a training call the plan's masked weights are inside
+        # the autograd graph, which cannot be deep-copied.
+        state = self.__dict__.copy()
+        state.update(_depth=0, _plan=None, _mask_cache=None, _index_cache={})
+        return state
+
     def state_dict(self) -> dict[str, int]:
         """The mask stream's position: save it with a training checkpoint to resume with the same masks."""
         return {"seed": self.seed, "step": self.step, "ensemble_calls": self.ensemble_calls}

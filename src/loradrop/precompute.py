@@ -91,6 +91,12 @@ class WeightPrecompute:
         self._weights_cache: tuple[Any, ...] | None = None
 
     # ----------------------------------------------------------------------------------------------- state
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy rebuilds its layout and caches from its own (copied) layers on first use.
+        state = self.__dict__.copy()
+        state.update(_layout=False if self._layout is False else None, _scale_cache=None, _weights_cache=None)
+        return state
+
     def disable(self) -> None:
         """Never precompute again: every layer masks its own weights (the reference path, for tests and debugging)."""
         self._layout = False

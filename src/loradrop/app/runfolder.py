@@ -27,6 +27,7 @@ RUN_CONFIG_FILE = "run_config.json"
 ADAPTER_DIR = "adapter"
 LOG_FILE = "train.log"
 PREDICTIONS_FILE = "predictions.jsonl"
+VALIDATION_PREDICTIONS_FILE = "validation_predictions.jsonl"
 LOSS_HISTORY_FILE = "loss_history.json"
 
 

@@ -25,10 +25,11 @@ from ..config import LoraDropoutConfig
 from ..errors import SettingsError
 
 METHODS = ("lora", "adalora")
+TEST_ENSEMBLES = ("auto", "mc_dropout", "masks", "none")
 # Settings that must not change between a run and its --resume (the result would no longer be one run).
-RESUME_KEYS = ("task", "model", "data_dir", "method", "r", "alpha", "target_modules", "no_lora_dropout", "p",
-               "samples", "strategy", "mask_scope", "rescale", "epochs", "max_steps", "lr", "batch_size",
-               "max_seq_len", "max_train_samples", "seed")
+RESUME_KEYS = ("task", "model", "data_dir", "method", "r", "alpha", "target_modules", "no_lora_dropout",
+               "peft_dropout", "p", "samples", "strategy", "mask_scope", "rescale", "epochs", "max_steps", "lr",
+               "batch_size", "max_seq_len", "max_train_samples", "holdout_fraction", "seed")
 
 
 class _Checks:
@@ -123,7 +124,17 @@ class TrainSettings(_Settings):
     """One fine-tuning run: the task and data, the model and adapter, LoRA Dropout, the optimisation, the run folder.
 
     ``target_modules`` accepts a comma-separated string or a list of names (default: per model);
-    ``no_lora_dropout=True`` trains plain LoRA / AdaLoRA (the baseline; ``p`` and the ensemble are then unused).
+    ``no_lora_dropout=True`` trains plain LoRA / AdaLoRA (the baseline); ``peft_dropout`` is PEFT's own element-wise
+    ``lora_dropout`` on the LoRA input (another baseline).
+
+    ``test_ensemble`` picks the test-time ensemble of ``ensemble`` members: ``"auto"`` (LoRA Dropout's masked
+    members when it is on, none for a baseline), ``"mc_dropout"`` (PEFT's dropout kept on at test: MC dropout, needs
+    ``peft_dropout > 0``), ``"masks"`` (LoRA Dropout masks with ``p`` at test time only, on a model trained without
+    them: the paper's "test only" ablation; its single pass is the plain model) or ``"none"``.
+
+    ``holdout_fraction`` carves a validation split out of train for model selection; the task's dev split becomes
+    the test split the run is scored on. ``epoch_eval`` scores validation and test after every epoch (single pass
+    and ensemble, recorded in ``metrics.json`` under ``epochs`` and ``best_epoch``).
     """
 
     command = "train"
@@ -137,12 +148,14 @@ class TrainSettings(_Settings):
     alpha: float = 16.0
     target_modules: str | Sequence[str] | None = None
     no_lora_dropout: bool = False
+    peft_dropout: float = 0.0
     p: float = 0.5
     samples: int = 1
     strategy: str = "ab"
     mask_scope: str = "batch"
     rescale: bool = False
     ensemble: int = 8
+    test_ensemble: str = "auto"
     chunk_size: int | None = None
     epochs: float = 3.0
     max_steps: int = -1
@@ -153,6 +166,8 @@ class TrainSettings(_Settings):
     max_eval_samples: int | None = None
     save_steps: int | None = None
     eval_steps: int | None = None
+    holdout_fraction: float | None = None
+    epoch_eval: bool = False
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
@@ -174,9 +189,25 @@ class TrainSettings(_Settings):
                 isinstance(self.target_modules, str) and any(m.strip() for m in self.target_modules.split(","))):
             checks.add(f"target_modules must be module names (a comma-separated string or a list), got "
                        f"{self.target_modules!r}")
-        for name in ("no_lora_dropout", "rescale", "resume", "overwrite"):
+        for name in ("no_lora_dropout", "rescale", "resume", "overwrite", "epoch_eval"):
             checks.boolean(name, getattr(self, name))
         _lora_dropout_checks(checks, self)
+        checks.number("peft_dropout", self.peft_dropout, non_negative=True)
+        if isinstance(self.peft_dropout, (int, float)) and self.peft_dropout >= 1:
+            checks.add(f"peft_dropout must be in [0, 1), got {self.peft_dropout}")
+        checks.choice("test_ensemble", self.test_ensemble, TEST_ENSEMBLES)
+        if self.test_ensemble in ("mc_dropout", "masks") and self.no_lora_dropout is False:
+            checks.add(f"test_ensemble={self.test_ensemble!r} is a baseline's ensemble: it needs no_lora_dropout=True "
+                       "(a LoRA Dropout model's ensemble is test_ensemble='auto')")
+        if self.test_ensemble == "mc_dropout" and not (isinstance(self.peft_dropout, (int, float))
+                                                       and self.peft_dropout > 0):
+            checks.add("test_ensemble='mc_dropout' needs peft_dropout > 0 (the dropout kept on at test time)")
+        if self.method == "adalora" and self.peft_dropout:
+            checks.add("peft_dropout is a LoRA option; AdaLoRA runs take no PEFT dropout here")
+        if self.holdout_fraction is not None:
+            checks.number("holdout_fraction", self.holdout_fraction, positive=True)
+            if isinstance(self.holdout_fraction, (int, float)) and not 0 < self.holdout_fraction < 1:
+                checks.add(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         checks.number("epochs", self.epochs, non_negative=True)
         checks.integer("max_steps", self.max_steps)
         if not checks.problems and self.epochs <= 0 and self.max_steps <= 0:
@@ -200,6 +231,15 @@ class TrainSettings(_Settings):
     def lora_dropout_config(self) -> LoraDropoutConfig | None:
         """The LoRA Dropout config of the run, or None for the plain baseline."""
         return None if self.no_lora_dropout else _config_of(self)
+
+    @property
+    def ensemble_kind(self) -> str:
+        """The test-time ensemble actually run: "lora_dropout", "mc_dropout", "masks" or "none"."""
+        if self.ensemble == 0:
+            return "none"
+        if self.test_ensemble == "auto":
+            return "none" if self.no_lora_dropout else "lora_dropout"
+        return self.test_ensemble
 
     def resume_differences(self, stored: Mapping[str, Any]) -> list[str]:
         """Settings that differ from a stored record, as ``--name old -> new`` (empty when resuming is safe)."""
@@ -283,4 +323,4 @@ class DemoSettings(_Settings):
         return _config_of(self)
 
 
-__all__ = ["METHODS", "RESUME_KEYS", "DemoSettings", "EvalSettings", "TrainSettings"]
+__all__ = ["METHODS", "RESUME_KEYS", "TEST_ENSEMBLES", "DemoSettings", "EvalSettings", "TrainSettings"]

@@ -31,6 +31,7 @@ from .runfolder import (
     METRICS_FILE,
     PREDICTIONS_FILE,
     RUN_CONFIG_FILE,
+    VALIDATION_PREDICTIONS_FILE,
     RunPlan,
     checkpoints,
     plan_run,
@@ -73,7 +74,8 @@ def build_peft_config(settings: TrainSettings, kind: str, target_modules: list[s
 
     from ..pretrained import model_kind
 
-    common = dict(lora_alpha=settings.alpha, target_modules=target_modules, lora_dropout=0.0,
+    # LoRA Dropout replaces PEFT's element-wise lora_dropout; `peft_dropout` keeps it for the baselines
+    common = dict(lora_alpha=settings.alpha, target_modules=target_modules, lora_dropout=settings.peft_dropout,
                   task_type=model_kind(kind).peft_task_type)
     if settings.method == "adalora":
         from ..adalora import adalora_schedule
@@ -142,11 +144,19 @@ def train(settings: TrainSettings, *, callbacks: Sequence[Any] = ()) -> RunResul
             raise UsageError(f"--resume with settings that differ from the run being resumed: {', '.join(changed)}")
     ld_config = settings.lora_dropout_config()
     spec = resolve_task(settings.task, settings.data_dir)
+    if spec.kind not in ("classification", "regression"):
+        extras = [k for k in ("holdout_fraction", "epoch_eval") if getattr(settings, k)]
+        if settings.ensemble_kind == "mc_dropout":
+            extras.append("test_ensemble='mc_dropout'")
+        if extras:
+            raise UsageError(f"{', '.join(extras)}: supported for classification and regression tasks only, not "
+                             f"{spec.name} ({spec.kind})")
     model_name = settings.model or _default_model(spec.kind)
     check_model_fits(model_name, spec.kind)
     tokenizer = load_tokenizer(model_name)
     data = prepare_task(spec, settings.data_dir, tokenizer, max_seq_len=settings.max_seq_len, seed=settings.seed,
-                        max_train_samples=settings.max_train_samples, max_eval_samples=settings.max_eval_samples)
+                        max_train_samples=settings.max_train_samples, max_eval_samples=settings.max_eval_samples,
+                        holdout_fraction=settings.holdout_fraction)
     world_size = _world_size()
     total_steps = train_steps(len(data.train), settings, world_size)
 
@@ -213,7 +223,40 @@ class _Run:
 
     @property
     def ensemble(self) -> int:
-        return self.settings.ensemble if self.ld_config is not None else 0
+        return 0 if self.settings.ensemble_kind == "none" else self.settings.ensemble
+
+    def evaluate(self, split: str | None = None, *, ensemble: bool = True, progress: bool = True) -> Any:
+        """The task's evaluation of the current model on `split` (default: its evaluation split)."""
+        s = self.settings
+        options: dict[str, Any] = {}
+        if split is not None:
+            options["split"] = split
+        if s.ensemble_kind == "mc_dropout":
+            options["mc_dropout"] = True
+        if not progress:
+            options["progress"] = False
+        return self.spec.evaluate(self.model, self.data, self.tokenizer, batch_size=s.batch_size,
+                                  ensemble=self.ensemble if ensemble else 0, chunk_size=s.chunk_size, seed=s.seed,
+                                  **options)
+
+    def _attach_test_masks(self) -> None:
+        """The "test only" ablation: LoRA Dropout masks on a model trained without them. The single pass stays the
+        plain model (eval mode "raw"); the ensemble's members are the masked models."""
+        from ..config import LoraDropoutConfig
+        from ..model import apply_lora_dropout
+
+        s = self.settings
+        apply_lora_dropout(self.model, LoraDropoutConfig(p=s.p, strategy=s.strategy, rescale=s.rescale, seed=s.seed,
+                                                         eval_mode="raw"))
+
+    def _epoch_callback(self) -> Any:
+        from .epochs import EpochEvaluation
+
+        splits = ("validation", self.data.eval_split) if self.data.eval_split != "validation" else ("validation",)
+        # per-epoch ensembles only where they need nothing attached (test-time masks are attached after training)
+        per_epoch_ensemble = self.settings.ensemble_kind in ("lora_dropout", "mc_dropout")
+        return EpochEvaluation(lambda split: self.evaluate(split, ensemble=per_epoch_ensemble, progress=False),
+                               splits, "validation", self.spec.main_metric)
 
     def train_and_write(self, callbacks: Sequence[Any]) -> RunResult:
         from ..pretrained import model_id
@@ -226,6 +269,9 @@ class _Run:
             logger.info("loradrop train: %s", " ".join(f"{k}={v}" for k, v in sorted(s.to_dict().items())))
             logger.info("data: %s", self.data.metadata.get("summary", ""))
         extra_callbacks = [_log_callback(), *callbacks]
+        epoch_eval = self._epoch_callback() if s.epoch_eval else None
+        if epoch_eval is not None:
+            extra_callbacks.append(epoch_eval)
         if s.method == "adalora":
             from ..adalora import AdaLoraCallback
 
@@ -245,19 +291,31 @@ class _Run:
         _leave_process_group()
         if not self.main:
             return RunResult(plan.output, None, None)
-        start = time.perf_counter()
-        result = self.spec.evaluate(self.model, self.data, self.tokenizer, batch_size=s.batch_size,
-                                    ensemble=self.ensemble, chunk_size=s.chunk_size, seed=s.seed)
-        eval_s = time.perf_counter() - start
-
+        # the trained adapter is written before evaluation: a failed evaluation loses no training
         adapter_tmp = plan.work / f".{ADAPTER_DIR}.tmp"
         shutil.rmtree(adapter_tmp, ignore_errors=True)
         self.model.save_pretrained(str(adapter_tmp))
         replace_dir(adapter_tmp, plan.work / ADAPTER_DIR)
+        if s.ensemble_kind == "masks":
+            self._attach_test_masks()
+        start = time.perf_counter()
+        result = self.evaluate()
+        eval_s = time.perf_counter() - start
+        validation = None
+        if self.data.eval_split != "validation" and s.holdout_fraction is not None:
+            validation = self.evaluate("validation")  # for post-hoc calibration fitted on held-out data
+            write_jsonl(plan.work / VALIDATION_PREDICTIONS_FILE, validation.rows)
         write_jsonl(plan.work / PREDICTIONS_FILE, result.rows)
         history = loss_history(trainer)
         write_json(plan.work / LOSS_HISTORY_FILE, history)
         metrics = self._metrics(result, trainer, train_output, train_s, eval_s)
+        if validation is not None:
+            metrics["eval"]["validation"] = {"single": validation.single, "ensemble": validation.ensemble}
+        if epoch_eval is not None:
+            metrics["epochs"] = epoch_eval.epochs
+            metrics["best_epoch"] = epoch_eval.best
+            for split, rows in epoch_eval.best_rows.items():
+                write_jsonl(plan.work / f"best_epoch_{split}_predictions.jsonl", rows)
         write_json(plan.work / METRICS_FILE, metrics)
         logger.info("eval single: %s", json.dumps(jsonable(headline(result.single))))
         if result.ensemble is not None:
@@ -286,6 +344,7 @@ class _Run:
                 "lora_dropout": self.ld_config.to_dict() if self.ld_config is not None else None,
                 "target_modules": self.target_modules,
                 "ensemble": self.ensemble,
+                "ensemble_kind": s.ensemble_kind,
                 "eval_batch_size": s.batch_size,
                 "total_steps": self.total_steps,
                 "world_size": int(self.training_args.world_size),

@@ -86,11 +86,11 @@ def resolve_task(name: str, data_dir: str | os.PathLike | None = None) -> TaskSp
 
 def prepare_task(spec: TaskSpec, data_dir: str | os.PathLike | None, tokenizer: Any, *, max_seq_len: int, seed: int,
                  max_train_samples: int | None = None, max_eval_samples: int | None = None,
-                 need_train: bool = True) -> TaskData:
+                 need_train: bool = True, holdout_fraction: float | None = None) -> TaskData:
     """Load a task (`load_task_data`) and make it ready for a run with its own ``prepare``: tokenized splits, the
     collator, and whatever its ``evaluate`` needs."""
     raw = load_task_data(spec, data_dir, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
-                         seed=seed)
+                         seed=seed, holdout_fraction=holdout_fraction)
     return spec.prepare(spec, raw, tokenizer, max_seq_len=max_seq_len, need_train=need_train,
                         data_dir=None if data_dir is None else str(data_dir), seed=seed,
                         max_eval_samples=max_eval_samples)
@@ -112,6 +112,7 @@ def load_task_data(
     max_eval_samples: int | None = None,
     seed: int = 0,
     validation_fraction: float | None = None,
+    holdout_fraction: float | None = None,
 ) -> DatasetDict:
     """Load a task into a `DatasetDict` with ``train`` and ``validation`` (and ``test`` / extra eval splits).
 
@@ -120,8 +121,10 @@ def load_task_data(
     local path (``"glue"``, ``"nyu-mll/glue"``, ``"rajpurkar/squad"``) loads from the hub, raising
     `DataUnavailableError` when offline. Without a train file the dev set is split deterministically (``seed``,
     ``validation_fraction``; by article for SQuAD). ``max_train_samples`` / ``max_eval_samples`` take a seeded
-    random subset (original order kept) of ``train`` / every other split. How each split was made is in
-    ``get_metadata(result)`` (and each split's ``info.description``).
+    random subset (original order kept) of ``train`` / every other split. ``holdout_fraction`` (for model
+    selection without touching the dev set) carves a validation split out of the (subsampled) train split,
+    stratified by label, and the task's own validation split becomes ``test``, the split a run is scored on. How
+    each split was made is in ``get_metadata(result)`` (and each split's ``info.description``).
     """
     spec = get_task(task)
     if spec.loader is None:  # pragma: no cover - every registered task has one
@@ -153,6 +156,8 @@ def load_task_data(
                          "max_train_samples" if split == "train" else "max_eval_samples")
         for split, ds in dataset_dict.items()
     })
+    if holdout_fraction is not None:
+        dataset_dict, metadata = _hold_out(spec, dataset_dict, metadata, holdout_fraction, seed)
     rows = {split: len(ds) for split, ds in dataset_dict.items()}
     metadata = {**metadata, "task": spec.name, "seed": seed, "rows": rows, "rows_before_subsampling": rows_full,
                 "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
@@ -160,6 +165,27 @@ def load_task_data(
                            + ", ".join(f"{k} {v}" for k, v in rows.items())
                            + (f" ({metadata['derived_splits']})" if metadata.get("derived_splits") else ""))
     return _attach_metadata(dataset_dict, metadata)
+
+
+def _hold_out(spec: TaskSpec, data: DatasetDict, metadata: dict[str, Any], fraction: float,
+              seed: int) -> tuple[DatasetDict, dict[str, Any]]:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise DataError(f"holdout_fraction must be in (0, 1), got {fraction!r}")
+    if "test" in data:
+        raise DataError(f"task {spec.name!r} already has a test split ({len(data['test'])} rows): hold a validation "
+                        "split out of train only for tasks scored on their validation (dev) split")
+    train = data["train"]
+    strata = list(train[spec.label_column]) if spec.kind == "classification" else None
+    keep, held = split_indices(len(train), fraction, seed + 17, strata=strata)
+    out = DatasetDict({"train": train.select(keep.tolist()), "validation": train.select(held.tolist()),
+                       "test": data["validation"]})
+    how = (f"validation: {len(held)} rows held out of train ({fraction:.0%}, "
+           f"{'stratified by label, ' if strata else ''}seed {seed + 17}); test: the task's validation (dev) split")
+    notes = dict(metadata.get("split_notes", {}))
+    notes.update(train=f"{notes.get('train', 'train')} minus the held-out validation rows",
+                 validation=f"held out of train ({fraction:.0%})", test=notes.get("validation", "validation"))
+    derived = "; ".join(x for x in (metadata.get("derived_splits"), how) if x)
+    return out, {**metadata, "split_notes": notes, "derived_splits": derived, "holdout_fraction": fraction}
 
 
 def preprocess(

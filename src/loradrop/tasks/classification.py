@@ -11,7 +11,7 @@ from datasets import DatasetDict
 
 from ..calibration import classification_calibration
 from ..ensemble import entropy
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from ..prediction import predict_classification
 from .spec import EvalResult, TaskData, TaskSpec
 
@@ -31,11 +31,21 @@ def check_encoded(spec: TaskSpec, max_seq_len: int, **splits: Any) -> None:
                             "too small?)")
 
 
+def unsupported_options(spec: TaskSpec, options: dict[str, Any]) -> None:
+    """Refuse evaluation options a task family does not implement (per-split scoring, MC dropout), by name."""
+    given = {k: v for k, v in options.items() if v not in (None, False) and k != "progress"}
+    if given:
+        raise UsageError(f"{spec.name} ({spec.kind}) evaluation does not support {sorted(given)}; it scores its "
+                         f"evaluation split with LoRA Dropout ensembles only")
+
+
 def prepare_classification(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_len: int,
                            need_train: bool = True, **_: Any) -> TaskData:
     """Tokenized train / validation (for the Trainer's eval loss) and the evaluation split: ``test`` where the task
     has one (tweets), else ``validation`` (GLUE dev)."""
     from transformers import DataCollatorWithPadding
+
+    from .base import get_metadata
 
     eval_split = "test" if "test" in raw else "validation"
     splits = [*(["train", "validation"] if need_train else []), eval_split]
@@ -44,22 +54,26 @@ def prepare_classification(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, 
     train = encoded["train"] if need_train else None
     eval_loss = encoded["validation"] if need_train else None
     check_encoded(spec, max_seq_len, train=train, validation=eval_loss)
-    from .base import get_metadata
-
     return TaskData(spec=spec, raw=raw, train=train, eval_loss=eval_loss, eval_split=eval_split,
                     collator=DataCollatorWithPadding(tokenizer), metadata=get_metadata(raw),
-                    extras={"eval_encoded": encoded[eval_split]})
+                    extras={"encoded": {k: v for k, v in encoded.items() if k != "train"}})
 
 
 def evaluate_classification(model: torch.nn.Module, data: TaskData, tokenizer: Any = None, *, batch_size: int,
-                            ensemble: int, chunk_size: int | None, seed: int) -> EvalResult:
-    """Official metrics (+ ECE/NLL/Brier for classification) of the single pass and the ensemble."""
+                            ensemble: int, chunk_size: int | None, seed: int, split: str | None = None,
+                            mc_dropout: bool = False, progress: bool = True) -> EvalResult:
+    """Official metrics (+ ECE/NLL/Brier for classification) of the single pass and the ensemble on `split`
+    (default: the task's evaluation split); `mc_dropout` makes the ensemble MC dropout (a baseline)."""
     spec = data.spec
     regression = spec.kind == "regression"
-    preds = predict_classification(model, data.extras["eval_encoded"], data.collator, batch_size=batch_size,
-                                   ensemble=ensemble, chunk_size=chunk_size, seed=seed, regression=regression)
+    split = split or data.eval_split
+    if split not in data.extras["encoded"]:
+        raise DataError(f"{spec.name}: no prepared split {split!r}; prepared: {sorted(data.extras['encoded'])}")
+    preds = predict_classification(model, data.extras["encoded"][split], data.collator, batch_size=batch_size,
+                                   ensemble=ensemble, chunk_size=chunk_size, seed=seed, regression=regression,
+                                   mc_dropout=mc_dropout, progress=progress)
     labels = preds.labels
-    raw = data.raw[data.eval_split]
+    raw = data.raw[split]
     ids = list(raw["idx"]) if "idx" in raw.column_names else list(range(len(raw)))
 
     def metrics(values: torch.Tensor) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from datasets import DatasetDict, Features, List, Value
 from ..ensemble import eval_mode
 from ..errors import DataError
 from .base import first_existing, get_metadata, make_dataset, require_data_root, split_indices
-from .classification import check_encoded
+from .classification import check_encoded, unsupported_options
 from .mmlu import evaluate_mmlu, load_mmlu_eval
 from .spec import EvalResult, TaskData, TaskSpec
 
@@ -248,9 +248,10 @@ def sft_loss(model: torch.nn.Module, dataset: Any, collator: Any, *, batch_size:
 
 
 def evaluate_instruct(model: torch.nn.Module, data: TaskData, tokenizer: Any, *, batch_size: int, ensemble: int,
-                      chunk_size: int | None, seed: int) -> EvalResult:
+                      chunk_size: int | None, seed: int, **options: Any) -> EvalResult:
     """MMLU 0-shot and 5-shot (see `loradrop.tasks.mmlu.evaluate_mmlu`); the single pass also reports the SFT
     validation loss and perplexity."""
+    unsupported_options(data.spec, options)
     result = evaluate_mmlu(model, data.extras["mmlu"], tokenizer, data.metadata, batch_size=batch_size,
                            ensemble=ensemble, chunk_size=chunk_size, seed=seed)
     loss = sft_loss(model, data.eval_loss, data.collator, batch_size=batch_size)

@@ -13,7 +13,7 @@ from datasets import Dataset, DatasetDict
 
 from ..ensemble import batch_seed, ensemble_predict, entropy, eval_mode
 from ..errors import DataError
-from .classification import check_encoded
+from .classification import check_encoded, unsupported_options
 from .spec import EvalResult, TaskData, TaskSpec
 
 SCORE_TYPES = ("logits", "probs")
@@ -110,9 +110,10 @@ def postprocess_squad(
 
 @torch.no_grad()
 def evaluate_span(model: torch.nn.Module, data: TaskData, tokenizer: Any = None, *, batch_size: int, ensemble: int,
-                  chunk_size: int | None, seed: int) -> EvalResult:
+                  chunk_size: int | None, seed: int, **options: Any) -> EvalResult:
     """EM / F1 of the single pass and of the ensemble (answers read from the averaged start/end probabilities);
     per question, the ensemble's mutual information averaged over start and end and over its windows."""
+    unsupported_options(data.spec, options)
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import default_data_collator

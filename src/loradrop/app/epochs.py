@@ -1,0 +1,63 @@
+"""Scoring during training: after every epoch, the single pass and the ensemble on the validation split (model
+selection) and on the test split (what would be reported), so a study can report the final checkpoint and the
+best-validation one, ECE over training and the train / validation loss gap without saving a checkpoint per epoch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger("loradrop.app")
+LOWER_IS_BETTER = ("loss", "nll", "ece", "brier")
+
+
+def better(metric: str, new: float, old: float | None) -> bool:
+    """Whether `new` improves on `old` for `metric` (losses and calibration errors go down, the rest up)."""
+    if old is None:
+        return True
+    return new < old if metric in LOWER_IS_BETTER else new > old
+
+
+class EpochEvaluation(TrainerCallback):
+    """Evaluates `splits` with the task's own evaluation after each epoch and keeps the best epoch's predictions.
+
+    ``evaluate(split)`` returns an `EvalResult`; the best epoch is the one with the best ``select_metric`` of the
+    single pass on ``select_split``. Evaluation runs in eval mode (LoRA Dropout draws no training masks there) and
+    never touches the training random state, so training is the same with and without this callback.
+    """
+
+    def __init__(self, evaluate: Any, splits: tuple[str, ...], select_split: str, select_metric: str) -> None:
+        self.evaluate = evaluate
+        self.splits = splits
+        self.select_split = select_split
+        self.select_metric = select_metric
+        self.epochs: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.best_rows: dict[str, list[dict[str, Any]]] = {}
+        self._logged = 0
+
+    def _train_loss(self, state: Any) -> float | None:
+        losses = [e["loss"] for e in state.log_history[self._logged:] if "loss" in e]
+        self._logged = len(state.log_history)
+        return sum(losses) / len(losses) if losses else None
+
+    def on_epoch_end(self, args, state, control, **kwargs):  # noqa: D401 - Trainer hook
+        if not state.is_world_process_zero:
+            return
+        record: dict[str, Any] = {"epoch": round(float(state.epoch or 0), 4), "step": int(state.global_step),
+                                  "train_loss": self._train_loss(state)}
+        rows = {}
+        for split in self.splits:
+            result = self.evaluate(split)
+            record[split] = {"single": result.single, "ensemble": result.ensemble}
+            rows[split] = result.rows
+        self.epochs.append(record)
+        value = record[self.select_split]["single"].get(self.select_metric)
+        if value is not None and better(self.select_metric, value, None if self.best is None else self.best["value"]):
+            self.best = {"epoch": record["epoch"], "step": record["step"], "split": self.select_split,
+                         "metric": self.select_metric, "value": value,
+                         **{split: record[split] for split in self.splits}}
+            self.best_rows = rows
+        logger.info("epoch %s: %s single %s = %s", record["epoch"], self.select_split, self.select_metric, value)
