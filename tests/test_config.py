@@ -1,7 +1,7 @@
 import pytest
 
 from loradrop import LoraDropoutConfig
-from loradrop.config import CONFIG_FILE_NAME
+from loradrop.config import CONFIG_FILE_NAME, read_config_file
 
 
 @pytest.mark.parametrize(
@@ -52,3 +52,27 @@ def test_round_trip_keeps_unknown_keys(tmp_path):
 def test_load_without_file_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no loradrop_config.json"):
         LoraDropoutConfig.load(tmp_path)
+
+
+def test_read_config_file_returns_settings_and_metadata(tmp_path):
+    cfg = LoraDropoutConfig(p=0.25, seed=7)
+    cfg.save(tmp_path, mask_state={"seed": 7, "step": 3}, eval_mode="raw")
+    payload = read_config_file(tmp_path)
+    assert payload["mask_state"] == {"seed": 7, "step": 3} and payload["eval_mode"] == "raw"
+    assert LoraDropoutConfig.from_payload(payload) == cfg
+    assert LoraDropoutConfig.from_payload(cfg.to_dict()) == cfg  # a bare settings dict (older files)
+
+
+def test_read_config_file_names_the_file_when_it_is_not_valid(tmp_path):
+    path = tmp_path / CONFIG_FILE_NAME
+    path.write_text('{"loradrop_config": {"p": 0.5', encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{CONFIG_FILE_NAME}' is not valid JSON") as err:
+        read_config_file(tmp_path)
+    assert str(path) in str(err.value)
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        LoraDropoutConfig.load(tmp_path)
+    path.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds a JSON list, not the object loradrop writes"):
+        read_config_file(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no loradrop_config.json"):
+        read_config_file(tmp_path / "nowhere")

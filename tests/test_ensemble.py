@@ -7,6 +7,7 @@ from peft import get_peft_model
 import loradrop
 from helpers import lora_config, tiny_bert_config
 from loradrop import LoraDropoutConfig, ensemble_generate, ensemble_predict, ensemble_score_choices
+from loradrop.ensemble import batch_seed, entropy, eval_mode
 from loradrop.members import split_members
 
 INPUTS = {"input_ids": torch.randint(0, 120, (4, 10), generator=torch.Generator().manual_seed(1)),
@@ -244,3 +245,32 @@ def test_generate_runs_one_forward_per_new_token_and_keeps_only_last_prefill_log
     assert out.new_tokens.shape == (2, 5)
     assert len(seen) == 5
     assert all(shape[:2] == (6, 1) for shape in seen)  # 3 members x 2 prompts, one position each
+
+
+# ------------------------------------------------------------------------------------------------ small public helpers
+def test_entropy():
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.25, 0.25, 0.5]], dtype=torch.float64)
+    expected = torch.tensor([0.0, torch.log(torch.tensor(2.0)), 1.5 * torch.log(torch.tensor(2.0))],
+                            dtype=torch.float64)
+    torch.testing.assert_close(entropy(probs), expected)  # 0 log 0 = 0, and the input's dtype
+    torch.testing.assert_close(entropy(probs.T, dim=0), expected)
+
+
+def test_batch_seed_gives_distinct_reproducible_seeds_per_batch():
+    seeds = {batch_seed(seed, i) for seed in range(3) for i in range(100)}
+    assert len(seeds) == 300 and min(seeds) >= 0
+    assert batch_seed(2, 5) == batch_seed(2, 5)
+
+
+def test_eval_mode_restores_the_previous_mode_also_on_error(bert):
+    bert.train()
+    with eval_mode(bert) as model:
+        assert model is bert and not bert.training
+    assert bert.training
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(bert):
+        raise RuntimeError("boom")
+    assert bert.training
+    bert.eval()
+    with eval_mode(bert):
+        pass
+    assert not bert.training

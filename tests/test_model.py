@@ -191,6 +191,8 @@ def test_export_adapter_and_merged_model_serve_the_expected_update(tiny_bert, tm
 
     model = tiny_bert()
     loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=9))
+    model.train()
+    model(**BATCH).loss.backward()  # exported after training: the model (and its last plan) is deep-copied
     model.eval()
     expected = model(**BATCH).logits
     before = {k: v.clone() for k, v in model.state_dict().items()}
