@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import MASK_SCOPES, STRATEGIES
 from .errors import LoradropError
@@ -107,11 +108,49 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-eval-samples", type=_positive_int, default=None)
     ev.add_argument("--seed", type=int, default=None, help="ensemble seed (default: the run's seed)")
     ev.add_argument("--output", default=None, help="where to write eval_metrics.json (default: beside the adapter)")
+    sweep = sub.add_parser("sweep", help="run a grid of training runs from a YAML plan (one JSON result per run)")
+    sweep.add_argument("plan", help="the plan file (see loradrop.app.sweep)")
+    sweep.add_argument("--results", default=None, help="results folder (default: the plan's 'results')")
+    sweep.add_argument("--workers", type=_positive_int, default=1,
+                       help="runs trained at once in separate processes (several small runs can share one GPU)")
+    sweep.add_argument("--work-dir", default=None, help="where run folders are built (default: beside --results)")
+    sweep.add_argument("--keep-runs", action="store_true", help="keep each run folder (adapters, logs)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting of every run (e.g. --set model=/path/to/minilm); repeatable")
+
+    report = sub.add_parser("report", help="tables, plots and the claims table from sweep results")
+    report.add_argument("results", nargs="+", help="results folders written by loradrop sweep")
+    report.add_argument("-o", "--output", default="REPORT.md", help="the Markdown report to write")
+    report.add_argument("--plots", default=None, help="folder for the PNG plots (default: beside the report)")
     return parser
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .app.sweep import SweepPlan, parse_overrides, pending, run_sweep
+
+    plan = SweepPlan.load(args.plan)
+    if args.set:
+        plan.overrides = parse_overrides(args.set)
+        plan.runs()  # validate the overridden settings before anything runs
+    results = Path(args.results) if args.results else plan.results
+    if args.dry_run:
+        todo, done = pending(plan, results) if results is not None else (plan.runs(), 0)
+        for run in todo:
+            print(run.run_id)
+        print(f"{len(todo)} to run, {done} done already", flush=True)
+        return 0
+    summary = run_sweep(plan, results, workers=args.workers, work_dir=args.work_dir, keep_runs=args.keep_runs)
+    print(f"sweep {plan.name}: {summary['ok']} ran, {summary['skipped']} done already, {len(summary['failed'])} "
+          f"failed (of {summary['planned']})", flush=True)
+    for failure in summary["failed"]:
+        print(f"  failed: {failure['run_id']}: {failure['error']}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def settings_from_args(args: argparse.Namespace):
-    """The typed settings of a parsed command line (validated; raises `SettingsError`)."""
+    """The typed settings of a parsed ``demo`` / ``train`` / ``eval`` command line (validated; raises
+    `SettingsError`)."""
     from .app import DemoSettings, EvalSettings, TrainSettings
 
     cls = {"demo": DemoSettings, "train": TrainSettings, "eval": EvalSettings}[args.command]
@@ -135,6 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "sweep":
+            _quiet_libraries()
+            return _sweep(args)
+        if args.command == "report":
+            from .app.report import write_report
+
+            print(f"wrote {write_report(args.results, args.output, plots_dir=args.plots)}")
+            return 0
         settings = settings_from_args(args)
         _quiet_libraries()
         from . import app

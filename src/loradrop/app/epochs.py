@@ -1,6 +1,6 @@
-"""Scoring during training: after every epoch, the single pass and the ensemble on the validation split (model
-selection) and on the test split (what would be reported), so a study can report the final checkpoint and the
-best-validation one, ECE over training and the train / validation loss gap without saving a checkpoint per epoch."""
+"""Scoring during training: after every epoch, the single pass on the validation split (model selection) and on
+the test split (what would be reported), so a study can report the final and the best-validation checkpoint, ECE
+over training and the train / validation loss gap without saving a checkpoint per epoch."""
 
 from __future__ import annotations
 

@@ -53,3 +53,28 @@ def jsonable(value: Any) -> Any:
     if hasattr(value, "value") and isinstance(value.value, (str, int)):  # enums
         return value.value
     return str(value)
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window: CUDA's allocator peak and, on Linux, the process's peak RSS."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:  # "5" resets VmHWM (Linux); elsewhere the peak is lifetime
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory() -> dict[str, float | None]:
+    """Peak memory since `reset_peak_memory`, in MiB: ``cuda`` (allocated tensors) and ``rss`` (host process)."""
+    rss = None
+    try:
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    rss = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"cuda": cuda, "rss": rss}

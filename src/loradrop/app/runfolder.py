@@ -96,9 +96,15 @@ def read_json(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not valid JSON ({err}); was it written by loradrop?") from err
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (a temporary file renamed into place), values made JSON-ready first."""
-    write_json_atomic(path, jsonable(value))
+def write_json(path: Path, value: Any, *, compact: bool = False) -> None:
+    """Write JSON atomically (a temporary file renamed into place), values made JSON-ready first; `compact` writes
+    one line without indentation (for large result files)."""
+    if not compact:
+        write_json_atomic(path, jsonable(value))
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(jsonable(value), sort_keys=True, separators=(",", ":")) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:

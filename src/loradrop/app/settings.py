@@ -133,8 +133,8 @@ class TrainSettings(_Settings):
     them: the paper's "test only" ablation; its single pass is the plain model) or ``"none"``.
 
     ``holdout_fraction`` carves a validation split out of train for model selection; the task's dev split becomes
-    the test split the run is scored on. ``epoch_eval`` scores validation and test after every epoch (single pass
-    and ensemble, recorded in ``metrics.json`` under ``epochs`` and ``best_epoch``).
+    the test split the run is scored on. ``epoch_eval`` scores validation and test after every epoch (single pass;
+    recorded in ``metrics.json`` under ``epochs`` and ``best_epoch``).
     """
 
     command = "train"

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from .provenance import hardware, jsonable, versions
+from .provenance import hardware, jsonable, peak_memory, versions
 from .runfolder import (
     ADAPTER_DIR,
     LOG_FILE,
@@ -253,9 +253,8 @@ class _Run:
         from .epochs import EpochEvaluation
 
         splits = ("validation", self.data.eval_split) if self.data.eval_split != "validation" else ("validation",)
-        # per-epoch ensembles only where they need nothing attached (test-time masks are attached after training)
-        per_epoch_ensemble = self.settings.ensemble_kind in ("lora_dropout", "mc_dropout")
-        return EpochEvaluation(lambda split: self.evaluate(split, ensemble=per_epoch_ensemble, progress=False),
+        # single pass only: an ensemble per epoch would cost as much as the training itself on small tasks
+        return EpochEvaluation(lambda split: self.evaluate(split, ensemble=False, progress=False),
                                splits, "validation", self.spec.main_metric)
 
     def train_and_write(self, callbacks: Sequence[Any]) -> RunResult:
@@ -330,7 +329,6 @@ class _Run:
         from ..pretrained import model_id
 
         s = self.settings
-        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         return {
             "task": s.task,
             "registry_task": self.spec.name,
@@ -354,7 +352,7 @@ class _Run:
             "versions": versions(),
             "hardware": hardware(),
             "wall_time": {"train_s": train_s, "eval_s": eval_s},
-            "peak_memory_mib": {"cuda": peak},
+            "peak_memory_mib": peak_memory(),
             "data": self.data.metadata,
             "eval_split": self.data.eval_split,
             "eval": {"single": result.single, "ensemble": result.ensemble},

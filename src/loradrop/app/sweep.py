@@ -1,0 +1,330 @@
+"""``loradrop sweep PLAN.yaml``: a grid of training runs (task x method x hyper-parameters x seed) through the Python
+entry point `loradrop.app.train`, one JSON result per run.
+
+A plan::
+
+    name: glue-main
+    results: results/glue-main          # relative to the plan file (or --results)
+    base: {model: minilm, epochs: 10, batch_size: 32, holdout_fraction: 0.1, epoch_eval: true}
+    grid: {task: [rte, mrpc], lr: [5.0e-4, 2.0e-3], seed: [0, 1, 2]}
+    methods:                            # name -> settings; a list value is one more axis of that method only
+      lora: {no_lora_dropout: true}
+      lora_dropout: {p: 0.5, samples: 4}
+      p_sweep: {p: [0.1, 0.3, 0.5], samples: [1, 4]}
+    task_settings:                      # per task, or per task and method ("task/method"), before the method's
+      sst2: {max_train_samples: 10000}
+      mrpc/lora_dropout: {lr: 2.0e-3}
+
+expands to one `TrainSettings` per combination, every one validated before the first run starts. A run whose
+result exists is skipped, so a killed sweep continues where it stopped when started again; a run that fails
+writes ``<run>.failed.json`` (with the traceback) and is tried again on the next start. ``--workers K`` trains K
+runs at once in separate processes (on one GPU: several small runs share the card; on a CPU: 1).
+
+Each result, ``<results>/<run id>.json``, holds the plan and run id, the method and its axes, the settings, versions
+and hardware, wall time and peak memory, the run's ``metrics.json`` (per-epoch validation / test metrics with
+``epoch_eval``, final single-pass and ensemble metrics with ECE/NLL/Brier), the loss history, and the per-example
+predictions on the test and validation splits (final and best epoch) for post-hoc analysis: deep ensembles
+across seeds, temperature scaling fitted on validation, reliability diagrams.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SettingsError, UsageError
+from .provenance import hardware, versions
+from .runfolder import read_json, write_json
+from .settings import TrainSettings
+
+SCHEMA = "loradrop.sweep.run/1"
+PLAN_KEYS = {"name", "description", "results", "base", "grid", "methods", "task_settings"}
+ENGINE_OWNED = {"output", "resume", "overwrite"}
+PREDICTION_FILES = {"test": "predictions.jsonl", "validation": "validation_predictions.jsonl",
+                    "best_epoch_test": "best_epoch_test_predictions.jsonl",
+                    "best_epoch_validation": "best_epoch_validation_predictions.jsonl"}
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep: its id, method, the axes that vary, and its settings (output set by the engine)."""
+
+    run_id: str
+    method: str
+    axes: dict[str, Any]
+    settings: dict[str, Any]
+
+    def train_settings(self, work_dir: Path) -> TrainSettings:
+        return TrainSettings.from_dict({**self.settings, "output": str(work_dir / self.run_id), "overwrite": True})
+
+
+@dataclass
+class SweepPlan:
+    """A parsed, validated plan (see the module docstring)."""
+
+    name: str
+    methods: dict[str, dict[str, Any]]
+    base: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    task_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: Path | None = None
+    description: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)  # applied last, e.g. a local model path on a machine
+
+    @classmethod
+    def load(cls, path: str | Path) -> SweepPlan:
+        """Read a YAML (or JSON) plan; every problem is reported in one `SettingsError`."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"sweep plan {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe_load: a plan never executes anything
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UsageError(f"sweep plan {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from err
+        if not isinstance(raw, dict):
+            raise UsageError(f"sweep plan {str(path)!r} must be a mapping with keys {sorted(PLAN_KEYS)}")
+        unknown = sorted(set(raw) - PLAN_KEYS)
+        if unknown:
+            raise UsageError(f"sweep plan {str(path)!r}: unknown key(s) {unknown}; allowed: {sorted(PLAN_KEYS)}")
+        results = raw.get("results")
+        plan = cls(name=str(raw.get("name") or path.stem), methods=raw.get("methods") or {},
+                   base=raw.get("base") or {}, grid=raw.get("grid") or {}, task_settings=raw.get("task_settings") or {},
+                   results=(path.parent / results) if results else None, description=str(raw.get("description", "")))
+        plan.runs()  # validate every run now
+        return plan
+
+    def runs(self) -> list[PlannedRun]:
+        """Every run of the plan, in a stable order, each with validated settings."""
+        problems: list[str] = []
+        for what, value in (("base", self.base), ("grid", self.grid), ("methods", self.methods),
+                            ("task_settings", self.task_settings)):
+            if not isinstance(value, dict):
+                problems.append(f"{what} must be a mapping, got {type(value).__name__}")
+        if not problems and not self.methods:
+            problems.append("methods must name at least one method")
+        if problems:
+            raise SettingsError(problems)
+        owned = sorted(ENGINE_OWNED & (set(self.base) | set(self.grid) | set(self.overrides)
+                                       | {k for m in self.methods.values() for k in (m or {})}))
+        if owned:
+            raise SettingsError([f"{owned} are set by the sweep engine, not by a plan"])
+        grid = {k: v if isinstance(v, list) else [v] for k, v in self.grid.items()}
+        if "task" not in grid and "task" not in self.base:
+            raise SettingsError(["a plan needs a task: in base or as a grid axis"])
+        out, seen = [], set()
+        for method, spec in self.methods.items():
+            spec = dict(spec or {})
+            local = {k: v for k, v in spec.items() if isinstance(v, list)}
+            fixed = {k: v for k, v in spec.items() if not isinstance(v, list)}
+            axes_lists = {**grid, **local}
+            for values in itertools.product(*axes_lists.values()):
+                axes = dict(zip(axes_lists, values))
+                task = axes.get("task", self.base.get("task"))
+                settings = {**self.base, **self.task_settings.get(task, {}),
+                            **self.task_settings.get(f"{task}/{method}", {}), **fixed, **axes, **self.overrides,
+                            "output": "-"}
+                try:
+                    TrainSettings.from_dict(settings)
+                except SettingsError as err:
+                    problems.append(f"method {method!r} {axes}: {err}")
+                    continue
+                run_id = _run_id(method, axes)
+                if run_id in seen:
+                    problems.append(f"two runs share the id {run_id!r}")
+                seen.add(run_id)
+                settings.pop("output")
+                out.append(PlannedRun(run_id, method, axes, settings))
+        if problems:
+            raise SettingsError(problems)
+        return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["model=/models/minilm", "epochs=2"]`` -> settings (values read as YAML scalars: numbers, true/false)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE with a TrainSettings field as KEY")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _value_text(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
+
+
+def _run_id(method: str, axes: Mapping[str, Any]) -> str:
+    """``<task>__<method>__<axis>-<value>_...`` (the task first, the rest sorted), safe as a file name."""
+    task = axes.get("task")
+    rest = "_".join(f"{k}-{_value_text(v)}" for k, v in sorted(axes.items()) if k != "task")
+    return "__".join(x for x in (_value_text(task) if task is not None else None, _name_text(method), rest) if x)
+
+
+def _name_text(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(name))
+
+
+# ------------------------------------------------------------------------------------------------ execution
+def result_path(results: Path, run_id: str) -> Path:
+    return results / f"{run_id}.json"
+
+
+def pending(plan: SweepPlan, results: Path) -> tuple[list[PlannedRun], int]:
+    """Runs without a result file yet, and how many are already done."""
+    runs = plan.runs()
+    todo = [r for r in runs if not result_path(results, r.run_id).is_file()]
+    return todo, len(runs) - len(todo)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _compact(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per-example predictions as columns (probabilities rounded to 6 digits)."""
+    if not rows:
+        return None
+
+    def col(key: str) -> list[Any] | None:
+        if key not in rows[0]:
+            return None
+        values = [r[key] for r in rows]
+        if isinstance(values[0], list):
+            return [[round(float(x), 6) for x in v] for v in values]
+        return [round(float(v), 6) if isinstance(v, float) else v for v in values]
+
+    out = {k: col(k) for k in ("id", "label", "single_probs", "ensemble_probs", "single", "ensemble_mean")}
+    if "uncertainty" in rows[0]:
+        out["uncertainty"] = {k: [round(float(r["uncertainty"][k]), 6) for r in rows]
+                              for k in rows[0]["uncertainty"]}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def execute(run: PlannedRun, plan_name: str, results: Path, work_dir: Path, keep_runs: bool = False) -> dict:
+    """Train one planned run and write its result JSON (or ``<id>.failed.json``); returns a short status."""
+    from .provenance import peak_memory, reset_peak_memory
+    from .train_run import train
+
+    failed = results / f"{run.run_id}.failed.json"
+    start = time.perf_counter()
+    try:
+        reset_peak_memory()
+        run_result = train(run.train_settings(work_dir))
+        wall = time.perf_counter() - start
+        metrics = run_result.metrics
+        folder = run_result.output
+        result = {
+            "schema": SCHEMA, "plan": plan_name, "run_id": run.run_id, "method": run.method, "axes": run.axes,
+            "settings": run.settings, "status": "ok", "versions": versions(), "hardware": hardware(),
+            "wall_time_s": wall, "peak_memory_mib": peak_memory(), "metrics": metrics,
+            "loss_history": read_json(folder / "loss_history.json"),
+            "predictions": {k: _compact(_read_rows(folder / name)) for k, name in PREDICTION_FILES.items()},
+        }
+        write_json(result_path(results, run.run_id), result, compact=True)
+        failed.unlink(missing_ok=True)
+        if not keep_runs:
+            shutil.rmtree(folder, ignore_errors=True)
+        return {"run_id": run.run_id, "status": "ok", "seconds": wall}
+    except Exception as err:  # one failed run must not stop the sweep; the error is kept with its traceback
+        write_json(failed, {"schema": SCHEMA, "run_id": run.run_id, "method": run.method, "axes": run.axes,
+                            "settings": run.settings, "status": "failed", "error": f"{type(err).__name__}: {err}",
+                            "traceback": traceback.format_exc()})
+        return {"run_id": run.run_id, "status": "failed", "error": f"{type(err).__name__}: {err}",
+                "seconds": time.perf_counter() - start}
+
+
+def _worker_init() -> None:
+    """A worker process: quiet, one compute thread each (many runs share the machine)."""
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    torch.set_num_threads(max(1, int(os.environ.get("LORADROP_WORKER_THREADS", "1"))))
+    transformers.logging.set_verbosity_error()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _execute_quietly(args: tuple) -> dict:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return execute(*args)
+
+
+def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: int = 1,
+              work_dir: str | Path | None = None, keep_runs: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every pending run of `plan` (`workers` at a time); returns counts and the failures."""
+    from tqdm.auto import tqdm
+
+    results = Path(results) if results is not None else plan.results
+    if results is None:
+        raise UsageError("no results folder: give --results or a 'results' key in the plan")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
+    results.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir) if work_dir is not None else results.parent / f".{results.name}.runs"
+    todo, done = pending(plan, results)
+    summary: dict[str, Any] = {"planned": len(todo) + done, "skipped": done, "ok": 0, "failed": []}
+    jobs = [(run, plan.name, results, work, keep_runs) for run in todo]
+    bar = tqdm(total=len(jobs), desc=f"sweep {plan.name}", unit="run", disable=not progress)
+    for status in _statuses(jobs, workers):
+        if status["status"] == "ok":
+            summary["ok"] += 1
+        else:
+            summary["failed"].append(status)
+            bar.write(f"failed: {status['run_id']}: {status['error']}")
+        bar.update(1)
+    bar.close()
+    return summary
+
+
+def _statuses(jobs: list[tuple], workers: int) -> Iterator[dict]:
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield execute(*job)
+        return
+    import multiprocessing
+
+    # spawn: CUDA cannot be used in forked children; each worker imports the libraries once and trains many runs.
+    # Progress bars read TQDM_DISABLE when tqdm is imported, so the children get it in their environment.
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init)
+    try:
+        yield from pool.imap_unordered(_execute_quietly, jobs)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
+
+
+__all__ = ["SCHEMA", "PlannedRun", "SweepPlan", "execute", "pending", "result_path", "run_sweep"]
