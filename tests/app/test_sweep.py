@@ -1,0 +1,140 @@
+"""The sweep engine: plan expansion and validation, skipping finished runs, surviving a kill, failures recorded and
+retried, and worker processes on a CPU, with tiny random models on a real RTE slice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loradrop.app.sweep import SweepPlan, parse_overrides, pending, run_sweep
+from loradrop.errors import SettingsError, UsageError
+
+pytestmark = pytest.mark.slow
+
+PLAN = """
+name: tiny
+results: res
+base: {{model: {model}, max_train_samples: 48, max_eval_samples: 24, epochs: 2, batch_size: 16, max_seq_len: 40,
+       ensemble: 2, holdout_fraction: 0.25, epoch_eval: true}}
+grid: {{task: [rte], lr: [0.02], seed: [0, 1]}}
+methods:
+  lora: {{no_lora_dropout: true, test_ensemble: masks}}
+  ld: {{p: [0.1, 0.5], samples: 2}}
+"""
+
+
+def write_plan(folder: Path, model: str, text: str = PLAN) -> Path:
+    path = folder / "plan.yaml"
+    path.write_text(text.format(model=model), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    from helpers import make_tiny_bert
+    from loradrop.errors import ModelLoadError
+
+    try:
+        return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    except ModelLoadError as err:
+        pytest.skip(f"needs the MiniLM tokenizer: {err}")
+
+
+def test_plan_expansion_ids_and_validation(tmp_path: Path) -> None:
+    plan = SweepPlan.load(write_plan(tmp_path, "minilm"))
+    runs = plan.runs()
+    assert [r.run_id for r in runs] == ["rte__lora__lr-0.02_seed-0", "rte__lora__lr-0.02_seed-1",
+                                        "rte__ld__lr-0.02_p-0.1_seed-0", "rte__ld__lr-0.02_p-0.5_seed-0",
+                                        "rte__ld__lr-0.02_p-0.1_seed-1", "rte__ld__lr-0.02_p-0.5_seed-1"]
+    assert runs[2].axes == {"task": "rte", "lr": 0.02, "seed": 0, "p": 0.1} and runs[2].settings["samples"] == 2
+    assert plan.results == tmp_path / "res"
+    # per task and per task/method settings, and overrides applied last
+    plan.task_settings = {"rte": {"epochs": 3}, "rte/ld": {"lr": 0.5}}
+    plan.overrides = parse_overrides(["model=/elsewhere", "ensemble=4"])
+    by_id = {r.run_id: r for r in plan.runs()}
+    assert by_id["rte__lora__lr-0.02_seed-0"].settings["epochs"] == 3
+    assert by_id["rte__ld__lr-0.02_p-0.1_seed-0"].settings["lr"] == 0.02  # a grid axis beats task/method settings
+    assert all(r.settings["model"] == "/elsewhere" and r.settings["ensemble"] == 4 for r in by_id.values())
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("name: x\nmethods: {a: {lr: -1}}\nbase: {task: rte}\n", "lr must be > 0"),
+    ("name: x\nmethods: {a: {p: [0.1, 2.0]}}\nbase: {task: rte}\n", "p must be"),
+    ("name: x\nmethods: {a: {}}\n", "a plan needs a task"),
+    ("name: x\nbase: {task: rte}\n", "at least one method"),
+    ("name: x\nbase: {task: rte, output: here}\nmethods: {a: {}}\n", "set by the sweep engine"),
+    ("name: x\nbase: {task: rte}\nmethods: {a: {learning_rate: 1}}\n", "unknown TrainSettings setting"),
+    ("name: x\nbasis: {}\n", "unknown key(s) ['basis']"),
+    ("name: [unclosed\n", "not valid YAML"),
+    ("- a list\n", "must be a mapping"),
+])
+def test_bad_plans_are_refused_before_any_run(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises((SettingsError, UsageError)) as info:
+        SweepPlan.load(path)
+    assert fragment in str(info.value)
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        parse_overrides(["novalue"])
+
+
+def test_sweep_runs_skips_and_retries(data_root: Path, bert_dir: Path, tmp_path: Path) -> None:
+    plan = SweepPlan.load(write_plan(tmp_path, str(bert_dir)))
+    plan.methods = {"lora": plan.methods["lora"]}
+    plan.grid["seed"] = [0]
+    summary = run_sweep(plan, progress=False)
+    assert summary == {"planned": 1, "skipped": 0, "ok": 1, "failed": []}
+    result = json.loads((tmp_path / "res" / "rte__lora__lr-0.02_seed-0.json").read_text())
+    assert result["schema"] == "loradrop.sweep.run/1" and result["status"] == "ok"
+    assert result["axes"] == {"task": "rte", "lr": 0.02, "seed": 0} and result["method"] == "lora"
+    metrics = result["metrics"]
+    assert metrics["config"]["ensemble_kind"] == "masks" and len(metrics["epochs"]) == 2
+    assert metrics["best_epoch"]["metric"] == "accuracy" and metrics["eval"]["validation"]["single"]["n"] == 12
+    preds = result["predictions"]
+    assert len(preds["test"]["label"]) == 24 and len(preds["validation"]["single_probs"]) == 12
+    assert len(preds["best_epoch_test"]["single_probs"][0]) == 2
+    assert result["wall_time_s"] > 0 and {"cuda", "rss"} <= result["peak_memory_mib"].keys()
+    assert {"torch", "peft", "transformers"} <= result["versions"].keys() and "cpu_count" in result["hardware"]
+    assert not list((tmp_path / ".res.runs").glob("*")), "run folders are removed after their result is written"
+
+    again = run_sweep(plan, progress=False)  # nothing left to do
+    assert again == {"planned": 1, "skipped": 1, "ok": 0, "failed": []}
+
+    plan.grid["seed"] = [0, 1]
+    plan.overrides = {"max_seq_len": 4}  # a setting that fails inside the run (tokenizer windows too short)
+    summary = run_sweep(plan, progress=False)
+    assert summary["skipped"] == 1 and len(summary["failed"]) == 1
+    failed = json.loads((tmp_path / "res" / "rte__lora__lr-0.02_seed-1.failed.json").read_text())
+    assert failed["status"] == "failed" and "max_seq_len" in failed["error"] and "Traceback" in failed["traceback"]
+    assert [r.run_id for r in pending(plan, tmp_path / "res")[0]] == ["rte__lora__lr-0.02_seed-1"]  # retried next
+
+
+def test_killed_sweep_continues_where_it_stopped(data_root: Path, bert_dir: Path, tmp_path: Path) -> None:
+    plan_path = write_plan(tmp_path, str(bert_dir))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "loradrop", "sweep", str(plan_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results = tmp_path / "res"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(results.glob("*.json"))) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in results.glob("*.json"))
+    assert 2 <= len(done_before) < 6, done_before
+    for path in results.glob("*.json"):
+        json.loads(path.read_text())  # every result file that exists is complete (written atomically)
+    proc = subprocess.run([*cmd, "--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{6 - len(done_before)} ran, {len(done_before)} done already, 0 failed (of 6)" in proc.stdout
+    assert len(list(results.glob("*.json"))) == 6 and not list(results.glob("*.failed.json"))
+    assert not list(results.glob(".*.tmp"))
+    dry = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert "0 to run, 6 done already" in dry.stdout
