@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .members import split_members
+from .members import BATCH_KEYS, split_members
 from .model import get_controller
 
-_INPUT_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 _LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
 
 
@@ -125,9 +124,9 @@ def _check_n(n: Any, chunk_size: Any) -> None:
 def _model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping of model inputs (a tokenizer output), got {type(batch).__name__}")
-    if not any(isinstance(batch.get(k), torch.Tensor) for k in _INPUT_KEYS):
+    if not any(isinstance(batch.get(k), torch.Tensor) for k in BATCH_KEYS):
         raise ValueError(
-            f"batch has none of the model's inputs {list(_INPUT_KEYS)}; got keys {sorted(batch)}"
+            f"batch has none of the model's inputs {list(BATCH_KEYS)}; got keys {sorted(batch)}"
         )
     device = _model_device(model)
     return {

@@ -32,7 +32,7 @@ from .precompute import WeightPrecompute
 
 # Keyword arguments that are never batch-shaped, even when their first dimension happens to equal the batch size.
 _NOT_BATCHED = frozenset({"past_key_values", "cache_position", "num_items_in_batch", "logits_to_keep", "use_cache"})
-_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class CallPlan:
 
 def batch_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     """The batch size of a model call, read from its usual input tensors."""
-    for name in _BATCH_KEYS:
+    for name in BATCH_KEYS:
         value = kwargs.get(name)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
@@ -74,7 +74,7 @@ def repeat_batch(args: tuple[Any, ...], kwargs: dict[str, Any], times: int) -> t
     if batch is None:
         raise ValueError(
             "loradrop could not find the batch in this model call (looked for a tensor argument or one of "
-            f"{list(_BATCH_KEYS)}); samples > 1 and ensembles need it"
+            f"{list(BATCH_KEYS)}); samples > 1 and ensembles need it"
         )
 
     def rep(value: Any) -> Any:
