@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,13 @@ EVAL_MODES: tuple[str, ...] = ("expected", "raw")
 CONFIG_FILE_NAME = "loradrop_config.json"
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraDropoutConfig:
     """LoRA Dropout settings (Lin et al., arXiv 2404.09610).
+
+    Immutable once validated (a frozen dataclass): assigning a field raises ``dataclasses.FrozenInstanceError``,
+    so a model's settings cannot drift from what was validated and applied. Make changed copies with
+    ``dataclasses.replace(config, p=0.3)`` (or `replace`), which validates again.
 
     Args:
         p: drop probability of one input/output feature, in [0, 1).
@@ -43,7 +48,10 @@ class LoraDropoutConfig:
         member_chunk: the memory knob of ``samples > 1``: run at most this many members per forward/backward pass
             (the Trainer and `loradrop.chunked_backward` loop over the chunks within one step). The masks, the loss
             and the gradients equal the one-call run; peak activation memory is that of `member_chunk` members.
-            ``None``: all N members in one call.
+            ``None``: all N members in one call. A value above `samples` does nothing more than ``samples``: it is
+            clamped to `samples` with a warning.
+        extra: settings this version does not know, read from a ``loradrop_config.json`` written by a newer
+            loradrop (`from_dict` warns, naming them); kept so that saving again does not lose them.
     """
 
     p: float = 0.5
@@ -54,12 +62,12 @@ class LoraDropoutConfig:
     seed: int | None = None
     eval_mode: str = "expected"
     member_chunk: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, hash=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0.0 <= float(self.p) < 1.0:
             raise ValueError(f"p must be a float in [0, 1), got {self.p!r}")
-        self.p = float(self.p)
+        object.__setattr__(self, "p", float(self.p))  # frozen: __post_init__ normalises through object.__setattr__
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"samples must be an integer >= 1, got {self.samples!r}")
         if self.strategy not in STRATEGIES:
@@ -78,6 +86,17 @@ class LoraDropoutConfig:
         if self.member_chunk is not None and self.mask_scope == "example":
             raise ValueError("member_chunk applies to samples > 1 with mask_scope='batch'; with mask_scope='example' "
                              "every row is its own member and a step is one call")
+        if self.member_chunk is not None and self.member_chunk > self.samples:
+            warnings.warn(f"loradrop: member_chunk={self.member_chunk} is larger than samples={self.samples}; a step "
+                          f"runs all {self.samples} members in one pass, so member_chunk is clamped to "
+                          f"{self.samples}", UserWarning, stacklevel=3)
+            object.__setattr__(self, "member_chunk", self.samples)
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"extra must be a dict of settings unknown to this version, got {self.extra!r}")
+
+    def replace(self, **changes: Any) -> LoraDropoutConfig:
+        """A validated copy with some settings changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
@@ -113,9 +132,15 @@ class LoraDropoutConfig:
             raise TypeError(f"a LoraDropoutConfig dict was expected, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
-        # Keep unknown keys (written by a newer loradrop) instead of failing or dropping them silently.
-        extra = dict(kwargs.pop("extra", {}) or {})
-        extra.update({k: v for k, v in data.items() if k not in known})
+        # Keep unknown keys (written by a newer loradrop) instead of failing or dropping them silently; say so.
+        extra = kwargs.pop("extra", None)
+        extra = dict(extra) if isinstance(extra, dict) else ({} if extra is None else extra)
+        if isinstance(extra, dict):
+            extra.update({k: v for k, v in data.items() if k not in known})
+            if extra:
+                warnings.warn(f"loradrop: LoraDropoutConfig setting(s) {sorted(extra)} are unknown to this loradrop "
+                              "version (a loradrop_config.json written by a newer version?); they are ignored and "
+                              "kept in config.extra", UserWarning, stacklevel=2)
         return cls(**kwargs, extra=extra)
 
     def save(self, directory: str | os.PathLike[str], **metadata: Any) -> Path:
