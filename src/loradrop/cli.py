@@ -166,6 +166,7 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars: errors stay one line on stderr
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -35,3 +35,7 @@ class DataUnavailableError(LoradropError, RuntimeError):
 
 class ModelLoadError(LoradropError, RuntimeError):
     """A model or tokenizer could not be loaded; the message says why and what to do."""
+
+
+class OutputError(LoradropError, OSError):
+    """The run's output could not be written (read-only or full file system, a file where a folder should be)."""

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from ..config import CONFIG_FILE_NAME
-from ..errors import UsageError
+from ..errors import ModelLoadError, UsageError
+from .integrity import verify_manifest
 from .provenance import hardware, jsonable, versions
 from .runfolder import ADAPTER_DIR, EVAL_METRICS_FILE, METRICS_FILE, read_json, write_json, write_jsonl
 from .settings import EvalSettings
@@ -34,15 +35,49 @@ def find_run(adapter: Path) -> tuple[Path, Path, dict[str, Any] | None]:
     return adapter_dir, run_dir, None
 
 
-def evaluate(settings: EvalSettings) -> RunResult:
-    """Evaluate a saved adapter as `settings` describe; unset values come from the run that trained it."""
+def check_adapter(adapter_dir: Path) -> Path:
+    """The adapter's weights file, after checking it exists and matches the folder's manifest (if any)."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        found = sorted(p.name for p in adapter_dir.iterdir())
+        raise UsageError(f"{str(adapter_dir)!r} has no adapter_model.safetensors (found {found}); loradrop loads "
+                         "adapter weights only from safetensors files")
+    verify_manifest(adapter_dir)
+    return weights
+
+
+def load_adapter(base: Any, adapter_dir: Path, model_name: str, has_loradrop: bool) -> Any:
+    """The adapter on its base model, checked first (manifest, weights file); a damaged file or an adapter made for
+    another base model is one clear error naming the folder."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     from ..model import from_pretrained
+
+    weights = check_adapter(adapter_dir)
+    try:
+        if has_loradrop:
+            return from_pretrained(base, adapter_dir)
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+    except SafetensorError as err:
+        raise ModelLoadError(f"{str(weights)!r} is not a readable safetensors file ({err}); it is truncated or "
+                             "damaged: restore it or train again") from err
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise ModelLoadError(f"the adapter in {str(adapter_dir)!r} does not fit model {model_name!r} ("
+                             f"{lines[0] if lines else 'weight shapes differ'}); pass the --model it was trained "
+                             "on") from err
+
+
+def evaluate(settings: EvalSettings) -> RunResult:
+    """Evaluate a saved adapter as `settings` describe; unset values come from the run that trained it."""
     from ..pretrained import check_model_fits, load_model, load_tokenizer, model_id, prepare_base
     from ..tasks import prepare_task, resolve_task
 
     adapter_dir, run_dir, run = find_run(Path(settings.adapter).expanduser())
+    check_adapter(adapter_dir)  # before any model is loaded
     run_args = (run or {}).get("config", {}).get("args", {})
     task = settings.task or (run or {}).get("task")
     if task is None:
@@ -68,7 +103,7 @@ def evaluate(settings: EvalSettings) -> RunResult:
                         max_eval_samples=max_eval, need_train=False)
     torch.manual_seed(seed)
     base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None), tokenizer)
-    model = from_pretrained(base, adapter_dir) if has_loradrop else PeftModel.from_pretrained(base, str(adapter_dir))
+    model = load_adapter(base, adapter_dir, model_name, has_loradrop)
     model.eval()
     start = time.perf_counter()
     result = spec.evaluate(model, data, tokenizer, batch_size=batch_size, ensemble=ensemble,

@@ -1,9 +1,11 @@
-"""Tables and plots: comparison tables (text/Markdown), reliability diagrams and loss curves as PNG."""
+"""Tables and plots: comparison tables (text/Markdown), reliability diagrams, loss curves, line plots with error
+bars and grouped bar charts as PNG."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,7 +42,7 @@ def _pyplot():
 
 
 def plot_reliability(curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path,
-                     n_bins: int = 15) -> Path:
+                     n_bins: int = 15, title: str | None = None) -> Path:
     """Reliability diagram (accuracy vs confidence per bin) of several predictors on one axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -50,7 +52,7 @@ def plot_reliability(curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]], pa
         pts = [(c, a) for c, a, n in zip(d.confidence, d.accuracy, d.count) if n]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=name)
     ax.set(xlabel="confidence (top label)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title=f"Reliability diagram ({n_bins} bins)")
+           title=title or f"Reliability diagram ({n_bins} bins)")
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
 
@@ -69,6 +71,44 @@ def plot_loss_curves(histories: Mapping[str, Mapping[str, Sequence[Mapping[str, 
             ax.plot([p["step"] for p in evaluation], [p["loss"] for p in evaluation], "--o", ms=3, color=color,
                     label=f"{name} eval")
     ax.set(xlabel="optimizer step", ylabel="loss", title="Loss curves")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_lines(series: Mapping[str, Mapping[str, Any]], path: str | Path, *, xlabel: str, ylabel: str,
+               title: str) -> Path:
+    """One line per series ``{"x": [...], "y": [...]}`` with optional ``"yerr"`` (error bars), ``"style"`` (a
+    matplotlib format, default ``"-o"``) and ``"color"``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, s) in enumerate(series.items()):
+        yerr = s.get("yerr")
+        if yerr is not None:
+            yerr = [0.0 if e is None or e != e else e for e in yerr]  # no bar where the spread is unknown (n < 2)
+        ax.errorbar(s["x"], s["y"], yerr=yerr, fmt=s.get("style", "-o"), ms=3, capsize=3 if yerr else 0,
+                    color=s.get("color", f"C{i}"), label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_bars(categories: Sequence[str], bars: Mapping[str, tuple[Sequence[float], Sequence[float] | None]],
+              path: str | Path, *, ylabel: str, title: str) -> Path:
+    """Grouped bars: for each name in `bars` one bar per category, with optional error bars (``(heights, errors)``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(categories) + 2), 4))
+    width = 0.8 / max(1, len(bars))
+    for i, (name, (heights, errors)) in enumerate(bars.items()):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(categories))]
+        errs = None if errors is None else [0.0 if e is None or e != e else e for e in errors]
+        ax.bar(xs, [h if h == h else 0.0 for h in heights], width, yerr=errs, capsize=3, label=name)
+    ax.set_xticks(range(len(categories)), list(categories))
+    ax.set(ylabel=ylabel, title=title)
+    finite = [h for _, (heights, _) in bars.items() for h in heights if h == h]
+    if finite:  # zoom on the differences: bars of similar scores would otherwise look identical
+        low, high = min(finite), max(finite)
+        span = (high - low) or abs(high) * 0.05 or 1.0
+        ax.set_ylim(low - 1.5 * span, high + span)
     ax.legend(fontsize=8)
     return _save(fig, path)
 

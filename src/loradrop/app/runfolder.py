@@ -60,6 +60,7 @@ def plan_run(output: str | Path, *, resume: bool, overwrite: bool) -> RunPlan:
     """Decide the run folders from output/resume/overwrite, without touching the disk."""
     output = Path(output).expanduser()
     staging = staging_path(output)
+    check_output_path(output.parent)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     if output.exists() and not output.is_dir():
@@ -131,6 +132,75 @@ def publish(plan: RunPlan) -> None:
         shutil.rmtree(plan.output)
     plan.output.parent.mkdir(parents=True, exist_ok=True)
     os.replace(plan.work, plan.output)
+
+
+LOCK_SUFFIX = ".lock"
+
+
+def lock_path(output: Path) -> Path:
+    """The lock file beside a run folder (it exists while a process owns the run)."""
+    return output.parent / f".{output.name}{LOCK_SUFFIX}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(output: Path) -> Iterator[None]:
+    """Own the run folder `output` for the duration: a second process is refused with who holds it; a lock left by
+    a process that no longer runs on this host (a crash, SIGKILL) is taken over."""
+    import socket
+    import time
+
+    check_output_path(output)
+    path = lock_path(output)
+    host = socket.gethostname()
+    owner = {"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the folder of --output {str(output)!r}: {err.strerror or err}") from err
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                held = {}
+            if held.get("host") == host and isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+                logging.getLogger("loradrop.app").warning("loradrop: removing the stale lock %s of pid %s", path,
+                                                          held["pid"])
+                path.unlink(missing_ok=True)
+                continue
+            raise UsageError(f"--output {str(output)!r} is in use by pid {held.get('pid', '?')} on host "
+                             f"{held.get('host', '?')} (since {held.get('since', '?')}); wait for that run, choose "
+                             f"another --output, or delete {str(path)!r} if that process is gone") from None
+        except OSError as err:
+            raise UsageError(f"cannot write beside --output {str(output)!r}: {err.strerror or err}") from err
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(owner, fh)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def check_output_path(output: Path) -> None:
+    """Refuse an output whose parent path runs through a file."""
+    for parent in [output, *output.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--output {str(output)!r}: {str(parent)!r} is a file, not a folder")
+            return
 
 
 @contextmanager

@@ -9,6 +9,8 @@ Under ``torchrun`` the Trainer trains with DDP and only rank 0 evaluates and wri
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -22,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
+from .integrity import verify_manifest, write_manifest
 from .provenance import hardware, jsonable, peak_memory, versions
 from .runfolder import (
     ADAPTER_DIR,
@@ -37,6 +40,7 @@ from .runfolder import (
     plan_run,
     publish,
     replace_dir,
+    run_lock,
     run_log,
     stored_settings,
     write_json,
@@ -112,6 +116,17 @@ def _log_callback() -> Any:
             if logs and state.is_world_process_zero:
                 logger.info("step %d: %s", state.global_step, json.dumps(jsonable(logs), sort_keys=True))
 
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: D401 - Trainer hook
+            # the loss of every step reaches the log (and the checkpoint) before a save and at the end
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: D401 - Trainer hook
+            if state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if checkpoint.is_dir():
+                    write_manifest(checkpoint)
+
     return LogToFile()
 
 
@@ -126,8 +141,16 @@ def train(settings: TrainSettings, *, callbacks: Sequence[Any] = ()) -> RunResul
     """Fine-tune, evaluate and write the run folder described by `settings`.
 
     `callbacks` are extra Trainer callbacks (for tests and embedding). Raises a `loradrop.errors.LoradropError` for
-    bad input, before anything is written.
+    bad input, before anything is written. One process owns a run folder at a time (a lock file beside it).
     """
+    settings = _resolve_data_dir(settings)
+    output = Path(settings.output).expanduser()
+    owner = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 owns the run folder
+    with run_lock(output) if owner else contextlib.nullcontext():
+        return _train(settings, callbacks)
+
+
+def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
     from peft import get_peft_model
 
     from ..model import apply_lora_dropout
@@ -135,8 +158,9 @@ def train(settings: TrainSettings, *, callbacks: Sequence[Any] = ()) -> RunResul
     from ..tasks import prepare_task, resolve_task
     from ..training import build_training_args
 
-    settings = _resolve_data_dir(settings)
     plan = plan_run(settings.output, resume=settings.resume, overwrite=settings.overwrite)
+    if plan.resume_from is not None:
+        verify_manifest(plan.resume_from)  # a corrupted checkpoint is refused before anything is loaded
     stored = stored_settings(plan)
     if stored is not None:
         changed = settings.resume_differences(stored)
@@ -152,7 +176,11 @@ def train(settings: TrainSettings, *, callbacks: Sequence[Any] = ()) -> RunResul
             raise UsageError(f"{', '.join(extras)}: supported for classification and regression tasks only, not "
                              f"{spec.name} ({spec.kind})")
     model_name = settings.model or _default_model(spec.kind)
-    check_model_fits(model_name, spec.kind)
+    config = check_model_fits(model_name, spec.kind)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and settings.max_seq_len > positions:
+        raise UsageError(f"--max-seq-len {settings.max_seq_len} exceeds the {positions} positions of model "
+                         f"{model_name!r}; use --max-seq-len {positions} or less")
     tokenizer = load_tokenizer(model_name)
     data = prepare_task(spec, settings.data_dir, tokenizer, max_seq_len=settings.max_seq_len, seed=settings.seed,
                         max_train_samples=settings.max_train_samples, max_eval_samples=settings.max_eval_samples,
@@ -186,12 +214,36 @@ def train(settings: TrainSettings, *, callbacks: Sequence[Any] = ()) -> RunResul
     try:
         with run_log(plan.work / LOG_FILE if main else None):
             return run.train_and_write(callbacks)
+    except OSError as err:
+        if main and plan.fresh and not checkpoints(plan.work):
+            shutil.rmtree(plan.work, ignore_errors=True)
+        if err.errno in _OUTPUT_ERRNOS:
+            raise OutputError(f"writing the run folder {str(plan.work)!r} failed: {err.strerror} "
+                              f"({err.filename or 'a file'}); free space or choose another --output") from err
+        raise
     except BaseException:
         if main and plan.fresh and not checkpoints(plan.work):
             shutil.rmtree(plan.work, ignore_errors=True)
         elif main and checkpoints(plan.work):
             logger.warning("loradrop: the run stopped; continue it with --resume (checkpoints in %s)", plan.work)
         raise
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
+
+
+def mean_train_loss(log_history: Sequence[dict[str, Any]]) -> float | None:
+    """The mean training loss over every step, from the Trainer's log entries (each the mean over the steps since
+    the previous one). Equal for an uninterrupted and a resumed run, because the logs are kept in checkpoints and a
+    log entry is forced at every save and at the last step."""
+    total, steps, last = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            covered = int(entry["step"]) - last
+            total += float(entry["loss"]) * covered
+            steps += covered
+            last = int(entry["step"])
+    return total / steps if steps else None
 
 
 def _default_model(kind: str) -> str:
@@ -294,6 +346,7 @@ class _Run:
         adapter_tmp = plan.work / f".{ADAPTER_DIR}.tmp"
         shutil.rmtree(adapter_tmp, ignore_errors=True)
         self.model.save_pretrained(str(adapter_tmp))
+        write_manifest(adapter_tmp)
         replace_dir(adapter_tmp, plan.work / ADAPTER_DIR)
         if s.ensemble_kind == "masks":
             self._attach_test_masks()
@@ -357,7 +410,7 @@ class _Run:
             "eval_split": self.data.eval_split,
             "eval": {"single": result.single, "ensemble": result.ensemble},
             "train": {"global_step": int(trainer.state.global_step),
-                      "train_loss": float(train_output.training_loss),
+                      "train_loss": mean_train_loss(trainer.state.log_history),
                       "resumed_from": self.plan.resume_from.name if self.plan.resume_from else None,
                       "checkpoints": [p.name for p in checkpoints(self.plan.work)]},
             "files": {"adapter": ADAPTER_DIR, "predictions": PREDICTIONS_FILE, "loss_history": LOSS_HISTORY_FILE,

@@ -4,6 +4,7 @@ metadata, the hub fallback, and the generic classification/regression preprocess
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -75,6 +76,17 @@ def first_existing(candidates: Sequence[Path]) -> Path | None:
 # ----------------------------------------------------------------------------------------------------- reading
 
 
+def read_text(path: Path, *, encoding: str = "utf-8") -> str:
+    """A data file's text; a file that is not valid UTF-8 raises `DataError` naming the file, line and byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                        "save the file as UTF-8") from None
+
+
 def read_tsv(
     path: Path, *, has_header: bool = True, fieldnames: Sequence[str] | None = None
 ) -> tuple[list[str], list[list[str]]]:
@@ -82,8 +94,8 @@ def read_tsv(
 
     Returns (header, rows); rows exclude the header. ``fieldnames`` names the columns of a header-less file.
     """
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    text = read_text(path, encoding="utf-8-sig")
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if has_header:
         if not rows:
             raise DataError(f"{path} is empty (expected a header row)")

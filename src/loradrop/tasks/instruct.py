@@ -21,7 +21,7 @@ from datasets import DatasetDict, Features, List, Value
 
 from ..ensemble import eval_mode
 from ..errors import DataError
-from .base import first_existing, get_metadata, make_dataset, require_data_root, split_indices
+from .base import first_existing, get_metadata, make_dataset, read_text, require_data_root, split_indices
 from .classification import check_encoded, unsupported_options
 from .mmlu import evaluate_mmlu, load_mmlu_eval
 from .spec import EvalResult, TaskData, TaskSpec
@@ -64,7 +64,7 @@ def format_alpaca_prompt(instruction: str, input: str = "", history: Sequence[Se
 def read_alpaca_json(path: Path) -> dict[str, list[Any]]:
     """Read an Alpaca-format ``.json`` list (or ``.jsonl``) into columns, validating every record."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_text(Path(path))
         records = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
                    else json.loads(text))
     except json.JSONDecodeError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from ..calibration import classification_calibration
 from ..ensemble import batch_seed, ensemble_score_choices, entropy, eval_mode
 from ..errors import DataError, UsageError
-from .base import find_data_root, make_dataset, require_data_root, subsample
+from .base import find_data_root, make_dataset, read_text, require_data_root, subsample
 from .classification import CALIBRATION_METRICS, floats
 from .spec import EvalResult, TaskSpec
 
@@ -56,14 +57,13 @@ def _mmlu_split(split: str) -> str:
 def read_mmlu_csv(path: Path) -> list[tuple[str, list[str], int]]:
     """Rows of a header-less MMLU CSV as (question, [A, B, C, D], answer index)."""
     rows = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        for lineno, row in enumerate(csv.reader(handle), start=1):
-            if len(row) != 6:
-                raise DataError(f"{path}:{lineno}: expected 6 fields (question, A, B, C, D, answer), got {len(row)}")
-            answer = row[5].strip()
-            if answer not in MMLU_CHOICES:
-                raise DataError(f"{path}:{lineno}: answer {answer!r} is not one of {list(MMLU_CHOICES)}")
-            rows.append((row[0], row[1:5], MMLU_CHOICES.index(answer)))
+    for lineno, row in enumerate(csv.reader(io.StringIO(read_text(path), newline="")), start=1):
+        if len(row) != 6:
+            raise DataError(f"{path}:{lineno}: expected 6 fields (question, A, B, C, D, answer), got {len(row)}")
+        answer = row[5].strip()
+        if answer not in MMLU_CHOICES:
+            raise DataError(f"{path}:{lineno}: answer {answer!r} is not one of {list(MMLU_CHOICES)}")
+        rows.append((row[0], row[1:5], MMLU_CHOICES.index(answer)))
     return rows
 
 

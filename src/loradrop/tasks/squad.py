@@ -25,6 +25,7 @@ from .base import (
     DEFAULT_VALIDATION_FRACTION,
     first_existing,
     make_dataset,
+    read_text,
     require_data_root,
     split_indices,
 )
@@ -50,8 +51,7 @@ SQUAD_FEATURES = Features({
 def read_squad_json(path: Path, *, version_2: bool) -> dict[str, list[Any]]:
     """Flatten a SQuAD JSON file into columns; v1.1 questions must have at least one answer."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            payload = json.load(handle)
+        payload = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):

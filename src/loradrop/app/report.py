@@ -1,0 +1,367 @@
+"""``loradrop report RESULTS_DIR... -o REPORT.md``: the study report of one or more sweeps, as Markdown and PNG plots.
+
+Reads every ``*.json`` sweep result (schema ``loradrop.sweep.run/1``, status ok; ``*.failed.json`` only counted),
+selects each method's learning rate (and `ld_1x`'s local axes) by validation over the common seeds
+(`report_tables`), and writes: what was run, the selection protocol, per-task tables (final and best-epoch test
+metrics, ECE/NLL/Brier, post-hoc temperature scaling, a deep ensemble of the LoRA seeds), the sensitivity and
+strategy grids, plots (`report_plots`), the cost table, the claims table (`report_claims`) and the limitations.
+The same results give the same Markdown (no timestamps; every order is sorted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .plots import format_table
+from .report_claims import claims
+from .report_plots import Figures, make_plots
+from .report_tables import (
+    METHOD_ORDER,
+    SELECT_LOCAL,
+    SIDE_METHODS,
+    Row,
+    Run,
+    Stat,
+    Study,
+    cost_frame,
+    deep_ensemble,
+    dig,
+    fmt,
+    local_text,
+    number,
+    sort_key,
+    temperature_row,
+)
+from .sweep import SCHEMA
+
+
+@dataclass
+class Loaded:
+    """What the results folders hold: the runs to report, failed runs, and files left aside."""
+
+    runs: list[Run] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)  # JSON files that are not sweep results
+    duplicates: list[Path] = field(default_factory=list)  # a second result of the same run (first one kept)
+    ok_per_folder: dict[str, int] = field(default_factory=dict)
+
+
+def load_results(folders: Sequence[Path]) -> Loaded:
+    """Every sweep result under `folders` (recursively, in sorted path order)."""
+    loaded = Loaded()
+    seen: dict[tuple, Path] = {}
+    files: dict[Path, tuple[str, Path]] = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*.json")):
+            files.setdefault(path.resolve(), (str(folder), path))
+    for folder, path in sorted(files.values(), key=lambda fp: str(fp[1])):
+        loaded.ok_per_folder.setdefault(folder, 0)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            loaded.ignored.append(path)
+            continue
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            loaded.ignored.append(path)
+        elif path.name.endswith(".failed.json") or data.get("status") != "ok":
+            error = str(data.get("error") or data.get("status") or "?").strip().splitlines() or ["?"]
+            loaded.failed.append({"folder": folder, "run_id": data.get("run_id", path.stem), "error": error[0][:160]})
+        else:
+            run = Run.from_result(path, data)
+            key = (run.task, run.method, run.local, run.lr, run.seed)
+            if key in seen:
+                loaded.duplicates.append(path)
+                continue
+            seen[key] = path
+            loaded.runs.append(run)
+            loaded.ok_per_folder[folder] += 1
+    return loaded
+
+
+def write_report(results: Sequence[str | Path], output: str | Path, *,
+                 plots_dir: str | Path | None = None) -> Path:
+    """Write the study report of the sweep results in `results` (folders) to `output` (Markdown, written
+    atomically) and its PNG plots to `plots_dir` (default ``<output stem>_plots/`` beside it); returns `output`."""
+    if isinstance(results, (str, Path)):
+        results = [results]
+    folders = [Path(r) for r in results]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if not folders or missing:
+        raise UsageError(f"results folder(s) {missing or '(none given)'} do not exist")
+    loaded = load_results(folders)
+    if not loaded.runs:
+        raise UsageError(f"no successful sweep results ({SCHEMA}) in {', '.join(map(str, folders))} "
+                         f"({len(loaded.failed)} failed)")
+    output = Path(output)
+    plots = Path(plots_dir) if plots_dir is not None else output.parent / f"{output.stem}_plots"
+    study = Study(loaded.runs)
+    figures = make_plots(study, plots)
+    command = ["loradrop", "report", *map(str, results), "-o", str(output)]
+    if plots_dir is not None:
+        command += ["--plots", str(plots_dir)]
+    text = render(study, loaded, " ".join(shlex.quote(c) for c in command), figures, output.parent)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, output)
+    return output
+
+
+def _table(rows: list[dict[str, str]], columns: list[str]) -> str:
+    clean = [{k: str(v).replace("|", "\\|") for k, v in row.items()} for row in rows]
+    return format_table(clean, columns, markdown=True)
+
+
+def _distinct(values: Any) -> list[str]:
+    unique = {json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v for v in values}
+    return list(dict.fromkeys("none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+                              for v in sorted(unique, key=sort_key)))
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds:.0f} s"
+
+
+def render(study: Study, loaded: Loaded, command: str, figures: Figures, base: Path) -> str:
+    parts = [*_header(study, loaded, command), *_runs(loaded), *_selection(study), *_results(study),
+             *_side_grids(study), *_plots(figures, base), *_cost(study), *_claims(study), *_limitations(study)]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _header(study: Study, loaded: Loaded, command: str) -> list[str]:
+    runs = study.runs
+    plans = _distinct(r.plan for r in runs)
+    versions: dict[str, set] = {}
+    for run in runs:
+        for key, value in (run.result.get("versions") or {}).items():
+            versions.setdefault(key, set()).add(str(value))
+    hardware, wall = set(), {}
+    for run in runs:
+        hw = run.result.get("hardware") or {}
+        device = str(hw.get("device", "?"))
+        hardware.add(f"{hw.get('gpu')} x{hw.get('gpu_count', 1)} ({hw.get('gpu_memory_gib')} GiB), "
+                     f"{hw.get('cpu_count')} CPU cores" if device == "cuda" else
+                     f"CPU only, {hw.get('cpu_count')} cores, {hw.get('torch_threads')} torch threads")
+        wall.setdefault(device, [0.0, 0])
+        seconds = number(run.result.get("wall_time_s"))
+        wall[device][0] += seconds if math.isfinite(seconds) else 0.0
+        wall[device][1] += 1
+    tasks = ", ".join(f"{t} ({study.info[t].kind}, main metric {study.info[t].main})" for t in study.tasks)
+    found = {r.method for r in runs}
+    methods = [m for m in METHOD_ORDER if m in found] + sorted(found - set(METHOD_ORDER))
+    version_text = "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in sorted(versions.items()))
+    return [
+        f"# LoRA Dropout study report: {', '.join(plans)}", "",
+        f"Regenerate: `{command}`", "",
+        "## What was run", "",
+        f"- Plans: {', '.join(plans)}",
+        f"- Runs: {len(runs)} ok, {len(loaded.failed)} failed",
+        f"- Tasks: {tasks}",
+        f"- Methods: {', '.join(methods)}",
+        f"- Versions: {version_text}",
+        f"- Hardware: {'; '.join(sorted(hardware))}",
+        "- Total wall time: " + "; ".join(f"{'GPU' if d == 'cuda' else d.upper()} {_hours(s)} over {n} runs"
+                                          for d, (s, n) in sorted(wall.items())),
+        "- Main metrics and ECE are shown x100 (points, %), NLL and Brier as they are; mean ± std over seeds.",
+        "",
+    ]
+
+
+def _runs(loaded: Loaded) -> list[str]:
+    failed_per = {}
+    for f in loaded.failed:
+        failed_per[f["folder"]] = failed_per.get(f["folder"], 0) + 1
+    rows = [{"results folder": folder, "ok": str(n), "failed": str(failed_per.get(folder, 0))}
+            for folder, n in sorted(loaded.ok_per_folder.items())]
+    out = ["## Runs", "", _table(rows, ["results folder", "ok", "failed"]), ""]
+    if loaded.failed:
+        out += [f"Failed runs ({len(loaded.failed)}, not reported):", ""]
+        out += [f"- `{f['run_id']}`: {f['error']}" for f in sorted(loaded.failed, key=lambda f: str(f["run_id"]))]
+        out.append("")
+    if loaded.ignored or loaded.duplicates:
+        out += [f"Left aside: {len(loaded.ignored)} JSON file(s) that are not sweep results, "
+                f"{len(loaded.duplicates)} duplicate result(s) of a run already read.", ""]
+    return out
+
+
+PROTOCOL = (
+    "For each task, method and setting of the method's other local axes, the learning rate is chosen by the "
+    "validation main metric of the best epoch (`best_epoch`: the single pass scored on the validation split held "
+    "out of train after every epoch; the final model's validation score where a run has no per-epoch evaluation), "
+    "averaged over the seeds present at every learning-rate candidate (the common seeds). For `ld_1x` the "
+    "method-local axes (p, mask scope, rescale, ...) are chosen the same way, jointly with the learning rate. Then "
+    "ALL seeds at the chosen setting are reported: mean ± sample standard deviation (ddof=1) over seeds, with n. "
+    "Test numbers take no part in any choice. `ld_sens` and `ld_strategy` keep every local setting (each with its "
+    "own chosen learning rate).")
+
+
+def _selection(study: Study) -> list[str]:
+    rows = []
+    for task in study.tasks:
+        for method in study.methods(task, side=None):
+            for c in study.choices[(task, method)]:
+                candidates = "; ".join(
+                    f"{local_text(local) + ', ' if local and method in SELECT_LOCAL else ''}lr {lr:g}: "
+                    + (f"{score * 100:.2f}" if score == score else "–") for local, lr, score in c.candidates)
+                chosen = f"lr {c.lr:g}" + (f", {local_text(c.local)}" if c.local else "")
+                rows.append({"task": task, "method": method, "validation score per candidate": candidates,
+                             "chosen": chosen, "common seeds": ",".join(map(str, c.common_seeds)) or "none",
+                             "seeds reported": ",".join(map(str, c.seeds)), "note": c.note})
+    columns = ["task", "method", "validation score per candidate", "chosen", "common seeds", "seeds reported", "note"]
+    return ["## Selection protocol", "", PROTOCOL, "", _table(rows, columns), ""]
+
+
+def _row_cells(row: Row, main: str, regression: bool) -> dict[str, str]:
+    cells = {"row": row.name, "lr": f"{row.choice.lr:g}", "setting": local_text(row.choice.local) or "–",
+             f"test {main} (final)": fmt(row.values["main"], "main"),
+             f"test {main} (best-val epoch)": fmt(row.values["best"], "best"), "n seeds": str(row.values["main"].n)}
+    if not regression:
+        cells.update({"ECE (%)": fmt(row.values["ece"], "ece"), "NLL": fmt(row.values["nll"], "nll"),
+                      "Brier": fmt(row.values["brier"], "brier")})
+    return cells
+
+
+def _columns(main: str, regression: bool) -> list[str]:
+    calibration = [] if regression else ["ECE (%)", "NLL", "Brier"]
+    return ["row", "lr", "setting", f"test {main} (final)", f"test {main} (best-val epoch)", *calibration, "n seeds"]
+
+
+DERIVED_TEXT = (
+    "Derived from the predictions ({task}): temperature scaling fits one T per run on its validation predictions "
+    "(minimising the NLL of softmax(log p / T)) and applies it to its test predictions (the argmax, so the main "
+    "metric, is unchanged); the deep ensemble averages the test probabilities (regression: values) of the `lora` runs "
+    "over the seeds at the chosen lr: one number, no std.")
+
+
+def _derived_cells(name: str, values: dict[str, Stat], main: Stat, n: str, regression: bool,
+                   main_name: str) -> dict[str, str]:
+    cells = {"derived row": name, "T": fmt(values.get("T"), "T"), f"test {main_name}": fmt(main, "main"), "n": n}
+    if not regression:  # (test accuracy is recomputed from the predictions; the main metric column is omitted then)
+        cells.update({"accuracy": fmt(values["accuracy"], "accuracy"), "ECE (%)": fmt(values["ece"], "ece"),
+                      "NLL": fmt(values["nll"], "nll"), "Brier": fmt(values["brier"], "brier")})
+    return cells
+
+
+def _derived(study: Study, task: str, rows: list[Row]) -> list[str]:
+    info = study.info[task]
+    derived = []
+    for row in [] if info.regression else rows:
+        scaled = temperature_row(row)
+        if scaled is not None:
+            derived.append(_derived_cells(scaled.name, scaled.values, row.values["main"], str(scaled.values["T"].n),
+                                          False, info.main))
+    ens = deep_ensemble(study, task)
+    if ens is not None:
+        one = {k: Stat.of([v]) for k, v in ens.values.items()}
+        name = f"Deep ensemble of k={ens.k} LoRAs (seeds {','.join(map(str, ens.seeds))}, {ens.n} test examples)"
+        derived.append(_derived_cells(name, one, one["main"], "1 ensemble", info.regression, info.main))
+    if not derived:
+        return []
+    columns = ["derived row", "T", *([] if info.main == "accuracy" else [f"test {info.main}"]),
+               *([] if info.regression else ["accuracy", "ECE (%)", "NLL", "Brier"]), "n"]
+    return [DERIVED_TEXT.format(task=task), "", _table(derived, columns), ""]
+
+
+def _results(study: Study) -> list[str]:
+    out = ["## Results per task", "",
+           "Rows: each method's single pass and its test-time ensemble at the chosen setting. Final: the model at the "
+           "end of training; best-val epoch: the test score of the epoch with the best validation main metric.", ""]
+    for task in study.tasks:
+        info = study.info[task]
+        rows = [row for m in study.methods(task) for row in study.rows(task, m)]
+        table = _table([_row_cells(r, info.main, info.regression) for r in rows], _columns(info.main, info.regression))
+        out += [f"### {task} (main metric: {info.main})", "", table, "", *_derived(study, task, rows)]
+    return out
+
+
+def _side_grids(study: Study) -> list[str]:
+    out = []
+    for method, title in zip(SIDE_METHODS, ("Sensitivity grid (`ld_sens`: p x samples)",
+                                            "Masking strategies (`ld_strategy`)")):
+        for task in study.tasks:
+            if (task, method) not in study.choices:
+                continue
+            info = study.info[task]
+            rows = study.rows(task, method)
+            out += [f"### {title} on {task}", "",
+                    _table([_row_cells(r, info.main, info.regression) for r in rows], _columns(info.main,
+                                                                                             info.regression)), ""]
+    return ["## Sensitivity and strategies", "", *out] if out else []
+
+
+def _plots(figures: Figures, base: Path) -> list[str]:
+    titles = {"reliability": "Reliability diagrams", "ece": "ECE over training", "loss": "Train vs validation loss",
+              "sensitivity": "Sensitivity (ld_sens)", "strategies": "Strategies (ld_strategy)"}
+    out = ["## Plots", ""]
+    for section, made in figures.items():
+        if made:
+            out += [f"### {titles[section]}", ""]
+            out += [f"![{caption}]({Path(os.path.relpath(path, base)).as_posix()})  \n*{caption}*\n"
+                    for caption, path in made]
+    if len(out) == 2:
+        out += ["No plot: the runs have neither predictions nor per-epoch metrics.", ""]
+    return out
+
+
+def _cost(study: Study) -> list[str]:
+    table = cost_frame(study)
+    rows = []
+    for rec in table.to_dict("records"):
+        rows.append({"task": rec["task"], "method": rec["method"], "setting": rec["setting"] or "–",
+                     "runs": str(rec["runs"]), "train (s)": f"{rec['train_s']:.1f}", "eval (s)": f"{rec['eval_s']:.1f}",
+                     "peak memory (MiB)": f"{rec['memory_mib']:.0f} ({rec['memory_kind']})",
+                     "train time / LoRA": f"{rec['train_ratio']:.2f}x" if rec["train_ratio"] == rec["train_ratio"]
+                     else "–",
+                     "memory / LoRA": f"{rec['memory_ratio']:.2f}x" if rec["memory_ratio"] == rec["memory_ratio"]
+                     else "–"})
+    columns = ["task", "method", "setting", "runs", "train (s)", "eval (s)", "peak memory (MiB)", "train time / LoRA",
+               "memory / LoRA"]
+    return ["## Cost", "", "Mean over every run of the setting (all learning rates and seeds: the lr does not change "
+            "the cost); peak memory is the GPU's allocated peak (cuda) or the process's peak RSS on CPU; ratios to "
+            "`lora` on the same task.", "", _table(rows, columns), ""]
+
+
+def _claims(study: Study) -> list[str]:
+    rows = [{"claim": f"{c.cid}: {c.claim}", "paper": c.paper, "ours": c.ours, "verdict": c.verdict, "why": c.why}
+            for c in claims(study)]
+    return ["## Claims", "",
+            "Verdict: diff = ours(A) − ours(B) over seeds, SE = sqrt(s_A²/n_A + s_B²/n_B); agree when diff has the "
+            "paper's sign and exceeds one SE, disagree when it has the opposite sign and exceeds one SE, unclear "
+            "otherwise; not run when the runs are missing. Averages over tasks: the mean of the per-task differences, "
+            "SE = sqrt(sum SE²)/T. C10 (a \"matches\" claim) agrees unless 1x is worse by more than one SE. LD = "
+            "`ld_paper`; main metrics in points.", "",
+            _table(rows, ["claim", "paper", "ours", "verdict", "why"]), ""]
+
+
+def _limitations(study: Study) -> list[str]:
+    runs = study.runs
+
+    def setting(key: str) -> str:
+        return "/".join(_distinct(r.settings.get(key) for r in runs))
+
+    models = "/".join(_distinct(r.metrics.get("model") or r.settings.get("model") for r in runs))
+    splits = _distinct(dig(r.metrics, "data", "derived_splits") for r in runs if dig(r.metrics, "data",
+                                                                                      "derived_splits"))
+    seeds = _distinct(r.seed for r in runs)
+    reported = [len(c.runs) for cs in study.choices.values() for c in cs]
+    holdout = setting("holdout_fraction")
+    text = (f"**Limitations.** Model: {models} (the paper: DeBERTaV3-base); {len(study.tasks)} task(s) "
+            f"({', '.join(study.tasks)}) of the paper's 8 GLUE tasks; max_train_samples {setting('max_train_samples')}"
+            f", max_eval_samples {setting('max_eval_samples')}; validation: holdout_fraction {holdout} of train"
+            f"{', with the GLUE dev split scored as test' if holdout != '–' else ''}; epochs {setting('epochs')}, "
+            f"max_seq_len {setting('max_seq_len')}, r {setting('r')}; {len(seeds)} seed(s) ({', '.join(seeds)}), "
+            f"{min(reported)}–{max(reported)} reported per setting.")
+    if splits:
+        text += f" Data: {'; '.join(splits)}."
+    return ["## Limitations", "", text, ""]
+
+
+__all__ = ["load_results", "write_report"]

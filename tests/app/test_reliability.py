@@ -1,0 +1,158 @@
+"""Bad input and damaged files through the command line: one line on stderr, exit status 2, nothing lost or left
+half-written (issue #12). Each test names the defect it guards in docs/RELIABILITY.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from loradrop.app.integrity import MANIFEST, verify_manifest, write_manifest
+from loradrop.app.runfolder import lock_path, run_lock
+from loradrop.cli import main
+from loradrop.errors import UsageError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    from helpers import make_tiny_bert
+    from loradrop.errors import ModelLoadError
+
+    try:
+        return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    except ModelLoadError as err:
+        pytest.skip(f"needs the MiniLM tokenizer: {err}")
+
+
+def train_args(bert_dir: Path, output: Path, *extra: str) -> list[str]:
+    return ["train", "--task", "rte", "--model", str(bert_dir), "--max-train-samples", "32", "--max-eval-samples",
+            "16", "--max-steps", "2", "--batch-size", "8", "--max-seq-len", "32", "--ensemble", "2",
+            "--output", str(output), *extra]
+
+
+def one_error_line(capsys, command: str = "train") -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"loradrop {command}: error:"), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_root: Path, bert_dir: Path, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("runs") / "rte"
+    assert main(train_args(bert_dir, output)) == 0
+    return output
+
+
+def test_adapter_has_a_manifest_that_verifies(run_dir: Path) -> None:
+    adapter = run_dir / "adapter"
+    files = json.loads((adapter / MANIFEST).read_text())["files"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "loradrop_config.json"} <= files.keys()
+    assert verify_manifest(adapter) is True
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "does not match its sha256"),
+    ("truncate_no_manifest", "is not a readable safetensors file"),
+    ("missing_weights", "has no adapter_model.safetensors"),
+])
+def test_damaged_adapter_is_one_line(damage: str, message: str, run_dir: Path, tmp_path: Path, capsys) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_dir / "adapter", adapter)
+    shutil.copy(run_dir / "metrics.json", tmp_path / "metrics.json")
+    weights = adapter / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "flip":  # 64 flipped bytes in the middle of the tensor data
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate_no_manifest":
+        (adapter / MANIFEST).unlink()
+        weights.write_bytes(bytes(data[:40]))
+    else:
+        weights.unlink()
+        (adapter / MANIFEST).unlink()
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(adapter), "--output", str(tmp_path / "out")]) == 2
+    assert message in one_error_line(capsys, "eval")
+    assert not (tmp_path / "out" / "eval_metrics.json").exists()
+
+
+def test_adapter_for_another_base_model(run_dir: Path, tmp_path: Path, capsys) -> None:
+    import transformers
+
+    from helpers import make_tiny_bert
+
+    other = tmp_path / "wider"
+    make_tiny_bert(other)
+    config = transformers.AutoConfig.from_pretrained(other)
+    config.hidden_size, config.intermediate_size = 48, 96
+    transformers.BertModel(config).save_pretrained(other)
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run_dir), "--model", str(other), "--output", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys, "eval")
+    assert "does not fit model" in line and "size mismatch" in line
+
+
+def test_max_seq_len_is_capped_at_the_model_positions(data_root: Path, bert_dir: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main([*train_args(bert_dir, out)[:-2], "--max-seq-len", "4096", "--output", str(out)]) == 2
+    assert "exceeds the 512 positions" in one_error_line(capsys)
+    assert not out.exists() and not lock_path(out).exists()
+
+
+def test_output_under_a_file(data_root: Path, bert_dir: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(train_args(bert_dir, tmp_path / "afile" / "run")) == 2
+    assert "is a file, not a folder" in one_error_line(capsys)
+
+
+def test_a_busy_run_folder_is_refused_and_a_stale_lock_taken_over(data_root: Path, bert_dir: Path,
+                                                                  tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    with run_lock(out):  # this process owns it, alive
+        capsys.readouterr()
+        assert main(train_args(bert_dir, out)) == 2
+        line = one_error_line(capsys)
+        assert f"is in use by pid {os.getpid()} on host {socket.gethostname()}" in line
+    assert not lock_path(out).exists()
+    with pytest.raises(UsageError, match="is in use"), run_lock(out), run_lock(out):
+        pass
+    # a crashed owner (a pid that no longer runs) leaves a stale lock: the next run takes it over
+    dead = 2 ** 22 + 12345
+    lock_path(out).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "since": "earlier"}))
+    assert main(train_args(bert_dir, out)) == 0
+    assert (out / "metrics.json").is_file() and not lock_path(out).exists()
+
+
+def test_corrupted_checkpoint_is_refused_on_resume(data_root: Path, bert_dir: Path, tmp_path: Path,
+                                                    capsys) -> None:
+    out = tmp_path / "run"
+    assert main([*train_args(bert_dir, out), "--save-steps", "1"]) == 0
+    checkpoint = out / "checkpoint-2"
+    assert verify_manifest(checkpoint)
+    shutil.rmtree(out / "adapter")
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main([*train_args(bert_dir, out), "--save-steps", "1", "--resume"]) == 2
+    assert "checkpoint-2/adapter_model.safetensors does not match its sha256" in one_error_line(capsys)
+
+
+def test_manifest_round_trip(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    assert verify_manifest(tmp_path) is False  # no manifest: a plain folder still loads
+    write_manifest(tmp_path)
+    assert verify_manifest(tmp_path)
+    (tmp_path / "sub" / "b.txt").unlink()
+    with pytest.raises(UsageError, match="b.txt is missing"):
+        verify_manifest(tmp_path)
