@@ -123,6 +123,17 @@ class LoraDropoutConfig:
         sides = 2 if self.strategy == "ab" else 1
         return (1.0 - self.p) ** sides
 
+    @property
+    def expected_bias_factor(self) -> float:
+        """E[masked bias] / bias for PEFT's ``lora_bias`` (a bias on lora_B, applied with B's output features).
+
+        Dropping a row of B drops its output feature, bias included ("ab", "b"): the bias is kept with probability
+        (1-p) (1 with rescaling). Masks on A ("a", "rank") and on the input ("input") never touch it.
+        """
+        if self.rescale or self.p == 0.0 or self.strategy not in ("ab", "b"):
+            return 1.0
+        return 1.0 - self.p
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

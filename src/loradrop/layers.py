@@ -172,18 +172,38 @@ class LoraDropoutVariant(LoraVariant):
     def _delta_weight(self, module: nn.Module, adapter: str, factor: float) -> torch.Tensor:
         return module.get_delta_weight(adapter) * factor
 
+    @staticmethod
+    def _shift_base_bias(module: nn.Module, adapter: str, amount: float) -> None:
+        """Add ``amount * s * lora_B.bias`` to the base layer's bias (PEFT ``lora_bias``; nothing without it).
+
+        PEFT merges lora_B's bias itself, always in full (``base.bias += s * lora_B.bias``, after the variant's merge
+        and before its unmerge); shifting by (bias factor - 1) around that makes the merged bias the expected one."""
+        lora_bias = module.lora_B[adapter].bias
+        base_bias = getattr(module.get_base_layer(), "bias", None)
+        if lora_bias is None or base_bias is None or amount == 0.0:  # no base bias: PEFT's merge raises itself
+            return
+        base_bias.data += (lora_bias.detach() * (module.scaling[adapter] * amount)).to(base_bias.dtype)
+
+    def _merge(self, module: nn.Module, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        factor, bias_factor = self.controller.expected_factor, self.controller.expected_bias_factor
+        self._merged_factor[adapter] = (factor, bias_factor)
+        return self._delta_weight(module, adapter, factor).to(weight.dtype)
+
     def merge_safe(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        factor = self.controller.expected_factor
-        self._merged_factor[active_adapter] = factor
-        return orig_weight + self._delta_weight(module, active_adapter, factor).to(orig_weight.dtype)
+        merged = orig_weight + self._merge(module, active_adapter, orig_weight)
+        if module.lora_B[active_adapter].bias is not None and bool(torch.isfinite(merged).all()):
+            # (PEFT refuses non-finite merged weights after this call: then the base bias must stay untouched)
+            self._shift_base_bias(module, active_adapter, self._merged_factor[active_adapter][1] - 1.0)
+        return merged
 
     def merge_unsafe(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        factor = self.controller.expected_factor
-        self._merged_factor[active_adapter] = factor
-        orig_weight.data += self._delta_weight(module, active_adapter, factor).to(orig_weight.dtype)
+        orig_weight.data += self._merge(module, active_adapter, orig_weight)
+        self._shift_base_bias(module, active_adapter, self._merged_factor[active_adapter][1] - 1.0)
 
     def unmerge(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        factor = self._merged_factor.pop(active_adapter, self.controller.expected_factor)
+        factor, bias_factor = self._merged_factor.pop(
+            active_adapter, (self.controller.expected_factor, self.controller.expected_bias_factor))
+        self._shift_base_bias(module, active_adapter, 1.0 - bias_factor)
         return orig_weight - self._delta_weight(module, active_adapter, factor).to(orig_weight.dtype)
 
     def forward(self, module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
@@ -197,6 +217,9 @@ class LoraDropoutVariant(LoraVariant):
             factor = self.controller.expected_factor
             if factor == 1.0:
                 return result + lora_b(lora_a(dropout(x))) * scaling
+            if lora_b.bias is not None:  # lora_bias: the bias has its own expected factor (see expected_bias_factor)
+                bias = lora_b.bias * self.controller.expected_bias_factor
+                return result + (F.linear(lora_a(dropout(x)), lora_b.weight) * factor + bias) * scaling
             return result + lora_b(lora_a(dropout(x))) * (scaling * factor)
         if not isinstance(dropout, nn.Identity):
             x = dropout(x)
@@ -236,7 +259,13 @@ class LayerHandler:
         raise NotImplementedError
 
     def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
+        """The weights of B (an export multiplies them by the expected factor)."""
         raise NotImplementedError
+
+    def b_bias(self, module: nn.Module, adapter: str) -> torch.Tensor | None:
+        """B's bias (PEFT ``lora_bias``), whose expected factor differs (`LoraDropoutConfig.expected_bias_factor`);
+        None (the default) when the layer has none."""
+        return None
 
     def precompute_weights(self, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A, B) parameters whose masked copies the model pre-hook may build for all layers at once, with the
@@ -279,8 +308,10 @@ class LoraLinearHandler(LayerHandler):
             del module.lora_variant[adapter]
 
     def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
-        lin = module.lora_B[adapter]
-        return [t for t in (lin.weight, lin.bias) if t is not None]
+        return [module.lora_B[adapter].weight]
+
+    def b_bias(self, module: nn.Module, adapter: str) -> torch.Tensor | None:
+        return module.lora_B[adapter].bias
 
     def precompute_weights(self, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         if module.lora_B[adapter].bias is not None:  # lora_bias: the bias needs the mask too; keep it per layer

@@ -264,6 +264,11 @@ class MemberController:
         """Factor on the update in a plain eval forward (and in merges/exports)."""
         return self.config.expected_factor if self.eval_mode == "expected" else 1.0
 
+    @property
+    def expected_bias_factor(self) -> float:
+        """Factor on lora_B's bias (PEFT ``lora_bias``) in a plain eval forward and in merges/exports."""
+        return self.config.expected_bias_factor if self.eval_mode == "expected" else 1.0
+
     # ----------------------------------------------------------------------------------------------- member chunks
     def _next_train_key(self) -> int:
         """The mask key of the next training step; advances the step counter (once per step, chunked or not)."""

@@ -246,7 +246,8 @@ def export_adapter(model: PeftModel, output_dir: str | os.PathLike[str], *, merg
     written to a temporary folder and moved into place only when complete.
     """
     controller = get_controller(model)
-    factor = controller.config.expected_factor  # an export always serves the expectation
+    # an export always serves the expectation (lora_B's bias, PEFT's lora_bias, has its own factor)
+    factor, bias_factor = controller.config.expected_factor, controller.config.expected_bias_factor
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"export target {str(output_dir)!r} exists and is not empty; choose a new folder")
@@ -255,12 +256,12 @@ def export_adapter(model: PeftModel, output_dir: str | os.PathLike[str], *, merg
     try:
         if merge:
             plain = copy.deepcopy(model)
-            _scale_lora_b(plain, get_controller(plain), factor)
+            _scale_lora_b(plain, get_controller(plain), factor, bias_factor)
             remove_lora_dropout(plain)
             merged = plain.merge_and_unload()
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
-            originals = _scale_lora_b(model, controller, factor)
+            originals = _scale_lora_b(model, controller, factor, bias_factor)
             try:
                 type(model).save_pretrained(model, str(tmp), safe_serialization=True)
             finally:
@@ -277,16 +278,19 @@ def export_adapter(model: PeftModel, output_dir: str | os.PathLike[str], *, merg
 
 
 def _scale_lora_b(
-    model: PeftModel, controller: MemberController, factor: float
+    model: PeftModel, controller: MemberController, factor: float, bias_factor: float
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Multiply every adapted layer's lora_B (and its bias) by `factor` in place; return (weight, original) pairs."""
+    """Multiply every adapted layer's lora_B by `factor` and its bias by `bias_factor` in place; return (weight,
+    original) pairs."""
     originals = []
     with torch.no_grad():
         for _, module, adapter in _lora_layers(model, controller.adapters):
             handler = handler_for(module, adapter)
             if handler is None:
                 continue
-            for weight in handler.b_tensors(module, adapter):
+            bias = handler.b_bias(module, adapter)
+            scaled = [(w, factor) for w in handler.b_tensors(module, adapter)]
+            for weight, value in scaled + ([(bias, bias_factor)] if bias is not None else []):
                 originals.append((weight, weight.detach().clone()))
-                weight.mul_(factor)
+                weight.mul_(value)
     return originals

@@ -1,0 +1,118 @@
+"""Regression tests of issue #12 (core library): the expectation with ``lora_bias``, LoRA Dropout on a model whose
+adapters change after apply, input validation of the ensemble entry points, automatic ensemble chunking.
+
+(Config immutability is in test_config.py, its property-based tests in test_config_properties.py, the Trainer's
+non-finite loss check in test_training.py.)"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+import loradrop
+from loradrop import STRATEGIES, LoraDropoutConfig, split_members
+
+IN, OUT, RANK = 12, 10, 4
+
+
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(IN, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def bias_model(**config) -> PeftModel:
+    """One adapted projection with PEFT's ``lora_bias=True`` (a bias on lora_B) and a large, non-zero bias."""
+    torch.manual_seed(0)
+    model = get_peft_model(Head(), LoraConfig(r=RANK, lora_alpha=8, target_modules=["proj"], lora_dropout=0.0,
+                                              init_lora_weights=False, lora_bias=True))
+    with torch.no_grad():
+        model.base_model.model.proj.lora_B["default"].bias.copy_(2 * torch.randn(OUT))
+    return loradrop.apply_lora_dropout(model, LoraDropoutConfig(**{"p": 0.5, "seed": 3, **config}))
+
+
+def fresh_base() -> Head:
+    torch.manual_seed(0)
+    return Head()
+
+
+X = torch.randn(3, IN, generator=torch.Generator().manual_seed(1))
+
+
+# ------------------------------------------------------------------------------------------------ 1. lora_bias
+# PEFT warns that a 1-d lora_B.bias might be an unsharded ZeRO-3 tensor when saving; here it is just lora_bias.
+bias_save_warning = pytest.mark.filterwarnings("ignore:.*LoRA tensor\\(s\\) have invalid shape")
+
+@bias_save_warning
+@pytest.mark.parametrize("rescale", [False, True], ids=["plain", "rescale"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_lora_bias_expectation_equals_the_mean_of_members(strategy, rescale, tmp_path):
+    """The eval forward ("expected"), the exported adapter and PEFT's merge all equal the mean of 20,000 masked
+    members, also for the bias of lora_B (dropped with its row of B by "ab"/"b", never by "a"/"rank"/"input")."""
+    model = bias_model(strategy=strategy, rescale=rescale)
+    ctl = loradrop.get_controller(model)
+    n = 20_000
+    model.eval()
+    with torch.no_grad():
+        expected = model(X)
+        with ctl.ensemble(ctl.ensemble_key(5), n, 0):
+            members = split_members(model(X), n)  # (n, 3, OUT)
+    mean, stderr = members.mean(0), members.std(0) / n**0.5
+    assert stderr.max() > 0 or strategy == "input"  # the members differ (the check is not vacuous)
+    assert ((mean - expected).abs() <= 5 * stderr + 1e-4).all(), (mean - expected).abs().max()
+
+    loradrop.export_adapter(model, tmp_path / "adapter")
+    exported = PeftModel.from_pretrained(fresh_base(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(X), expected, atol=1e-5, rtol=1e-5)
+
+    merged = copy.deepcopy(model)  # PEFT's merge through the variant (lora_B's bias goes into the base bias)
+    base = merged.base_model.model.proj.base_layer
+    before = base.weight.detach().clone(), base.bias.detach().clone()
+    merged.merge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(X), expected, atol=1e-5, rtol=1e-5)
+    merged.unmerge_adapter()
+    torch.testing.assert_close(base.weight, before[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(base.bias, before[1], atol=1e-6, rtol=0)
+
+
+@bias_save_warning
+def test_lora_bias_merged_export_of_a_transformers_model(tiny_bert, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from helpers import lora_config, tiny_bert_config
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(BertForSequenceClassification(tiny_bert_config()),
+                                lora_config(target_modules=["query", "value"], lora_bias=True))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                param.copy_(torch.randn(param.shape))
+    model = loradrop.apply_lora_dropout(peft_model, LoraDropoutConfig(p=0.5, seed=0))
+    batch = {"input_ids": torch.randint(0, 120, (3, 7), generator=torch.Generator().manual_seed(2))}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    loradrop.export_adapter(model, tmp_path / "merged", merge=True)
+    merged = BertForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_bias_raw_mode_is_the_full_update():
+    model = bias_model(strategy="ab")
+    plain = copy.deepcopy(model)
+    loradrop.remove_lora_dropout(plain)
+    loradrop.set_eval_mode(model, "raw")
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), plain(X))
