@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--work-dir", default=None, help="where run folders are built (default: beside --results)")
     sweep.add_argument("--keep-runs", action="store_true", help="keep each run folder (adapters, logs)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
+    sweep.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                       help="run only the runs whose id matches this glob (e.g. 'mrpc__*'); repeatable")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every run (e.g. --set model=/path/to/minilm); repeatable")
 
@@ -134,6 +136,7 @@ def _sweep(args: argparse.Namespace) -> int:
         plan.overrides = parse_overrides(args.set)
         plan.runs()  # validate the overridden settings before anything runs
     results = Path(args.results) if args.results else plan.results
+    plan.only = list(args.only)
     if args.dry_run:
         todo, done = pending(plan, results) if results is not None else (plan.runs(), 0)
         for run in todo:

@@ -29,6 +29,7 @@ across seeds, temperature scaling fitted on validation, reliability diagrams.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import os
@@ -78,6 +79,7 @@ class SweepPlan:
     results: Path | None = None
     description: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)  # applied last, e.g. a local model path on a machine
+    only: list[str] = field(default_factory=list)  # glob patterns of run ids to keep (all when empty)
 
     @classmethod
     def load(cls, path: str | Path) -> SweepPlan:
@@ -146,6 +148,8 @@ class SweepPlan:
                 out.append(PlannedRun(run_id, method, axes, settings))
         if problems:
             raise SettingsError(problems)
+        if self.only:
+            out = [r for r in out if any(fnmatch.fnmatchcase(r.run_id, pattern) for pattern in self.only)]
         return out
 
 
