@@ -116,3 +116,101 @@ def test_lora_bias_raw_mode_is_the_full_update():
     model.eval(), plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(X), plain(X))
+
+
+# ------------------------------------------------------------------------------------------------ 2. adapters change
+INPUTS = {"input_ids": torch.randint(0, 120, (4, 10), generator=torch.Generator().manual_seed(1))}
+
+
+def two_adapter_bert(tiny_bert) -> PeftModel:
+    from helpers import lora_config
+
+    model = tiny_bert()
+    model.add_adapter("other", lora_config(target_modules=["query", "value"]))
+    return loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+
+
+def test_apply_refuses_a_merged_adapter(tiny_bert):
+    model = tiny_bert()
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"has adapter\(s\) \['default'\] merged into its base weights \(merge_adapter"
+                                         r"\(\)\); .* call model.unmerge_adapter\(\) before apply_lora_dropout"):
+        loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+    assert loradrop.model._find_controller(model) is None  # nothing was changed
+    model.unmerge_adapter()
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+    assert loradrop.ensemble_predict(model, INPUTS, 4, seed=0).mutual_information.max() > 0
+
+
+def test_switching_to_an_adapter_without_lora_dropout_warns_and_ensembles_refuse(tiny_bert):
+    from loradrop.errors import UsageError
+
+    model = two_adapter_bert(tiny_bert)
+    with pytest.warns(UserWarning, match=r"LoRA Dropout stops acting: the active adapter is \['other'\], but LoRA "
+                                         r"Dropout was applied to \['default'\]"):
+        model.set_adapter("other")
+    message = (r"loradrop: ensemble_predict needs LoRA Dropout's masks, but the active adapter is \['other'\], but "
+               r"LoRA Dropout was applied to \['default'\]: .* call model.set_adapter\('default'\) first")
+    with pytest.raises(UsageError, match=message):
+        loradrop.ensemble_predict(model, INPUTS, 4, seed=0)
+    with pytest.raises(ValueError, match="ensemble_score_choices needs LoRA Dropout's masks"):
+        loradrop.ensemble_score_choices(model, INPUTS["input_ids"], [1, 2], 4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.set_adapter("default")  # back: no warning, and the members differ again
+    assert loradrop.ensemble_predict(model, INPUTS, 4, seed=0).mutual_information.max() > 0
+
+
+def test_an_adapter_added_after_apply_warns_naming_it(tiny_bert):
+    from helpers import lora_config
+
+    model = loradrop.apply_lora_dropout(tiny_bert(), LoraDropoutConfig(p=0.5, seed=0))
+    with pytest.warns(UserWarning, match=r"adapter 'late' was added after apply_lora_dropout and has no LoRA Dropout "
+                                         r"masks \(they act on \['default'\] only\)"):
+        model.add_adapter("late", lora_config(target_modules=["query"]))
+    assert loradrop.ensemble_predict(model, INPUTS, 4, seed=0).mutual_information.max() > 0  # default still masked
+    with pytest.warns(UserWarning, match="stops acting"):
+        model.set_adapter("late")
+    with pytest.raises(ValueError, match="needs LoRA Dropout's masks"):
+        loradrop.ensemble_predict(model, INPUTS, 4, seed=0)
+    loradrop.remove_lora_dropout(model)  # the documented way: apply again to the new adapter
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0), adapter_name="late")
+    assert loradrop.ensemble_predict(model, INPUTS, 4, seed=0).mutual_information.max() > 0
+    assert "set_adapter" not in vars(loradrop.remove_lora_dropout(model))  # the wrappers go with it
+
+
+def test_merged_or_disabled_adapters_make_ensembles_refuse(tiny_bert):
+    model = loradrop.apply_lora_dropout(tiny_bert(), LoraDropoutConfig(p=0.5, seed=0))
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"adapter 'default' is merged into the base weights \(merge_adapter\(\)\): "
+                                         r"merged layers run the expected update without masks; call "
+                                         r"model.unmerge_adapter\(\) first"):
+        loradrop.ensemble_predict(model, INPUTS, 4, seed=0)
+    model.unmerge_adapter()
+    with model.disable_adapter(), pytest.raises(ValueError, match=r"the adapters are disabled \(inside "
+                                                                  r"model.disable_adapter\(\)\)"):
+        loradrop.ensemble_predict(model, INPUTS, 4, seed=0)
+    assert loradrop.ensemble_predict(model, INPUTS, 4, seed=0).mutual_information.max() > 0
+
+
+def test_apply_to_an_inactive_adapter_warns_and_training_says_so(tiny_bert):
+    from transformers import TrainerControl, TrainerState
+
+    from loradrop.training import LoraDropoutCallback, build_training_args
+
+    model = tiny_bert()
+    from helpers import lora_config
+
+    model.add_adapter("other", lora_config(target_modules=["query", "value"]))
+    with pytest.warns(UserWarning, match=r"LoRA Dropout is applied but does not act now: the active adapter is "
+                                         r"\['default'\], but LoRA Dropout was applied to \['other'\]"):
+        loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, samples=2, member_chunk=1, seed=0),
+                                    adapter_name="other")
+    with pytest.warns(UserWarning, match="loradrop: training without LoRA Dropout: the active adapter"):
+        LoraDropoutCallback().on_train_begin(build_training_args("unused", progress=False), TrainerState(),
+                                             TrainerControl(), model=model)
+    model.train()
+    with pytest.raises(ValueError, match="chunked_backward needs LoRA Dropout's masks"):
+        loradrop.chunked_backward(model, {**INPUTS, "labels": torch.zeros(4, dtype=torch.long)})

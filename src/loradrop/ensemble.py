@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .members import BATCH_KEYS, split_members
-from .model import get_controller
+from .model import get_active_controller
 
 _LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
 
@@ -198,7 +198,7 @@ def ensemble_predict(
         max_answer_length, span_mask: span selection for extractive QA heads.
     """
     _check_n(n, chunk_size)
-    controller = get_controller(model)
+    controller = get_active_controller(model, "ensemble_predict")
     inputs = _model_inputs(model, batch)
     key = controller.ensemble_key(seed)
     outputs: dict[str, list[torch.Tensor]] = {}
@@ -265,7 +265,7 @@ def ensemble_score_choices(
     tokens of " A", " B", " C", " D") and renormalised; the members' choice probabilities are averaged.
     """
     _check_n(n, chunk_size)
-    controller = get_controller(model)
+    controller = get_active_controller(model, "ensemble_score_choices")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq) tensor of prompt token ids")
     device = _model_device(model)
@@ -328,7 +328,7 @@ def ensemble_generate(
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    controller = get_controller(model)
+    controller = get_active_controller(model, "ensemble_generate")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq) tensor of prompt token ids")
     config = getattr(model, "config", None)

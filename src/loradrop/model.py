@@ -20,6 +20,7 @@ from torch import nn
 
 from .adalora_layer import AdaLoraSVDHandler  # noqa: F401 - importing it registers the AdaLoRA layer handler
 from .config import CONFIG_FILE_NAME, EVAL_MODES, LoraDropoutConfig, read_config_file
+from .errors import UsageError
 from .layers import LAYER_HANDLERS, handler_for
 from .masks import plan_slices
 from .members import MemberController
@@ -35,6 +36,42 @@ def get_controller(model: nn.Module) -> MemberController:
             f"LoRA Dropout is not applied to this {type(model).__name__}: call "
             "loradrop.apply_lora_dropout(model, LoraDropoutConfig(...)) first"
         )
+    return controller
+
+
+def inactive_reason(controller: MemberController) -> str | None:
+    """Why no layer of the model runs LoRA Dropout's masks now, or None when some layer does.
+
+    Masks act only where the adapter LoRA Dropout was applied to is active, unmerged and enabled: after
+    ``model.set_adapter(other)``, ``merge_adapter()`` or inside ``disable_adapter()`` every member is the same model.
+    """
+    if not controller.layers:
+        return None
+    for module, adapter, _ in controller.layers:
+        if (adapter in module.active_adapters and adapter not in module.merged_adapters
+                and not module.disable_adapters):
+            return None
+    module, adapter, _ = controller.layers[0]
+    adapters = controller.adapters
+    if module.disable_adapters:
+        return ("the adapters are disabled (inside model.disable_adapter()), so no LoRA update runs and there are "
+                "no masks")
+    if adapter in module.merged_adapters:
+        return (f"adapter {adapter!r} is merged into the base weights (merge_adapter()): merged layers run the "
+                "expected update without masks; call model.unmerge_adapter() first")
+    return (f"the active adapter is {list(module.active_adapters)}, but LoRA Dropout was applied to {adapters}: the "
+            f"active adapter's layers have no masks; call model.set_adapter({adapters[0]!r}) first, or "
+            f"loradrop.remove_lora_dropout(model) and apply_lora_dropout(model, config, "
+            f"adapter_name={module.active_adapters[0] if module.active_adapters else '...'!r})")
+
+
+def get_active_controller(model: nn.Module, what: str = "this") -> MemberController:
+    """`get_controller`, raising `UsageError` when LoRA Dropout's masks do not run in the model now (see
+    `inactive_reason`): an ensemble of identical members would silently report zero uncertainty."""
+    controller = get_controller(model)
+    reason = inactive_reason(controller)
+    if reason is not None:
+        raise UsageError(f"loradrop: {what} needs LoRA Dropout's masks, but {reason}")
     return controller
 
 
@@ -94,6 +131,12 @@ def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_n
             "LoRA layers (target_modules of linear projections)"
         )
     for name, module, adapter, handler in supported:
+        if getattr(module, "merged", False):
+            raise ValueError(
+                f"layer {name!r} has adapter(s) {list(module.merged_adapters)} merged into its base weights "
+                "(merge_adapter()); LoRA Dropout masks the unmerged A and B: call model.unmerge_adapter() before "
+                "apply_lora_dropout"
+            )
         handler.check(name, module, adapter)
     skipped = sorted({n for n, m, a in found} - {n for n, *_ in supported})
     if skipped:
@@ -125,9 +168,32 @@ def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_n
         hooked.register_forward_pre_hook(controller.pre_hook, with_kwargs=True)
         hooked.register_forward_hook(controller.post_hook, with_kwargs=True, always_call=True)
     model.__dict__[_ATTR] = controller
-    # Per instance, so that `model.save_pretrained` also writes loradrop_config.json; PEFT's class is untouched.
-    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_with_loradrop, model)
+    # Per instance, so that `model.save_pretrained` also writes loradrop_config.json, and switching or adding
+    # adapters says when LoRA Dropout stops acting; PEFT's class is untouched.
+    for name, method in _WRAPPED.items():
+        model.__dict__[name] = types.MethodType(method, model)
+    reason = inactive_reason(controller)
+    if reason is not None:
+        warnings.warn(f"loradrop: LoRA Dropout is applied but does not act now: {reason}", UserWarning, stacklevel=2)
     return model
+
+
+def _set_adapter_with_loradrop(self: PeftModel, *args: Any, **kwargs: Any) -> None:
+    type(self).set_adapter(self, *args, **kwargs)
+    reason = inactive_reason(get_controller(self))
+    if reason is not None:
+        warnings.warn(f"loradrop: LoRA Dropout stops acting: {reason}. Forward passes run plain LoRA and ensembles "
+                      "refuse to run until you switch back", UserWarning, stacklevel=2)
+
+
+def _add_adapter_with_loradrop(self: PeftModel, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+    out = type(self).add_adapter(self, adapter_name, *args, **kwargs)
+    adapters = get_controller(self).adapters
+    warnings.warn(
+        f"loradrop: adapter {adapter_name!r} was added after apply_lora_dropout and has no LoRA Dropout masks (they "
+        f"act on {adapters} only). To use LoRA Dropout with {adapter_name!r}, call loradrop.remove_lora_dropout(model) "
+        f"and apply_lora_dropout(model, config, adapter_name={adapter_name!r})", UserWarning, stacklevel=2)
+    return out
 
 
 def _hook_targets(model: PeftModel) -> list[nn.Module]:
@@ -157,7 +223,8 @@ def remove_lora_dropout(model: PeftModel) -> PeftModel:
     for module, adapter, handler in controller.layers:
         handler.uninstall(module, adapter, controller)
     del model.__dict__[_ATTR]
-    model.__dict__.pop("save_pretrained", None)
+    for name in _WRAPPED:
+        model.__dict__.pop(name, None)
     return model
 
 
@@ -202,6 +269,10 @@ def _save_pretrained_with_loradrop(self: PeftModel, save_directory: str, *args: 
     if kwargs.get("is_main_process", True):
         controller = get_controller(self)
         controller.config.save(save_directory, **_metadata(controller))
+
+
+_WRAPPED = {"save_pretrained": _save_pretrained_with_loradrop, "set_adapter": _set_adapter_with_loradrop,
+            "add_adapter": _add_adapter_with_loradrop}
 
 
 def from_pretrained(

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .ensemble import batch_seed, ensemble_predict, eval_mode
-from .model import get_controller
+from .model import get_active_controller
 
 
 @dataclass
@@ -85,7 +85,7 @@ def predict_classification(
     from tqdm.auto import tqdm
 
     if ensemble and not mc_dropout:
-        get_controller(model)  # fail early with the apply_lora_dropout hint
+        get_active_controller(model, "an ensemble")  # fail early: not applied, or its adapter is not active
     device = next(model.parameters()).device
     singles, ensembles, spreads, labels = [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)

@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import CONFIG_FILE_NAME, read_config_file
-from .model import _find_controller, get_controller, set_mask_state
+from .model import _find_controller, get_active_controller, inactive_reason, set_mask_state
 
 logger = logging.getLogger("loradrop")
 
@@ -30,7 +30,13 @@ class LoraDropoutCallback(TrainerCallback):
     """
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 0 or model is None or _find_controller(model) is None:
+        controller = _find_controller(model) if model is not None else None
+        if controller is None:
+            return
+        reason = inactive_reason(controller)
+        if reason is not None:
+            warnings.warn(f"loradrop: training without LoRA Dropout: {reason}", UserWarning, stacklevel=2)
+        if state.global_step == 0:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not (checkpoint / CONFIG_FILE_NAME).is_file():
@@ -52,7 +58,7 @@ def chunked_backward(model: torch.nn.Module, batch: Mapping[str, Any],
     mean over the chunk) is weighted by its share of the N members, so loss and gradients equal the one-call step
     while only one chunk's activations are alive at a time. Returns the step's loss (detached).
     """
-    controller = get_controller(model)
+    controller = get_active_controller(model, "chunked_backward")
     if not model.training:
         raise ValueError("chunked_backward runs a training step: call model.train() first")
     samples = controller.config.samples
