@@ -214,3 +214,24 @@ def test_apply_to_an_inactive_adapter_warns_and_training_says_so(tiny_bert):
     model.train()
     with pytest.raises(ValueError, match="chunked_backward needs LoRA Dropout's masks"):
         loradrop.chunked_backward(model, {**INPUTS, "labels": torch.zeros(4, dtype=torch.long)})
+
+
+# ------------------------------------------------------------------------------------------------ 4. sampling values
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"temperature": float("nan")}, "temperature must be a finite number > 0, got nan"),
+    ({"temperature": float("inf")}, "temperature must be a finite number > 0, got inf"),
+    ({"temperature": 0.0}, "temperature must be a finite number > 0, got 0.0"),
+    ({"temperature": -1}, "temperature must be a finite number > 0, got -1"),
+    ({"temperature": "1"}, "temperature must be a finite number > 0, got '1'"),
+    ({"temperature": True}, "temperature must be a finite number > 0, got True"),
+    ({"top_p": float("nan")}, "top_p must be a number in (0, 1], got nan"),
+    ({"top_p": 0.0}, "top_p must be a number in (0, 1], got 0.0"),
+    ({"top_p": 1.5}, "top_p must be a number in (0, 1], got 1.5"),
+    ({"top_p": None}, "top_p must be a number in (0, 1], got None"),
+])
+def test_ensemble_generate_refuses_bad_sampling_values(tiny_llama, kwargs, message):
+    model = loradrop.apply_lora_dropout(tiny_llama(), LoraDropoutConfig(p=0.5, seed=0))
+    prompt = torch.tensor([[1, 5, 7]])
+    with pytest.raises(ValueError) as err:
+        loradrop.ensemble_generate(model, prompt, 2, 3, do_sample=True, **kwargs)
+    assert str(err.value) == message

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +121,18 @@ def _check_n(n: Any, chunk_size: Any) -> None:
         raise ValueError(f"n (ensemble size) must be an integer >= 1, got {n!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_sampling(temperature: Any, top_p: Any) -> None:
+    """One ValueError naming the value: NaN, infinite or non-positive temperatures (NaN logits would pick token 0)."""
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not _is_real(top_p) or not 0 < top_p <= 1:  # NaN fails the comparison
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 def _model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,10 +338,7 @@ def ensemble_generate(
     _check_n(n, None)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    _check_sampling(temperature, top_p)
     controller = get_active_controller(model, "ensemble_generate")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq) tensor of prompt token ids")
