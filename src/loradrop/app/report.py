@@ -344,12 +344,19 @@ def _claims(study: Study) -> list[str]:
 def _limitations(study: Study) -> list[str]:
     runs = study.runs
 
-    def setting(key: str) -> str:
-        return "/".join(_distinct(r.settings.get(key) for r in runs))
+    def setting(key: str) -> str:  # from the run's full settings (config.args), else the plan's
+        return "/".join(_distinct((dig(r.metrics, "config", "args") or r.settings).get(key) for r in runs))
 
     models = "/".join(_distinct(r.metrics.get("model") or r.settings.get("model") for r in runs))
-    splits = _distinct(dig(r.metrics, "data", "derived_splits") for r in runs if dig(r.metrics, "data",
-                                                                                      "derived_splits"))
+    data = []
+    for task in study.tasks:  # the split sizes of the task's first run (they vary little between seeds)
+        meta = next(r.metrics.get("data") or {} for r in runs if r.task == task)
+        rows = ", ".join(f"{k} {v}" for k, v in sorted((meta.get("rows") or {}).items()))
+        full = dig(meta, "rows_before_subsampling", "train")
+        test = dig(meta, "split_notes", "test")
+        if rows:
+            data.append(f"{task} {rows}" + (f" (of {full} train rows)" if full else "")
+                        + (f", test = {test}" if test else ""))
     seeds = _distinct(r.seed for r in runs)
     reported = [len(c.runs) for cs in study.choices.values() for c in cs]
     holdout = setting("holdout_fraction")
@@ -358,9 +365,9 @@ def _limitations(study: Study) -> list[str]:
             f", max_eval_samples {setting('max_eval_samples')}; validation: holdout_fraction {holdout} of train"
             f"{', with the GLUE dev split scored as test' if holdout != '–' else ''}; epochs {setting('epochs')}, "
             f"max_seq_len {setting('max_seq_len')}, r {setting('r')}; {len(seeds)} seed(s) ({', '.join(seeds)}), "
-            f"{min(reported)}–{max(reported)} reported per setting.")
-    if splits:
-        text += f" Data: {'; '.join(splits)}."
+            f"{min(reported)}{'' if min(reported) == max(reported) else f'–{max(reported)}'} reported per setting.")
+    if data:
+        text += f" Data: {'; '.join(data)}."
     return ["## Limitations", "", text, ""]
 
 

@@ -120,7 +120,12 @@ class TaskInfo:
     def main_of(self, values: np.ndarray, labels: np.ndarray) -> float:
         """The official main metric of predictions (probabilities or regression values)."""
         if self.spec is not None:
-            return float(self.spec.metrics(self.spec, values, labels)[self.main])
+            from ..errors import DataError
+
+            try:
+                return float(self.spec.metrics(self.spec, values, labels)[self.main])
+            except DataError:  # e.g. a correlation of constant values
+                return NAN
         if self.main == "accuracy" and not self.regression:
             return float((values.argmax(1) == labels).mean())
         return NAN
@@ -410,6 +415,8 @@ def deep_ensemble(study: Study, task: str) -> DeepEnsemble | None:
         return None
     shared = set.intersection(*(set(m[3]) for m in members))
     order = [i for i in members[0][3] if i in shared]  # examples every member scored, in the first one's order
+    if len(order) < 2:  # e.g. max_eval_samples drew a different test subset per seed
+        return None
     stacked, labels = [], None
     for _, values, y, ids in members:
         position = {i: n for n, i in enumerate(ids)}
