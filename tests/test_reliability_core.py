@@ -235,3 +235,128 @@ def test_ensemble_generate_refuses_bad_sampling_values(tiny_llama, kwargs, messa
     with pytest.raises(ValueError) as err:
         loradrop.ensemble_generate(model, prompt, 2, 3, do_sample=True, **kwargs)
     assert str(err.value) == message
+
+
+# ------------------------------------------------------------------------------------------------ 5. automatic chunks
+def calls_of(model: PeftModel) -> tuple[list[int], object]:
+    sizes: list[int] = []
+    hook = model.get_base_model().register_forward_hook(lambda mod, args, out: sizes.append(out.logits.shape[0]))
+    return sizes, hook
+
+
+def test_ensemble_chunks_itself_when_memory_is_short(tiny_bert, monkeypatch):
+    """With little "available memory" ensemble_predict runs as many members per call as fit, and the result is the
+    one of the same explicit chunk_size (bit for bit) and of the unchunked run."""
+    from loradrop import ensemble as ens
+
+    model = loradrop.apply_lora_dropout(tiny_bert(), LoraDropoutConfig(p=0.5, seed=0))
+    per_member = ens.member_bytes(model, INPUTS)
+    assert per_member > 0
+    whole = loradrop.ensemble_predict(model, INPUTS, 10, seed=4, chunk_size=10)
+    explicit = loradrop.ensemble_predict(model, INPUTS, 10, seed=4, chunk_size=3)
+
+    monkeypatch.setattr(ens, "available_memory", lambda device: int(3.5 * per_member / ens.MEMORY_FRACTION))
+    assert ens.auto_chunk_size(model, INPUTS, 10) == 3
+    sizes, hook = calls_of(model)
+    auto = loradrop.ensemble_predict(model, INPUTS, 10, seed=4)
+    hook.remove()
+    assert sizes == [12, 12, 12, 4]  # 3, 3, 3 and 1 members of 4 rows
+    assert torch.equal(auto.member_probs, explicit.member_probs)
+    torch.testing.assert_close(auto.member_probs, whole.member_probs, atol=1e-6, rtol=1e-5)
+
+    monkeypatch.setattr(ens, "available_memory", lambda device: 1)  # less than one member: one at a time
+    sizes, hook = calls_of(model)
+    torch.testing.assert_close(loradrop.ensemble_predict(model, INPUTS, 3, seed=4).member_probs,
+                               whole.member_probs[:3], atol=1e-6, rtol=1e-5)
+    hook.remove()
+    assert sizes == [4, 4, 4]
+
+    monkeypatch.setattr(ens, "available_memory", lambda device: None)  # unknown: one call, as before
+    assert ens.auto_chunk_size(model, INPUTS, 1000) == 1000
+
+
+def test_plenty_of_memory_keeps_one_call_and_choices_chunk_too(tiny_llama, monkeypatch):
+    from loradrop import ensemble as ens
+
+    model = loradrop.apply_lora_dropout(tiny_llama(), LoraDropoutConfig(p=0.5, seed=0))
+    prompt = {"input_ids": torch.tensor([[1, 5, 7, 9], [1, 4, 4, 8]])}
+    sizes, hook = calls_of(model)
+    whole = loradrop.ensemble_score_choices(model, prompt["input_ids"], [5, 6, 7], 6, seed=1)
+    assert sizes == [12]  # a real machine has room for 6 tiny members: one call
+    per_member = ens.member_bytes(model, prompt)
+    monkeypatch.setattr(ens, "available_memory", lambda device: int(2 * per_member / ens.MEMORY_FRACTION))
+    sizes.clear()
+    auto = loradrop.ensemble_score_choices(model, prompt["input_ids"], [5, 6, 7], 6, seed=1)
+    hook.remove()
+    assert sizes == [4, 4, 4]
+    torch.testing.assert_close(auto.member_probs, whole.member_probs, atol=1e-6, rtol=1e-5)
+
+
+def test_member_estimate_counts_masks_and_the_widest_activation(tiny_bert, tiny_llama):
+    from loradrop import ensemble as ens
+
+    bert = loradrop.apply_lora_dropout(tiny_bert(), LoraDropoutConfig(p=0.5, seed=0))
+    ctl = loradrop.get_controller(bert)
+    # tiny BERT: 40 tokens, widest activation intermediate_size=64, float32
+    assert ens.member_bytes(bert, INPUTS) == 40 * 64 * 4 * ens.ACTIVATION_WIDTHS + ctl.num_features * ens.MASK_BYTES
+    llama = loradrop.apply_lora_dropout(tiny_llama(), LoraDropoutConfig(p=0.5, seed=0))
+    # tiny Llama: the LM head's 96 logits per token are the widest
+    assert ens.member_bytes(llama, {"input_ids": torch.ones(2, 5, dtype=torch.long)}) == (
+        10 * 96 * 4 * ens.ACTIVATION_WIDTHS + loradrop.get_controller(llama).num_features * ens.MASK_BYTES)
+
+
+def test_available_memory_on_cpu_with_and_without_psutil(monkeypatch):
+    import sys
+
+    from loradrop.ensemble import available_memory
+
+    with_psutil = available_memory(torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` raises ImportError
+    from_proc = available_memory(torch.device("cpu"))
+    assert with_psutil is None or with_psutil > 0
+    assert from_proc is None or from_proc > 0
+    assert with_psutil is not None or from_proc is not None  # Linux CI has one of them
+    assert available_memory(torch.device("meta")) is None
+
+
+def test_out_of_memory_halves_the_automatic_chunk(tiny_bert, monkeypatch):
+    """On a CUDA out-of-memory error the automatic chunking retries the same members, fewer at a time."""
+    from loradrop import ensemble as ens
+
+    model = loradrop.apply_lora_dropout(tiny_bert(), LoraDropoutConfig(p=0.5, seed=0))
+    whole = loradrop.ensemble_predict(model, INPUTS, 8, seed=2, chunk_size=8)
+    monkeypatch.setattr(ens, "_model_device", lambda model: torch.device("cuda"))  # the CUDA branch, on the CPU
+    monkeypatch.setattr(ens, "_model_inputs", lambda model, batch: dict(batch))  # (inputs stay where they are)
+    monkeypatch.setattr(ens, "auto_chunk_size", lambda model, inputs, n: n)
+    fake_cuda = {"memory_allocated": lambda d: 0, "max_memory_allocated": lambda d: 0, "empty_cache": lambda: None}
+    for name, fn in fake_cuda.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    sizes: list[int] = []
+
+    def oom_above_2(mod, args, kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        if rows > 2 * 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        sizes.append(rows // 4)
+
+    hook = model.get_base_model().register_forward_pre_hook(oom_above_2, with_kwargs=True)
+    out = loradrop.ensemble_predict(model, INPUTS, 8, seed=2)
+    hook.remove()
+    assert sizes == [2, 2, 2, 2]
+    torch.testing.assert_close(out.member_probs, whole.member_probs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_automatic_chunks_measure_and_equal_explicit_chunks(tiny_bert, monkeypatch):
+    from loradrop import ensemble as ens
+
+    model = loradrop.apply_lora_dropout(tiny_bert().cuda(), LoraDropoutConfig(p=0.5, seed=0))
+    assert ens.available_memory(torch.device("cuda")) > 0
+    whole = loradrop.ensemble_predict(model, INPUTS, 64, seed=4, chunk_size=64)
+    per_member = ens.member_bytes(model, INPUTS)
+    monkeypatch.setattr(ens, "available_memory", lambda device: int(8 * per_member / ens.MEMORY_FRACTION))
+    sizes, hook = calls_of(model)
+    auto = loradrop.ensemble_predict(model, INPUTS, 64, seed=4)
+    hook.remove()
+    assert sizes[0] == 8 * 4 and sum(sizes) == 64 * 4  # the first chunk from the estimate, the rest measured
+    torch.testing.assert_close(auto.member_probs, whole.member_probs, atol=1e-5, rtol=1e-4)

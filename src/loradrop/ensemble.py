@@ -10,7 +10,7 @@ import contextlib
 import inspect
 import math
 import numbers
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .members import BATCH_KEYS, split_members
-from .model import get_active_controller
+from .model import get_active_controller, get_controller
 
 _LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
 
@@ -123,15 +123,12 @@ def _check_n(n: Any, chunk_size: Any) -> None:
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_sampling(temperature: Any, top_p: Any) -> None:
-    """One ValueError naming the value: NaN, infinite or non-positive temperatures (NaN logits would pick token 0)."""
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+    """One ValueError naming the value (a NaN temperature made every probability NaN, and token 0 was picked)."""
+    real = [isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (temperature, top_p)]
+    if not real[0] or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not _is_real(top_p) or not 0 < top_p <= 1:  # NaN fails the comparison
+    if not real[1] or not 0 < top_p <= 1:  # NaN fails the comparison
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
@@ -139,13 +136,9 @@ def _model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping of model inputs (a tokenizer output), got {type(batch).__name__}")
     if not any(isinstance(batch.get(k), torch.Tensor) for k in BATCH_KEYS):
-        raise ValueError(
-            f"batch has none of the model's inputs {list(BATCH_KEYS)}; got keys {sorted(batch)}"
-        )
+        raise ValueError(f"batch has none of the model's inputs {list(BATCH_KEYS)}; got keys {sorted(batch)}")
     device = _model_device(model)
-    return {
-        k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k not in _LABEL_KEYS
-    }
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k not in _LABEL_KEYS}
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -158,6 +151,98 @@ def _chunks(n: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
     step = n if chunk_size is None else min(chunk_size, n)
     for offset in range(0, n, step):
         yield offset, min(step, n - offset)
+
+
+# ------------------------------------------------------------------------------------------------ automatic chunks
+MEMORY_FRACTION = 0.5  # of the available memory, for one chunk's activations and masks
+ACTIVATION_WIDTHS = 4  # activations of the widest size alive at once, per token, in a no_grad forward
+MASK_BYTES = 32  # per member and mask feature: the float mask and the int64 temporaries of its hash
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: CUDA: the driver's free memory plus what torch's caching allocator
+    holds unused (``torch.cuda.mem_get_info``); CPU: ``psutil.virtual_memory().available`` when psutil is installed,
+    else ``MemAvailable`` of /proc/meminfo; None where unknown (then nothing is chunked automatically)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024  # in kB
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def member_bytes(model: nn.Module, inputs: Mapping[str, Any]) -> int:
+    """Estimated peak memory of ONE member in a no_grad forward: tokens x the widest activation (hidden,
+    intermediate, attention scores heads x seq, output head, adapted layers' features) x bytes x
+    `ACTIVATION_WIDTHS`, plus the member's masks (`MASK_BYTES` per mask feature; per input element for "input")."""
+    value = next(inputs[k] for k in BATCH_KEYS if isinstance(inputs.get(k), torch.Tensor))
+    tokens = value.numel() // value.shape[-1] if value.is_floating_point() and value.dim() > 2 else value.numel()
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    widths = [getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None),
+              heads * value.shape[1] if isinstance(heads, int) and value.dim() > 1 else None,
+              getattr(head, "out_features", None)]
+    controller = get_controller(model)
+    dims = [handler.dims(module, adapter)[:2] for module, adapter, handler in controller.layers]
+    widths += [d for pair in dims for d in pair]
+    width = max([w for w in widths if isinstance(w, int)], default=1)
+    element = max(4, next((p.element_size() for p in model.parameters()), 4))  # outputs are copied as float32
+    masks = controller.num_features * MASK_BYTES
+    if controller.config.strategy == "input":
+        masks += tokens * max((d[0] for d in dims), default=0) * MASK_BYTES
+    return tokens * width * element * ACTIVATION_WIDTHS + masks
+
+
+def auto_chunk_size(model: nn.Module, inputs: Mapping[str, Any], n: int) -> int:
+    """Members per forward call when ``chunk_size=None``: all `n` when they fit in `MEMORY_FRACTION` of the
+    available memory by the `member_bytes` estimate, else as many as fit (at least 1)."""
+    available = available_memory(_model_device(model))
+    if available is None:
+        return n
+    return max(1, min(n, int(available * MEMORY_FRACTION) // max(1, member_bytes(model, inputs))))
+
+
+def _run_chunks(model: nn.Module, inputs: Mapping[str, Any], n: int, chunk_size: int | None,
+                run: Callable[[int, int], None]) -> None:
+    """Call ``run(offset, members)`` over members 0..n-1: `chunk_size` at a time, or automatically sized
+    (`auto_chunk_size`; on CUDA re-sized from the measured peak of a chunk, and halved after an out-of-memory
+    error). Chunking never changes a member, so the results equal the unchunked run."""
+    if chunk_size is not None:
+        for offset, members in _chunks(n, chunk_size):
+            run(offset, members)
+        return
+    device = _model_device(model)
+    size, offset = auto_chunk_size(model, inputs, n), 0
+    while offset < n:
+        members = min(size, n - offset)
+        cuda = device.type == "cuda"
+        if cuda:
+            before, peak_before = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+        try:
+            run(offset, members)
+        except torch.cuda.OutOfMemoryError:
+            if members == 1 or not cuda:
+                raise
+            size = members // 2  # the same members again, fewer at a time
+            torch.cuda.empty_cache()
+            continue
+        offset += members
+        if cuda and offset < n and torch.cuda.max_memory_allocated(device) > peak_before:
+            # this chunk set the peak, so its cost is measured rather than estimated
+            per_member = (torch.cuda.max_memory_allocated(device) - before) / members
+            size = max(1, int(available_memory(device) * MEMORY_FRACTION / max(per_member, 1.0)))
 
 
 def _uncertainty(member_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,7 +292,8 @@ def ensemble_predict(
         batch: the model inputs (labels are ignored).
         n: ensemble size.
         chunk_size: run at most this many members per forward call (bounds memory); results equal the unchunked
-            run because every member's masks depend only on its index.
+            run because every member's masks depend only on its index. None: all n in one call when they fit in
+            half the free memory, else chunks sized from it (`auto_chunk_size`); ``chunk_size=n`` forces one call.
         seed: the same seed gives the same members; None draws a fresh ensemble.
         max_answer_length, span_mask: span selection for extractive QA heads.
     """
@@ -216,14 +302,19 @@ def ensemble_predict(
     inputs = _model_inputs(model, batch)
     key = controller.ensemble_key(seed)
     outputs: dict[str, list[torch.Tensor]] = {}
+    out = None
+
+    def run(offset: int, members: int) -> None:
+        nonlocal out
+        with controller.ensemble(key, members, offset):
+            out = model(**inputs)
+        for name in ("start_logits", "end_logits", "logits"):
+            value = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
+            if isinstance(value, torch.Tensor):
+                outputs.setdefault(name, []).append(split_members(value.float(), members))
+
     with eval_mode(model):
-        for offset, members in _chunks(n, chunk_size):
-            with controller.ensemble(key, members, offset):
-                out = model(**inputs)
-            for name in ("start_logits", "end_logits", "logits"):
-                value = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
-                if isinstance(value, torch.Tensor):
-                    outputs.setdefault(name, []).append(split_members(value.float(), members))
+        _run_chunks(model, inputs, n, chunk_size, run)
     if "start_logits" in outputs:
         member_s = torch.cat(outputs["start_logits"]).softmax(-1)
         member_e = torch.cat(outputs["end_logits"]).softmax(-1)
@@ -277,6 +368,7 @@ def ensemble_score_choices(
 
     Each member's next-token distribution after the prompt is restricted to the K `choice_token_ids` (e.g. the
     tokens of " A", " B", " C", " D") and renormalised; the members' choice probabilities are averaged.
+    `chunk_size` as in `ensemble_predict` (None: sized automatically).
     """
     _check_n(n, chunk_size)
     controller = get_active_controller(model, "ensemble_score_choices")
@@ -298,15 +390,18 @@ def ensemble_score_choices(
         kwargs["logits_to_keep"] = 1
     key = controller.ensemble_key(seed)
     parts = []
+
+    def run(offset: int, members: int) -> None:
+        with controller.ensemble(key, members, offset):
+            logits = model(**kwargs).logits
+        logits = split_members(logits, members)  # (m, B, T', V)
+        rows = torch.arange(input_ids.shape[0], device=device)
+        pos = torch.full_like(last, logits.shape[2] - 1) if only_last else last
+        picked = logits[:, rows, pos][..., choices].float()  # (m, B, K)
+        parts.append(picked.softmax(-1))
+
     with eval_mode(model):
-        for offset, members in _chunks(n, chunk_size):
-            with controller.ensemble(key, members, offset):
-                logits = model(**kwargs).logits
-            logits = split_members(logits, members)  # (m, B, T', V)
-            rows = torch.arange(input_ids.shape[0], device=device)
-            pos = torch.full_like(last, logits.shape[2] - 1) if only_last else last
-            picked = logits[:, rows, pos][..., choices].float()  # (m, B, K)
-            parts.append(picked.softmax(-1))
+        _run_chunks(model, kwargs, n, chunk_size, run)
     member_probs = torch.cat(parts)
     probs, total, expected, mi = _uncertainty(member_probs)
     return ChoiceOutput(n=n, probs=probs, member_probs=member_probs, entropy=total, expected_entropy=expected,
