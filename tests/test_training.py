@@ -84,3 +84,73 @@ def test_trainer_runs_member_chunks_with_the_same_result(tiny_bert, tmp_path):
     assert losses == pytest.approx(ref_losses, rel=1e-4)
     for name in ref_params:
         torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ non-finite steps
+def diverging_trainer(tiny_bert, tmp_path, **kwargs):
+    """lr=1e30: Adam moves every LoRA weight by ~1e30 in step 1, so step 2's activations overflow (NaN loss)."""
+    from loradrop.training import build_training_args, make_trainer
+
+    rows = [{"input_ids": BATCH["input_ids"][i % 4], "attention_mask": BATCH["attention_mask"][i % 4],
+             "labels": BATCH["labels"][i % 4]} for i in range(8)]
+    model = loradrop.apply_lora_dropout(tiny_bert(), LoraDropoutConfig(p=0.5, samples=2, seed=1))
+    args = build_training_args(tmp_path, max_steps=4, batch_size=2, logging_steps=1, progress=False, lr=1e30)
+    return model, make_trainer(model, args, rows, **kwargs)
+
+
+def lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_nonfinite_loss_stops_training_with_a_clear_error(tiny_bert, tmp_path):
+    from loradrop.errors import LoradropError, TrainingDivergedError
+
+    model, trainer = diverging_trainer(tiny_bert, tmp_path)
+    with pytest.raises(TrainingDivergedError) as err:
+        trainer.train()
+    assert str(err.value) == (
+        "training diverged at step 2: the loss is nan (not finite). The likely cause is a learning rate too high for "
+        "this model (learning_rate=1e+30, 7.5e+29 at this step): lower it, or warm it up; or pass "
+        "skip_nonfinite_steps=True to skip such steps")
+    assert isinstance(err.value, LoradropError) and isinstance(err.value, RuntimeError)
+    assert trainer.state.global_step == 1  # step 2's update never happened
+
+
+def test_skip_nonfinite_steps_skips_and_counts_them(tiny_bert, tmp_path, caplog):
+    model, trainer = diverging_trainer(tiny_bert, tmp_path, skip_nonfinite_steps=True)
+    after_first: dict = {}
+
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                after_first.update(lora_weights(model))
+
+    trainer.add_callback(Snapshot())
+    with caplog.at_level("WARNING", logger="loradrop"):
+        trainer.train()
+    assert trainer.state.global_step == 4 and trainer.nonfinite_steps == [2, 3, 4]
+    final = lora_weights(model)
+    assert all(torch.isfinite(w).all() for w in final.values())
+    for name, weight in after_first.items():  # skipped steps changed no weight (nor Adam's state)
+        assert torch.equal(final[name], weight), name
+    assert "loradrop: step 2: the loss is nan (not finite); its update is skipped (1 step(s) skipped so far)" in (
+        caplog.text)
+    logged = [e for e in trainer.state.log_history if "nonfinite_steps_skipped" in e]
+    assert logged and logged[-1]["nonfinite_steps_skipped"] == 3
+
+
+def test_nonfinite_gradient_with_a_finite_loss_is_caught(tiny_bert, tmp_path):
+    from loradrop.errors import TrainingDivergedError
+    from loradrop.training import build_training_args, make_trainer
+
+    rows = [{"input_ids": BATCH["input_ids"][i], "attention_mask": BATCH["attention_mask"][i],
+             "labels": BATCH["labels"][i]} for i in range(4)]
+    model = loradrop.apply_lora_dropout(tiny_bert(), LoraDropoutConfig(p=0.5, seed=1))
+    weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    weight.register_hook(lambda grad: grad * float("inf"))
+    args = build_training_args(tmp_path, max_steps=1, batch_size=4, progress=False, lr=1e-3)
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at step 1: the gradient norm is (nan|inf) "
+                                                    r"while the loss is \d+\.\d+ \(not finite\)"):
+        make_trainer(model, args, rows).train()

@@ -39,3 +39,8 @@ class ModelLoadError(LoradropError, RuntimeError):
 
 class OutputError(LoradropError, OSError):
     """The run's output could not be written (read-only or full file system, a file where a folder should be)."""
+
+
+class TrainingDivergedError(LoradropError, RuntimeError):
+    """Training produced a non-finite loss or gradient norm; the message names the step, the value and the likely
+    cause (a learning rate too high). See ``LoraDropoutTrainer.skip_nonfinite_steps`` to skip such steps instead."""

@@ -16,6 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import CONFIG_FILE_NAME, read_config_file
+from .errors import TrainingDivergedError
 from .model import _find_controller, get_active_controller, inactive_reason, set_mask_state
 
 logger = logging.getLogger("loradrop")
@@ -73,12 +74,72 @@ def chunked_backward(model: torch.nn.Module, batch: Mapping[str, Any],
 
 class LoraDropoutTrainer(Trainer):
     """A `Trainer` that runs ``samples=N`` in chunks of ``member_chunk`` members per pass when the config asks
-    for it, and whose checkpoints appear atomically: written to a staging folder, then renamed into place, so an
-    interrupted save never leaves a half-written ``checkpoint-N`` for ``--resume`` to pick up."""
+    for it, whose checkpoints appear atomically (written to a staging folder, then renamed into place, so an
+    interrupted save never leaves a half-written ``checkpoint-N`` for ``--resume`` to pick up), and that stops on a
+    non-finite loss or gradient.
+
+    Non-finite steps: after the backward of a step's last micro-batch the step's losses and its gradient norm are
+    checked (one host synchronisation per step, as transformers' own loss logging does). A NaN or infinite value
+    raises `TrainingDivergedError` naming the step, the value and the likely cause. With
+    ``skip_nonfinite_steps=True`` (a constructor argument or class attribute; `make_trainer` passes it) the step's
+    gradients are dropped instead (set to None: the optimizer changes no weight and no state), the step number is
+    appended to `nonfinite_steps`, logged as a warning, and the Trainer's logs carry ``nonfinite_steps_skipped``.
+    Under fp16 dynamic loss scaling, inf/NaN gradients are the scaler's business (it skips such steps itself), so
+    only the loss is checked.
+    """
 
     _loradrop_chunk_weight: float | None = None
+    skip_nonfinite_steps: bool = False
+
+    def __init__(self, *args: Any, skip_nonfinite_steps: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if skip_nonfinite_steps is not None:
+            self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.nonfinite_steps: list[int] = []  # steps (1-based, as global_step after them) whose update was skipped
+        self._loradrop_losses: list[torch.Tensor] = []  # this step's micro-batch losses, checked at its last one
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D401 - Trainer hook
+        loss = self._loradrop_members_step(model, inputs, num_items_in_batch)
+        self._loradrop_losses.append(loss.detach().float().reshape(-1))
+        if self.accelerator.sync_gradients:  # the step's gradients are complete (and reduced across processes)
+            self._loradrop_check_step(model)
+        return loss
+
+    def _loradrop_check_step(self, model: torch.nn.Module) -> None:
+        losses, self._loradrop_losses = torch.cat(self._loradrop_losses), []
+        scaler = getattr(self.accelerator, "scaler", None)
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if scaler is None else []
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for grad in grads:
+            groups.setdefault((grad.device, grad.dtype), []).append(grad)
+        norms = [torch.stack(torch._foreach_norm(group)).float().to(losses.device) for group in groups.values()]
+        grad_norm = torch.linalg.vector_norm(torch.cat(norms)) if norms else losses.new_zeros(())
+        if bool(torch.isfinite(losses).all() & torch.isfinite(grad_norm)):
+            return
+        step = self.state.global_step + 1
+        bad = losses[~torch.isfinite(losses)]
+        what = (f"the loss is {float(bad[0])}" if bad.numel() else
+                f"the gradient norm is {float(grad_norm)} while the loss is {float(losses.sum())}")
+        if not self.skip_nonfinite_steps:
+            lr = f"learning_rate={self.args.learning_rate:g}"
+            if self.optimizer is not None and self.optimizer.param_groups[0]["lr"] != self.args.learning_rate:
+                lr += f", {self.optimizer.param_groups[0]['lr']:g} at this step"
+            raise TrainingDivergedError(
+                f"training diverged at step {step}: {what} (not finite). The likely cause is a learning rate too "
+                f"high for this model ({lr}): lower it, or warm it up; or pass skip_nonfinite_steps=True to skip "
+                "such steps")
+        self.nonfinite_steps.append(step)
+        if scaler is None:  # (with a scaler, the non-finite gradients make it skip the step itself)
+            model.zero_grad(set_to_none=True)
+        logger.warning("loradrop: step %d: %s (not finite); its update is skipped (%d step(s) skipped so far)",
+                       step, what, len(self.nonfinite_steps))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.nonfinite_steps and "loss" in logs:
+            logs = {**logs, "nonfinite_steps_skipped": len(self.nonfinite_steps)}
+        super().log(logs, *args, **kwargs)
+
+    def _loradrop_members_step(self, model, inputs, num_items_in_batch=None):
         controller = _find_controller(model)
         if controller is None or len(controller.config.chunks) == 1:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -174,7 +235,10 @@ def build_training_args(output_dir: str | os.PathLike[str], *, epochs: float = 1
 
 
 def make_trainer(model, args: TrainingArguments, train_dataset, eval_dataset=None, *, collator=None,
-                 callbacks: Sequence[TrainerCallback] = (), compute_metrics=None) -> LoraDropoutTrainer:
+                 callbacks: Sequence[TrainerCallback] = (), compute_metrics=None,
+                 skip_nonfinite_steps: bool = False) -> LoraDropoutTrainer:
+    """A `LoraDropoutTrainer` with the `LoraDropoutCallback`; `skip_nonfinite_steps`: skip (and count) steps with a
+    non-finite loss or gradient instead of stopping with `TrainingDivergedError`."""
     return LoraDropoutTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                               data_collator=collator, callbacks=[LoraDropoutCallback(), *callbacks],
-                              compute_metrics=compute_metrics)
+                              compute_metrics=compute_metrics, skip_nonfinite_steps=skip_nonfinite_steps)
