@@ -339,3 +339,18 @@ def test_no_results_is_a_usage_error(tmp_path: Path) -> None:
         write_report([tmp_path / "empty"], tmp_path / "R.md")
     with pytest.raises(UsageError, match="do not exist"):
         write_report([tmp_path / "missing"], tmp_path / "R.md")
+
+
+def test_command_line_writes_the_same_report(study, tmp_path: Path, capsys) -> None:
+    from loradrop.cli import main
+
+    root, _, text = study
+    out = tmp_path / "CLI.md"
+    assert main(["report", str(root / "results"), "-o", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    # the same content as the Python call (only the report's own paths may differ)
+    cli_text = out.read_text(encoding="utf-8").replace("CLI_plots/", "REPORT_plots/")
+    assert cli_text.split("\n## ")[2:] == text.split("\n## ")[2:]
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "nothing-here"), "-o", str(tmp_path / "x.md")]) == 2
+    assert capsys.readouterr().err.startswith("loradrop report: error:")
