@@ -146,10 +146,10 @@ def test_switching_to_an_adapter_without_lora_dropout_warns_and_ensembles_refuse
     from loradrop.errors import UsageError
 
     model = two_adapter_bert(tiny_bert)
-    with pytest.warns(UserWarning, match=r"LoRA Dropout stops acting: the active adapter is \['other'\], but LoRA "
+    with pytest.warns(UserWarning, match=r"LoRA Dropout stops acting: the active adapter is \['other'\] while LoRA "
                                          r"Dropout was applied to \['default'\]"):
         model.set_adapter("other")
-    message = (r"loradrop: ensemble_predict needs LoRA Dropout's masks, but the active adapter is \['other'\], but "
+    message = (r"loradrop: ensemble_predict needs LoRA Dropout's masks, but the active adapter is \['other'\] while "
                r"LoRA Dropout was applied to \['default'\]: .* call model.set_adapter\('default'\) first")
     with pytest.raises(UsageError, match=message):
         loradrop.ensemble_predict(model, INPUTS, 4, seed=0)
@@ -205,7 +205,7 @@ def test_apply_to_an_inactive_adapter_warns_and_training_says_so(tiny_bert):
 
     model.add_adapter("other", lora_config(target_modules=["query", "value"]))
     with pytest.warns(UserWarning, match=r"LoRA Dropout is applied but does not act now: the active adapter is "
-                                         r"\['default'\], but LoRA Dropout was applied to \['other'\]"):
+                                         r"\['default'\] while LoRA Dropout was applied to \['other'\]"):
         loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, samples=2, member_chunk=1, seed=0),
                                     adapter_name="other")
     with pytest.warns(UserWarning, match="loradrop: training without LoRA Dropout: the active adapter"):

@@ -59,7 +59,7 @@ def inactive_reason(controller: MemberController) -> str | None:
     if adapter in module.merged_adapters:
         return (f"adapter {adapter!r} is merged into the base weights (merge_adapter()): merged layers run the "
                 "expected update without masks; call model.unmerge_adapter() first")
-    return (f"the active adapter is {list(module.active_adapters)}, but LoRA Dropout was applied to {adapters}: the "
+    return (f"the active adapter is {list(module.active_adapters)} while LoRA Dropout was applied to {adapters}: the "
             f"active adapter's layers have no masks; call model.set_adapter({adapters[0]!r}) first, or "
             f"loradrop.remove_lora_dropout(model) and apply_lora_dropout(model, config, "
             f"adapter_name={module.active_adapters[0] if module.active_adapters else '...'!r})")
