@@ -294,7 +294,8 @@ def test_claim_verdicts(study) -> None:
     assert verdict_of("C1 (mrpc)") == "disagree"  # -5 points
     assert verdict_of("C1 (average)") == "unclear"  # 0 points
     assert verdict_of("C2") == "agree" and verdict_of("C4") == "agree"  # ECE 5% vs 12%
-    assert verdict_of("C3a") == "unclear"  # adalora on rte has one seed: no SE
+    # adalora on rte has one seed (no SE): rte is left out of the verdict, which mrpc decides (LD 75 vs AdaLoRA 78)
+    assert verdict_of("C3a") == "disagree" and "left out (one seed on a side): rte" in claims
     assert verdict_of("C5") == "agree" and verdict_of("C6") == "agree"
     assert verdict_of("C8") == "agree" and verdict_of("C9") == "agree"
     assert "argmax p=0.5" in claims

@@ -168,8 +168,8 @@ def _header(study: Study, loaded: Loaded, command: str) -> list[str]:
         f"- Methods: {', '.join(methods)}",
         f"- Versions: {version_text}",
         f"- Hardware: {'; '.join(sorted(hardware))}",
-        "- Total wall time: " + "; ".join(f"{'GPU' if d == 'cuda' else d.upper()} {_hours(s)} over {n} runs"
-                                          for d, (s, n) in sorted(wall.items())),
+        "- Sum of the runs' wall times (runs that shared a machine overlap): " + "; ".join(
+            f"{'GPU' if d == 'cuda' else d.upper()} {_hours(s)} over {n} runs" for d, (s, n) in sorted(wall.items())),
         "- Main metrics and ECE are shown x100 (points, %), NLL and Brier as they are; mean ± std over seeds.",
         "",
     ]

@@ -90,7 +90,10 @@ def compare(study: Study, cid: str, claim: str, paper: str, a: tuple[str, str], 
     tasks = study.tasks if tasks is None else [t for t in tasks if t in study.tasks]
     if metric in ("ece", "nll", "brier", "gap"):
         tasks = [t for t in tasks if not study.info[t].regression]
-    per = {t: d for t in tasks if (d := _pair(study, t, a, b, metric)) is not None}
+    found = {t: d for t in tasks if (d := _pair(study, t, a, b, metric)) is not None}
+    # a verdict needs seeds on both sides: tasks with a single seed on a side are listed but left out of it
+    per = {t: d for t, d in found.items() if d.a.n >= 2 and d.b.n >= 2} or found
+    single = sorted(set(found) - set(per))
     name_a, name_b = NAMES.get(a, f"{a[0]} {a[1]}"), NAMES.get(b, f"{b[0]} {b[1]}")
     if not per:
         return Claim(cid, claim, paper, "–", NOT_RUN, f"needs {name_a} and {name_b} runs ({metric}){note}")
@@ -107,6 +110,9 @@ def compare(study: Study, cid: str, claim: str, paper: str, a: tuple[str, str], 
     result = match_verdict(diff, se) if matches else verdict(diff, se, sign)
     seeds = ", ".join(f"{t} {_diff_text(d, digits)} n={d.a.n}/{d.b.n}" for t, d in per.items())
     why = f"{metric}; {seeds}{note}"
+    if single:
+        why += "; left out (one seed on a side): " + ", ".join(
+            f"{t} {_num(found[t].diff, digits)}" for t in single)
     if result == UNCLEAR and any(d.a.n < 2 or d.b.n < 2 for d in per.values()):
         why += "; fewer than 2 seeds on a side"
     return Claim(cid, claim, paper, ours, result, why)
