@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-steps", type=_positive_int, default=None, help="eval loss every K steps")
     train.add_argument("--holdout-fraction", type=float, default=None,
                        help="carve a validation split out of train (model selection); score on the dev split")
+    train.add_argument("--skip-nonfinite-steps", action="store_true",
+                       help="skip steps with a NaN/inf loss or gradient (default: stop the run with an error)")
     train.add_argument("--epoch-eval", action="store_true",
                        help="score validation and test after every epoch (metrics.json: epochs, best_epoch)")
     train.add_argument("--seed", type=int, default=0)
@@ -174,6 +176,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -197,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             app.evaluate(settings)
     except LoradropError as err:
+        _close_progress_bars()  # an error in the middle of training starts on its own line
         print(f"loradrop {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -156,3 +156,19 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     (tmp_path / "sub" / "b.txt").unlink()
     with pytest.raises(UsageError, match="b.txt is missing"):
         verify_manifest(tmp_path)
+
+
+def test_a_diverged_run_fails_and_reports_no_success(data_root: Path, bert_dir: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main([*train_args(bert_dir, out), "--lr", "1e30"]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()  # the progress bar precedes the error
+    errors = [line for line in err if line.startswith("loradrop train: error:")]
+    assert len(errors) == 1 and errors[0] == err[-1]
+    assert "training diverged at step" in errors[0] and "learning rate" in errors[0]
+    assert not out.exists() and not (tmp_path / ".run.partial").exists() and not lock_path(out).exists()
+    # opting in skips the bad steps, counts them, and the run completes
+    assert main([*train_args(bert_dir, out), "--lr", "1e30", "--skip-nonfinite-steps"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["nonfinite_steps_skipped"] and metrics["config"]["args"]["skip_nonfinite_steps"]

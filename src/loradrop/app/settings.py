@@ -116,7 +116,8 @@ def _lora_dropout_checks(checks: _Checks, s: Any) -> None:
 def _config_of(s: Any) -> LoraDropoutConfig:
     return LoraDropoutConfig(p=s.p, samples=s.samples, strategy=s.strategy, mask_scope=s.mask_scope,
                              rescale=s.rescale, seed=s.seed,
-                             member_chunk=s.chunk_size if s.mask_scope == "batch" else None)
+                             member_chunk=min(s.chunk_size, s.samples) if s.mask_scope == "batch" and isinstance(
+                                 s.chunk_size, int) and isinstance(s.samples, int) else None)
 
 
 @dataclass
@@ -133,7 +134,8 @@ class TrainSettings(_Settings):
     them: the paper's "test only" ablation; its single pass is the plain model) or ``"none"``.
 
     ``holdout_fraction`` carves a validation split out of train for model selection; the task's dev split becomes
-    the test split the run is scored on. ``epoch_eval`` scores validation and test after every epoch (single pass;
+    the test split the run is scored on. ``skip_nonfinite_steps`` skips (and counts) optimizer steps whose loss or
+    gradient is not finite; by default such a step stops the run with `TrainingDivergedError`. ``epoch_eval`` scores validation and test after every epoch (single pass;
     recorded in ``metrics.json`` under ``epochs`` and ``best_epoch``).
     """
 
@@ -168,6 +170,7 @@ class TrainSettings(_Settings):
     eval_steps: int | None = None
     holdout_fraction: float | None = None
     epoch_eval: bool = False
+    skip_nonfinite_steps: bool = False
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
@@ -189,7 +192,7 @@ class TrainSettings(_Settings):
                 isinstance(self.target_modules, str) and any(m.strip() for m in self.target_modules.split(","))):
             checks.add(f"target_modules must be module names (a comma-separated string or a list), got "
                        f"{self.target_modules!r}")
-        for name in ("no_lora_dropout", "rescale", "resume", "overwrite", "epoch_eval"):
+        for name in ("no_lora_dropout", "rescale", "resume", "overwrite", "epoch_eval", "skip_nonfinite_steps"):
             checks.boolean(name, getattr(self, name))
         _lora_dropout_checks(checks, self)
         checks.number("peft_dropout", self.peft_dropout, non_negative=True)

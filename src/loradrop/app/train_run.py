@@ -329,7 +329,8 @@ class _Run:
             extra_callbacks.insert(0, AdaLoraCallback())
         trainer = make_trainer(self.model, self.training_args, self.data.train,
                                self.data.eval_loss if s.eval_steps else None, collator=self.data.collator,
-                               callbacks=extra_callbacks)
+                               callbacks=extra_callbacks,
+                               skip_nonfinite_steps=s.skip_nonfinite_steps)
         if self.spec.kind != "causal_lm":
             # Classification/QA heads average their loss themselves and ignore `num_items_in_batch`; without this
             # the Trainer would still multiply their loss by the number of processes under DDP.
@@ -410,6 +411,7 @@ class _Run:
             "eval_split": self.data.eval_split,
             "eval": {"single": result.single, "ensemble": result.ensemble},
             "train": {"global_step": int(trainer.state.global_step),
+                      "nonfinite_steps_skipped": list(getattr(trainer, "nonfinite_steps", [])),
                       "train_loss": mean_train_loss(trainer.state.log_history),
                       "resumed_from": self.plan.resume_from.name if self.plan.resume_from else None,
                       "checkpoints": [p.name for p in checkpoints(self.plan.work)]},
