@@ -135,8 +135,9 @@ class TrainSettings(_Settings):
 
     ``holdout_fraction`` carves a validation split out of train for model selection; the task's dev split becomes
     the test split the run is scored on. ``skip_nonfinite_steps`` skips (and counts) optimizer steps whose loss or
-    gradient is not finite; by default such a step stops the run with `TrainingDivergedError`. ``epoch_eval`` scores validation and test after every epoch (single pass;
-    recorded in ``metrics.json`` under ``epochs`` and ``best_epoch``).
+    gradient is not finite; by default such a step stops the run with `TrainingDivergedError`. ``epoch_eval``
+    scores validation and test after every epoch (single pass; recorded in ``metrics.json`` under ``epochs`` and
+    ``best_epoch``).
     """
 
     command = "train"
