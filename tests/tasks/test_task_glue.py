@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from loradrop.errors import DataError
 from loradrop.tasks import compute_metrics, get_metadata, load_task_data, preprocess
 
 
@@ -180,6 +181,26 @@ def test_ragged_row_error(tmp_path, write_tsv):
     write_tsv(tmp_path / "SST-2" / "dev.tsv", [["sentence", "label"], ["fine", "1"], ["a\tb", "0"]])
     with pytest.raises(ValueError, match=r"dev.tsv:3: expected 2 tab-separated fields"):
         load_task_data("sst2", tmp_path)
+
+
+def test_non_utf8_file_names_the_file_line_and_byte(tmp_path):
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    (folder / "dev.tsv").write_bytes(b"sentence\tlabel\nfine\t1\nbad \xff byte\t0\n")
+    with pytest.raises(DataError, match=r"dev.tsv:3: not valid UTF-8 \(byte 0xff at offset 26\); save the file as"):
+        load_task_data("sst2", tmp_path)
+
+
+def test_holdout_carves_validation_from_train_and_scores_dev(glue_dir):
+    data = load_task_data("mrpc", glue_dir, holdout_fraction=0.1, seed=3)
+    assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (3302, 366, 408)
+    meta = get_metadata(data)
+    assert meta["holdout_fraction"] == 0.1 and meta["split_notes"]["test"] == "dev.tsv"
+    labels = np.asarray(data["validation"]["label"])
+    assert abs(labels.mean() - np.asarray(data["train"]["label"]).mean()) < 0.02  # stratified by label
+    assert not set(data["validation"]["idx"]) & set(data["train"]["idx"])
+    with pytest.raises(DataError, match="already has a test split"):
+        load_task_data("tweets", holdout_fraction=0.1)
 
 
 def test_empty_split_error(tmp_path, write_tsv):
