@@ -172,3 +172,38 @@ def test_a_diverged_run_fails_and_reports_no_success(data_root: Path, bert_dir: 
     assert main([*train_args(bert_dir, out), "--lr", "1e30", "--skip-nonfinite-steps"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train"]["nonfinite_steps_skipped"] and metrics["config"]["args"]["skip_nonfinite_steps"]
+
+
+def test_sigkill_during_training_then_resume_equals_an_uninterrupted_run(data_root: Path, bert_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """SIGKILL at an arbitrary moment (here: right after the third checkpoint appears, while training goes on):
+    no run folder appears, the lock is stale, and --resume continues to exactly the uninterrupted result."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    args = ["--max-steps", "8", "--save-steps", "2"]
+    reference = tmp_path / "reference"
+    assert main([*train_args(bert_dir, reference), *args]) == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "loradrop", *train_args(bert_dir, out), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    staging = tmp_path / ".killed.partial"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (staging / "checkpoint-6").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and lock_path(out).exists()  # the killed run left its lock and its staging folder
+    assert main([*train_args(bert_dir, out), *args, "--resume"]) == 0  # the stale lock is taken over
+    a, b = (json.loads((run / "metrics.json").read_text()) for run in (reference, out))
+    assert a["eval"] == b["eval"] and b["train"]["resumed_from"] in ("checkpoint-4", "checkpoint-6")
+    assert a["train"]["train_loss"] == pytest.approx(b["train"]["train_loss"], rel=1e-6)
+    wa, wb = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (reference, out))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
