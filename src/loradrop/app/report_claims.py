@@ -113,6 +113,10 @@ def compare(study: Study, cid: str, claim: str, paper: str, a: tuple[str, str], 
     if single:
         why += "; left out (one seed on a side): " + ", ".join(
             f"{t} {_num(found[t].diff, digits)}" for t in single)
+    untuned = sorted({f"{NAMES.get(side, side[0])} on {t}" for t in per for side in (a, b)
+                      if (row := study.row(t, *side)) is not None and len(row.choice.candidates) < 2})
+    if untuned:
+        why += "; NOT TUNED (one learning rate only, not chosen on validation): " + ", ".join(untuned)
     if result == UNCLEAR and any(d.a.n < 2 or d.b.n < 2 for d in per.values()):
         why += "; fewer than 2 seeds on a side"
     return Claim(cid, claim, paper, ours, result, why)
