@@ -54,6 +54,11 @@ def test_all_problems_are_reported_at_once() -> None:
     ({"seed": -3}, "seed must be >= 0"),
     ({"max_train_samples": 0}, "max_train_samples must be >= 1"),
     ({"rescale": "yes"}, "rescale must be True or False"),
+    ({"no_lora_dropout": True, "test_ensemble": "mc_dropout"}, "needs peft_dropout > 0"),
+    ({"test_ensemble": "masks"}, "is a baseline's ensemble: it needs no_lora_dropout=True"),
+    ({"holdout_fraction": 1.5}, "holdout_fraction must be in (0, 1)"),
+    ({"peft_dropout": 1.0}, "peft_dropout must be in [0, 1)"),
+    ({"test_ensemble": "deep"}, "test_ensemble must be one of"),
 ])
 def test_one_bad_value_names_itself(changes: dict, fragment: str) -> None:
     with pytest.raises(SettingsError) as info:
