@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from loradrop.app.integrity import MANIFEST, verify_manifest, write_manifest
 from loradrop.app.runfolder import lock_path, run_lock
@@ -207,3 +208,62 @@ def test_sigkill_during_training_then_resume_equals_an_uninterrupted_run(data_ro
     assert a["train"]["train_loss"] == pytest.approx(b["train"]["train_loss"], rel=1e-6)
     wa, wb = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (reference, out))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_evaluation_failure_keeps_the_trained_run(data_root: Path, bert_dir: Path, tmp_path: Path,
+                                                     monkeypatch, capsys) -> None:
+    from loradrop.tasks import classification
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(classification, "predict_classification", out_of_memory)
+        with pytest.raises(RuntimeError, match="simulated"):  # an internal failure keeps its traceback
+            main(train_args(bert_dir, out))
+    status = json.loads((out / "run_status.json").read_text())
+    assert status["status"] == "trained, not evaluated" and "simulated" in status["error"]
+    assert verify_manifest(out / "adapter") and not (out / "metrics.json").exists()
+    assert not list(out.glob(".*.tmp")) and not lock_path(out).exists()
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--ensemble", "2"]) == 0  # evaluation alone, no retraining
+    assert json.loads((out / "eval_metrics.json").read_text())["eval"]["ensemble"]["ensemble_size"] == 2
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_run(data_root: Path, bert_dir: Path, tmp_path: Path,
+                                                           monkeypatch, capsys) -> None:
+    import errno
+
+    from loradrop.app import train_run
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_run, "write_json", full)  # the first write of the run folder
+    capsys.readouterr()
+    assert main(train_args(bert_dir, out)) == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and "free space or choose another --output" in line
+    assert not out.exists() and not (tmp_path / ".run.partial").exists() and not lock_path(out).exists()
+
+
+def test_resuming_at_the_last_step_keeps_the_train_loss(data_root: Path, bert_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    from safetensors.torch import load_file
+
+    assert main([*train_args(bert_dir, out), "--save-steps", "1"]) == 0
+    before = json.loads((out / "metrics.json").read_text())
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    for name in ("metrics.json", "predictions.jsonl"):
+        (out / name).unlink()
+    assert main([*train_args(bert_dir, out), "--save-steps", "1", "--resume"]) == 0  # nothing left to train
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["train"]["resumed_from"] == "checkpoint-2" and after["train"]["train_loss"] > 0
+    assert after["train"]["train_loss"] == pytest.approx(before["train"]["train_loss"], rel=1e-9)
+    assert after["eval"] == before["eval"] and after["train"]["global_step"] == 2  # no step beyond max_steps
+    again = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    stored = json.loads((out / "adapter" / "loradrop_config.json").read_text())
+    assert stored["mask_state"]["step"] == 2

@@ -14,7 +14,15 @@ from ..config import CONFIG_FILE_NAME
 from ..errors import ModelLoadError, UsageError
 from .integrity import verify_manifest
 from .provenance import hardware, jsonable, versions
-from .runfolder import ADAPTER_DIR, EVAL_METRICS_FILE, METRICS_FILE, read_json, write_json, write_jsonl
+from .runfolder import (
+    ADAPTER_DIR,
+    EVAL_METRICS_FILE,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    read_json,
+    write_json,
+    write_jsonl,
+)
 from .settings import EvalSettings
 from .train_run import RunResult, headline
 
@@ -32,6 +40,11 @@ def find_run(adapter: Path) -> tuple[Path, Path, dict[str, Any] | None]:
     for candidate in (run_dir / METRICS_FILE, adapter_dir / METRICS_FILE):
         if candidate.is_file():
             return adapter_dir, run_dir, read_json(candidate)
+    if (run_dir / RUN_CONFIG_FILE).is_file():  # a trained run whose evaluation failed: its settings are here
+        stored = read_json(run_dir / RUN_CONFIG_FILE)
+        args = stored.get("args", {})
+        return adapter_dir, run_dir, {"task": args.get("task"), "model": stored.get("model"),
+                                      "config": {"args": args, "eval_batch_size": args.get("batch_size", 32)}}
     return adapter_dir, run_dir, None
 
 

@@ -28,6 +28,7 @@ ADAPTER_DIR = "adapter"
 LOG_FILE = "train.log"
 PREDICTIONS_FILE = "predictions.jsonl"
 VALIDATION_PREDICTIONS_FILE = "validation_predictions.jsonl"
+STATUS_FILE = "run_status.json"  # only in a run whose evaluation failed
 LOSS_HISTORY_FILE = "loss_history.json"
 
 
@@ -104,17 +105,25 @@ def write_json(path: Path, value: Any, *, compact: bool = False) -> None:
         write_json_atomic(path, jsonable(value))
         return
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(jsonable(value), sort_keys=True, separators=(",", ":")) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(jsonable(value), sort_keys=True, separators=(",", ":")) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """One JSON object a line, written atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(jsonable(row), sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(jsonable(row), sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 def replace_dir(source: Path, target: Path) -> None:

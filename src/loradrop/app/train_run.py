@@ -34,6 +34,7 @@ from .runfolder import (
     METRICS_FILE,
     PREDICTIONS_FILE,
     RUN_CONFIG_FILE,
+    STATUS_FILE,
     VALIDATION_PREDICTIONS_FILE,
     RunPlan,
     checkpoints,
@@ -214,19 +215,34 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
     try:
         with run_log(plan.work / LOG_FILE if main else None):
             return run.train_and_write(callbacks)
-    except OSError as err:
-        if main and plan.fresh and not checkpoints(plan.work):
-            shutil.rmtree(plan.work, ignore_errors=True)
-        if err.errno in _OUTPUT_ERRNOS:
+    except BaseException as err:
+        kept = main and run.trained and _keep_trained(plan, err)
+        if main and not kept:
+            if plan.fresh and not checkpoints(plan.work):
+                shutil.rmtree(plan.work, ignore_errors=True)
+            elif checkpoints(plan.work):
+                logger.warning("loradrop: the run stopped; continue it with --resume (checkpoints in %s)", plan.work)
+        if isinstance(err, OSError) and err.errno in _OUTPUT_ERRNOS:
+            where = f"; the trained adapter is kept in {str(plan.output / ADAPTER_DIR)!r}" if kept else ""
             raise OutputError(f"writing the run folder {str(plan.work)!r} failed: {err.strerror} "
-                              f"({err.filename or 'a file'}); free space or choose another --output") from err
+                              f"({err.filename or 'a file'}); free space or choose another --output{where}") from err
         raise
-    except BaseException:
-        if main and plan.fresh and not checkpoints(plan.work):
-            shutil.rmtree(plan.work, ignore_errors=True)
-        elif main and checkpoints(plan.work):
-            logger.warning("loradrop: the run stopped; continue it with --resume (checkpoints in %s)", plan.work)
-        raise
+
+
+def _keep_trained(plan: RunPlan, err: BaseException) -> bool:
+    """Training finished and its adapter is saved, but evaluation (or writing its results) failed: keep the run
+    folder, marked as not evaluated, so ``loradrop eval --adapter`` can evaluate it without training again."""
+    try:
+        write_json(plan.work / STATUS_FILE, {"status": "trained, not evaluated",
+                                             "error": f"{type(err).__name__}: {err}"})
+        for leftover in plan.work.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        publish(plan)
+    except OSError:  # e.g. the disk is full: the staging folder stays where it is, with the adapter
+        return False
+    logger.warning("loradrop: evaluation failed (%s: %s); the trained adapter is kept in %s: evaluate it with "
+                   "`loradrop eval --adapter %s`", type(err).__name__, err, plan.output / ADAPTER_DIR, plan.output)
+    return True
 
 
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
@@ -268,6 +284,7 @@ class _Run:
     training_args: Any
     total_steps: int
     target_modules: list[str]
+    trained: bool = False  # the adapter of the finished training is saved in the run folder
 
     @property
     def main(self) -> bool:
@@ -290,6 +307,24 @@ class _Run:
         return self.spec.evaluate(self.model, self.data, self.tokenizer, batch_size=s.batch_size,
                                   ensemble=self.ensemble if ensemble else 0, chunk_size=s.chunk_size, seed=s.seed,
                                   **options)
+
+    def _load_finished(self, trainer: Any) -> None:
+        """Resume a run whose last checkpoint is its final step: load the weights, the Trainer state (its logs) and
+        the mask stream's position, and train nothing. (transformers' Trainer, resumed at max_steps, would run one
+        more step.)"""
+        from transformers import TrainerState
+
+        from ..config import CONFIG_FILE_NAME, read_config_file
+        from ..model import set_mask_state
+
+        checkpoint = self.plan.resume_from
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        if self.ld_config is not None and (checkpoint / CONFIG_FILE_NAME).is_file():
+            mask_state = read_config_file(checkpoint).get("mask_state")
+            if mask_state:
+                set_mask_state(self.model, mask_state)
+        logger.info("resumed at the final step %d: nothing left to train", trainer.state.global_step)
 
     def _attach_test_masks(self) -> None:
         """The "test only" ablation: LoRA Dropout masks on a model trained without them. The single pass stays the
@@ -338,7 +373,10 @@ class _Run:
         if plan.resume_from is not None:
             logger.info("resuming from %s", plan.resume_from)
         start = time.perf_counter()
-        train_output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+        if plan.resume_from is not None and int(plan.resume_from.name.split("-", 1)[1]) >= self.total_steps:
+            train_output = self._load_finished(trainer)  # the Trainer would train one step too many
+        else:
+            train_output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
         train_s = time.perf_counter() - start
         _leave_process_group()
         if not self.main:
@@ -349,6 +387,7 @@ class _Run:
         self.model.save_pretrained(str(adapter_tmp))
         write_manifest(adapter_tmp)
         replace_dir(adapter_tmp, plan.work / ADAPTER_DIR)
+        self.trained = True
         if s.ensemble_kind == "masks":
             self._attach_test_masks()
         start = time.perf_counter()
