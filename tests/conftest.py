@@ -29,6 +29,18 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT saved as a local model folder with the real MiniLM tokenizer (for end-to-end runs)."""
+    from helpers import make_tiny_bert
+    from loradrop.errors import ModelLoadError
+
+    try:
+        return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    except ModelLoadError as err:
+        pytest.skip(f"needs the MiniLM tokenizer: {err}")
+
+
 @pytest.fixture
 def one_linear():
     """A PeftModel around one Linear(48 -> 40) with non-zero A and B."""

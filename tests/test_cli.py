@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_tiny_bert, make_tiny_llama
+from helpers import make_tiny_llama
 from loradrop.calibration import classification_calibration
 from loradrop.cli import build_parser, main
 from loradrop.tasks import find_tweet_corpus
@@ -30,16 +30,6 @@ VERSION_KEYS = {"python", "torch", "transformers", "peft", "loradrop"}
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory) -> Path:
-    from loradrop.pretrained import ModelLoadError
-
-    try:
-        return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-    except ModelLoadError as err:
-        pytest.skip(f"needs the MiniLM tokenizer: {err}")
-
-
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
     from loradrop.pretrained import ModelLoadError

@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 import loradrop
 from loradrop import LoraDropoutConfig
+from loradrop.errors import UsageError
 from loradrop.pretrained import ModelLoadError, load_model, load_tokenizer, smollm2_gguf
 
 
@@ -71,11 +72,21 @@ def test_smollm2_ensemble_generation_and_choices(smollm2):
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
     loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
-    with model.disable_adapter():  # generation with the pretrained weights answers sensibly
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        out = loradrop.ensemble_generate(model, prompt["input_ids"], 4, 8, attention_mask=prompt["attention_mask"],
-                                         seed=0)
+    with model.disable_adapter(), pytest.raises(UsageError, match="needs LoRA Dropout's masks"):
+        loradrop.ensemble_generate(model, torch.tensor([[1, 2, 3]]), 2, 2)  # no masks act: refused, not spread 0
+    # with B = 0 every masked member is the pretrained model, which answers sensibly
+    b_weights = [m.lora_B["default"].weight for m in model.modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
+    saved = [w.detach().clone() for w in b_weights]
+    with torch.no_grad():
+        for w in b_weights:
+            w.zero_()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = loradrop.ensemble_generate(model, prompt["input_ids"], 4, 8, attention_mask=prompt["attention_mask"],
+                                     seed=0)
+    with torch.no_grad():
+        for w, value in zip(b_weights, saved):
+            w.copy_(value)
     text = tokenizer.decode(out.new_tokens[0], skip_special_tokens=True)
     assert "Paris" in text
     assert out.new_tokens.shape[1] <= 8 and torch.isfinite(out.entropy).all()

@@ -20,17 +20,6 @@ from loradrop.errors import UsageError
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory) -> Path:
-    from helpers import make_tiny_bert
-    from loradrop.errors import ModelLoadError
-
-    try:
-        return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-    except ModelLoadError as err:
-        pytest.skip(f"needs the MiniLM tokenizer: {err}")
-
-
 def train_args(bert_dir: Path, output: Path, *extra: str) -> list[str]:
     return ["train", "--task", "rte", "--model", str(bert_dir), "--max-train-samples", "32", "--max-eval-samples",
             "16", "--max-steps", "2", "--batch-size", "8", "--max-seq-len", "32", "--ensemble", "2",
@@ -197,14 +186,15 @@ def test_sigkill_during_training_then_resume_equals_an_uninterrupted_run(data_ro
                             start_new_session=True)
     staging = tmp_path / ".killed.partial"
     deadline = time.time() + 180
-    while time.time() < deadline and not (staging / "checkpoint-6").exists() and proc.poll() is None:
+    while time.time() < deadline and not (staging / "checkpoint-4").exists() and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists() and lock_path(out).exists()  # the killed run left its lock and its staging folder
     assert main([*train_args(bert_dir, out), *args, "--resume"]) == 0  # the stale lock is taken over
     a, b = (json.loads((run / "metrics.json").read_text()) for run in (reference, out))
-    assert a["eval"] == b["eval"] and b["train"]["resumed_from"] in ("checkpoint-4", "checkpoint-6")
+    assert b["train"]["resumed_from"].startswith("checkpoint-")  # where the kill landed depends on the machine
+    assert a["eval"] == b["eval"]
     assert a["train"]["train_loss"] == pytest.approx(b["train"]["train_loss"], rel=1e-6)
     wa, wb = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (reference, out))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -36,17 +36,6 @@ def write_plan(folder: Path, model: str, text: str = PLAN) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory) -> Path:
-    from helpers import make_tiny_bert
-    from loradrop.errors import ModelLoadError
-
-    try:
-        return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-    except ModelLoadError as err:
-        pytest.skip(f"needs the MiniLM tokenizer: {err}")
-
-
 def test_plan_expansion_ids_and_validation(tmp_path: Path) -> None:
     plan = SweepPlan.load(write_plan(tmp_path, "minilm"))
     runs = plan.runs()
