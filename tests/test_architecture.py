@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loradrop"
 MAX_LINES = 500
 CORE = {"config", "masks", "members", "precompute", "layers", "model", "ensemble", "calibration", "adalora",
-        "adalora_layer", "training", "prediction", "pretrained", "errors"}
+        "adalora_layer", "training", "prediction", "pretrained", "errors", "uncertainty", "conformal", "serving"}
 
 
 def module_name(path: Path) -> str:

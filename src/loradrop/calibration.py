@@ -1,9 +1,14 @@
 """Calibration metrics on predicted probabilities: top-label ECE (15 equal-width bins), NLL, Brier, and the data of
-a reliability diagram. ECE uses torchmetrics' multiclass convention for every number of classes (two included)."""
+a reliability diagram; post-hoc temperature scaling (`TemperatureScaler`). ECE uses torchmetrics' multiclass
+convention for every number of classes (two included)."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
@@ -80,3 +85,84 @@ def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, n_bins: int =
         confidence.append(float(conf[in_bin].mean()) if n else None)
         accuracy.append(float(correct[in_bin].mean()) if n else None)
     return ReliabilityDiagram(edges=edges.tolist(), confidence=confidence, accuracy=accuracy, count=count)
+
+
+# ------------------------------------------------------------------------------------------------ temperature scaling
+def _log_inputs(values: torch.Tensor, inputs: str) -> torch.Tensor:
+    """Logits as they are; probabilities (an ensemble's averaged ones included) as their logs."""
+    values = torch.as_tensor(values).detach().cpu().to(torch.float64)
+    if values.dim() != 2:
+        raise ValueError(f"logits or probabilities must be (n, classes), got shape {tuple(values.shape)}")
+    if inputs == "auto":
+        sums = values.sum(-1)
+        looks_like_probs = bool((values >= 0).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-4))
+        inputs = "probs" if looks_like_probs else "logits"
+    if inputs == "probs":
+        return torch.log(values.clamp_min(1e-12))
+    if inputs != "logits":
+        raise ValueError(f"inputs must be 'auto', 'logits' or 'probs', got {inputs!r}")
+    return values
+
+
+class TemperatureScaler:
+    """Post-hoc temperature scaling (Guo et al. 2017): one scalar T > 0 fitted by minimising the NLL of
+    softmax(z / T) on held-out labels, with z the logits or, for probabilities, their logs (so it composes with an
+    ensemble: z = log of the members' averaged probabilities). Saved as JSON, reloaded with `load`.
+
+    `inputs`: "auto" treats non-negative rows summing to 1 as probabilities, anything else as logits.
+    """
+
+    def __init__(self, temperature: float = 1.0, inputs: str = "auto") -> None:
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.inputs = inputs
+        self.fit_info: dict = {}
+
+    def fit(self, logits_or_probs: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100) -> TemperatureScaler:
+        z = _log_inputs(logits_or_probs, self.inputs)
+        _, labels = _check(z.softmax(-1), labels)
+        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(z / log_t.exp(), labels)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        temperature = float(log_t.detach().exp())
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError("temperature scaling did not converge (are the labels all of one class?)")
+        before = float(torch.nn.functional.cross_entropy(z, labels))
+        self.temperature = temperature
+        after = float(torch.nn.functional.cross_entropy(z / temperature, labels))
+        self.fit_info = {"n": int(labels.numel()), "nll_before": before, "nll_after": after}
+        return self
+
+    def transform(self, logits_or_probs: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities softmax(z / T), float64."""
+        return (_log_inputs(logits_or_probs, self.inputs) / self.temperature).softmax(-1)
+
+    def to_dict(self) -> dict:
+        return {"type": "temperature_scaling", "temperature": self.temperature, "inputs": self.inputs,
+                **self.fit_info}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TemperatureScaler:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("type") != "temperature_scaling":
+            raise ValueError(f"{str(path)!r} is not a saved TemperatureScaler")
+        scaler = cls(data["temperature"], data.get("inputs", "auto"))
+        scaler.fit_info = {k: data[k] for k in ("n", "nll_before", "nll_after") if k in data}
+        return scaler

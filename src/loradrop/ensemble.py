@@ -19,6 +19,7 @@ from torch import nn
 
 from .members import BATCH_KEYS, split_members
 from .model import get_active_controller, get_controller
+from .uncertainty import SEQUENCE_SCORES, GenerationOutput, sequence_scores
 
 _LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
 
@@ -101,18 +102,6 @@ class ChoiceOutput:
     @property
     def predictions(self) -> torch.Tensor:
         return self.probs.argmax(-1)
-
-
-@dataclass
-class GenerationOutput:
-    """Tokens chosen from the members' averaged next-token distribution, with per-step uncertainty."""
-
-    sequences: torch.Tensor  # (B, prompt + new)
-    new_tokens: torch.Tensor  # (B, new)
-    token_probs: torch.Tensor  # (B, new): averaged probability of each chosen token
-    entropy: torch.Tensor  # (B, new)
-    mutual_information: torch.Tensor  # (B, new)
-    n: int
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -423,13 +412,19 @@ def ensemble_generate(
     pad_token_id: int | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    abstain_threshold: float | None = None,
+    abstain_score: str = "mutual_information",
 ) -> GenerationOutput:
     """Generate from the ensemble: at every step average the n members' next-token probabilities, choose one token
     (greedy or sampled) and feed it to every member. All members share one batched KV cache (n * B rows).
 
     Prompts may be left-padded (pass `attention_mask`). Finished rows (after `eos_token_id`; None reads it from the
-    model's generation config, ``[]`` never stops early) are padded with `pad_token_id`.
+    model's generation config, ``[]`` never stops early) are padded with `pad_token_id`. Every sequence gets a score,
+    `abstain_score` ("mutual_information": mean token MI, or "max_entropy"); with `abstain_threshold` the
+    sequences scoring above it are `flagged` (the caller abstains or asks for review; generation is unchanged).
     """
+    if abstain_score not in SEQUENCE_SCORES:
+        raise ValueError(f"abstain_score must be one of {list(SEQUENCE_SCORES)}, got {abstain_score!r}")
     _check_n(n, None)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -451,7 +446,7 @@ def ensemble_generate(
     batch = input_ids.shape[0]
     mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(device).long()
     key = controller.ensemble_key(seed)
-    chosen, chosen_p, ents, mis = [], [], [], []
+    chosen, chosen_p, ents, mis, valid = [], [], [], [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     # Only the last position's logits are read: ask the model for just those where it can (saves an
     # (n * B, prompt, vocab) tensor in the prefill).
@@ -466,6 +461,7 @@ def ensemble_generate(
             probs, total, expected, mi = _uncertainty(member_probs)
             next_tok = _sample(probs, top_p, generator) if do_sample else probs.argmax(-1)
             next_tok = torch.where(finished, torch.full_like(next_tok, pad_token_id), next_tok)
+            valid.append(~finished)
             chosen.append(next_tok)
             chosen_p.append(probs.gather(1, next_tok[:, None]).squeeze(1))
             ents.append(total)
@@ -480,10 +476,14 @@ def ensemble_generate(
             position_ids = position_ids[:, -1:] + 1
             out = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=position_ids,
                         past_key_values=out.past_key_values, use_cache=True)
-    new_tokens = torch.stack(chosen, dim=1)
+    new_tokens, token_mask, ents, mis = (torch.stack(x, dim=1) for x in (chosen, valid, ents, mis))
+    scores = sequence_scores(ents, mis, token_mask)
+    score = scores[abstain_score]
     return GenerationOutput(sequences=torch.cat([input_ids, new_tokens], dim=1), new_tokens=new_tokens,
-                            token_probs=torch.stack(chosen_p, 1), entropy=torch.stack(ents, 1),
-                            mutual_information=torch.stack(mis, 1), n=n)
+                            token_probs=torch.stack(chosen_p, 1), entropy=ents, mutual_information=mis, n=n,
+                            token_mask=token_mask, sequence_mutual_information=scores["mutual_information"],
+                            sequence_max_entropy=scores["max_entropy"], sequence_score=score,
+                            flagged=None if abstain_threshold is None else score > abstain_threshold)
 
 
 def _sample(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
