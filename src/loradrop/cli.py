@@ -1,8 +1,11 @@
-"""The ``loradrop`` command line: demo, train, eval.
+"""The ``loradrop`` command line: demo, train, eval, sweep, report, tasks.
 
 Flags are parsed into the typed settings of `loradrop.app` (one flag per field) and the command runs through the same
 Python entry points a script would call. Errors from bad input (`loradrop.errors.LoradropError`) print one line on
 stderr and exit with status 2, leaving no partial output folder; any other exception is a bug and keeps its traceback.
+
+Building the parser imports neither torch, transformers, PEFT nor ``datasets`` (the ``--task`` choices come from the
+registry's catalog), so ``--help`` and argument errors answer at once; a command loads them when it runs.
 """
 
 from __future__ import annotations
@@ -123,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every run (e.g. --set model=/path/to/minilm); repeatable")
 
+    tasks_cmd = sub.add_parser("tasks", help="list the registered tasks, their metrics and whether their data is here")
+    tasks_cmd.add_argument("--data-dir", default=None,
+                           help="data root to look in (default: $LORADROP_DATA_DIR, else ../shared/data)")
+    tasks_cmd.add_argument("--json", action="store_true", help="print the listing as JSON")
+
     report = sub.add_parser("report", help="tables, plots and the claims table from sweep results")
     report.add_argument("results", nargs="+", help="results folders written by loradrop sweep")
     report.add_argument("-o", "--output", default="REPORT.md", help="the Markdown report to write")
@@ -151,6 +159,19 @@ def _sweep(args: argparse.Namespace) -> int:
     for failure in summary["failed"]:
         print(f"  failed: {failure['run_id']}: {failure['error']}", file=sys.stderr)
     return 1 if summary["failed"] else 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from .app.catalog import format_tasks, list_tasks
+
+    listing = list_tasks(args.data_dir)
+    if args.json:
+        import json
+
+        print(json.dumps(listing, indent=2))
+    else:
+        print(format_tasks(listing))
+    return 0
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -190,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sweep":
             _quiet_libraries()
             return _sweep(args)
+        if args.command == "tasks":
+            return _tasks(args)
         if args.command == "report":
             from .app.report import write_report
 

