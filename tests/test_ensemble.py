@@ -274,3 +274,49 @@ def test_eval_mode_restores_the_previous_mode_also_on_error(bert):
     with eval_mode(bert):
         pass
     assert not bert.training
+
+
+# ---------------------------------------------------------------------------------------- uncertainty-aware generation
+def test_generate_returns_token_mask_sequence_scores_and_abstain_flags(tiny_llama):
+    model = tiny_llama()
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+    ids, mask = left_padded()
+    out = ensemble_generate(model, ids, 4, 6, attention_mask=mask, seed=3, eos_token_id=[])
+    assert out.token_mask.shape == (2, 6) and out.token_mask.all()  # no eos: every token counts
+    torch.testing.assert_close(out.sequence_mutual_information, out.mutual_information.mean(1))
+    torch.testing.assert_close(out.sequence_max_entropy, out.entropy.max(1).values)
+    torch.testing.assert_close(out.sequence_score, out.sequence_mutual_information)
+    assert out.flagged is None
+    # the per-token values are those of the members' next-token distributions (recomputed by hand)
+    ctl = loradrop.get_controller(model)
+    model.eval()
+    with torch.no_grad(), ctl.ensemble(ctl.ensemble_key(3), 4, 0):
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        members = split_members(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+                                .softmax(-1), 4)
+    torch.testing.assert_close(out.entropy[:, 0], entropy(members.mean(0)))
+    torch.testing.assert_close(out.mutual_information[:, 0],
+                               (entropy(members.mean(0)) - entropy(members).mean(0)).clamp_min(0))
+    # a threshold between the two rows' scores flags exactly the more uncertain one; generation is unchanged
+    lo, hi = sorted(out.sequence_max_entropy.tolist())
+    flagged = ensemble_generate(model, ids, 4, 6, attention_mask=mask, seed=3, eos_token_id=[],
+                                abstain_threshold=(lo + hi) / 2, abstain_score="max_entropy")
+    assert torch.equal(flagged.sequences, out.sequences)
+    assert flagged.flagged.tolist() == (out.sequence_max_entropy > (lo + hi) / 2).tolist()
+    assert flagged.flagged.sum() == 1
+    with pytest.raises(ValueError, match="abstain_score must be one of"):
+        ensemble_generate(model, ids, 2, 2, abstain_score="variance")
+
+
+def test_generate_sequence_scores_stop_at_eos(tiny_llama):
+    model = tiny_llama()
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5, seed=0))
+    ids, mask = left_padded()
+    free = ensemble_generate(model, ids, 3, 5, attention_mask=mask, seed=1, eos_token_id=[])
+    eos = int(free.new_tokens[0, 1])  # row 0 stops at its second token
+    out = ensemble_generate(model, ids, 3, 5, attention_mask=mask, seed=1, eos_token_id=eos, pad_token_id=0)
+    first = int((free.new_tokens[0] == eos).nonzero()[0])  # the eos may come earlier than position 1
+    assert out.token_mask[0, : first + 1].all() and not out.token_mask[0, first + 1:].any()
+    kept = out.token_mask[0]
+    torch.testing.assert_close(out.sequence_mutual_information[0], out.mutual_information[0, kept].mean())
+    torch.testing.assert_close(out.sequence_max_entropy[0], out.entropy[0, kept].max())
