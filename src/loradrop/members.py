@@ -99,6 +99,20 @@ def split_members(tensor: torch.Tensor, members: int) -> torch.Tensor:
     return tensor.view(members, tensor.shape[0] // members, *tensor.shape[1:])
 
 
+DETACHED_BASE = (
+    "its base model no longer belongs to it: another PeftModel was built on the same base model object (PEFT reuses "
+    "the LoRA layers), or the adapter was unloaded (unload() / merge_and_unload()). LoRA Dropout was removed from "
+    "its layers and hooks, which run plain PEFT; apply it to the model that owns the base now "
+    "(loradrop.apply_lora_dropout or loradrop.from_pretrained)"
+)
+DETACHED_LAYER = (
+    "another PeftModel was built on the same base model object (PEFT reused layer {name!r} for adapter {adapter!r}, "
+    "e.g. PeftModel.from_pretrained(base, ...) or get_peft_model(base, ...) again). LoRA Dropout was removed from "
+    "its layers and hooks, so the new model runs exactly as PEFT built it; apply LoRA Dropout to the new model "
+    "(loradrop.apply_lora_dropout or loradrop.from_pretrained)"
+)
+
+
 class MemberController:
     """Per-model state of LoRA Dropout: the config, the adapted layers, the mask stream, and the plan of the current
     call.
@@ -147,6 +161,34 @@ class MemberController:
         self._mask_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
         # All layers' masked A/B copies of a call (and their reuse under no_grad)
         self.precompute = WeightPrecompute(config, self.layers, self.slices)
+        # Ownership (set by `model.apply_lora_dropout` through `bind`): the base model and the PEFT tuner's config
+        # dict that PEFT stores on it (``base.peft_config``). PEFT replaces that dict when another PeftModel is built
+        # on the same base and deletes it on unload(), so one identity check per model call tells whether the layers
+        # still belong to this model; `detach` then removes every trace of LoRA Dropout (docs/COVERAGE.md, "Reload").
+        self.detached: str | None = None
+        self._base: Any = None
+        self._owner_config: Any = None
+        self._on_detach: Any = None  # model.py's cleanup, called once with (controller, reason)
+        self.injecting = 0  # > 0 while the owning model's tuner creates an adapter (its own, not another model's)
+
+    def bind(self, base: torch.nn.Module, owner_config: Any, on_detach: Any) -> None:
+        """Tie the controller to the base model whose ``peft_config`` is `owner_config` (its PeftModel's)."""
+        self._base, self._owner_config, self._on_detach = base, owner_config, on_detach
+
+    def owns_base(self) -> bool:
+        """Whether the base model still belongs to this controller's PeftModel (always, when unbound)."""
+        return self._base is None or self._base.__dict__.get("peft_config") is self._owner_config
+
+    def detach(self, reason: str) -> None:
+        """Stop for good: the model's layers and hooks lose every trace of LoRA Dropout (they run plain PEFT)."""
+        if self.detached is not None:
+            return
+        self.detached = reason
+        self._plan = None
+        self._mask_cache = None
+        self.precompute.clear()
+        if self._on_detach is not None:
+            self._on_detach(self, reason)
 
     # ----------------------------------------------------------------------------------------------- state
     def __getstate__(self) -> dict[str, Any]:
@@ -173,6 +215,9 @@ class MemberController:
     # Python counters and draw the call's masks, so compiled graphs never specialise on a step number.
     @torch.compiler.disable
     def pre_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        if self._depth == 0 and not self.owns_base():  # unload(), or another PeftModel built on the same base
+            self.detach(DETACHED_BASE)
+            return None
         self._depth += 1
         if self._depth > 1:  # an inner hooked module of the same call: the outer one already planned it
             return None

@@ -23,15 +23,21 @@ from .config import CONFIG_FILE_NAME, EVAL_MODES, LoraDropoutConfig, read_config
 from .errors import UsageError
 from .layers import LAYER_HANDLERS, handler_for
 from .masks import plan_slices
-from .members import MemberController
+from .members import DETACHED_LAYER, MemberController
 
 _ATTR = "_loradrop_controller"
+_DETACHED = "_loradrop_detached"  # on a PeftModel whose LoRA Dropout was detached: the reason
+_OWNERS = "_loradrop_owners"  # on an adapted LoRA layer: {adapter: controller}, read by the update_layer guard
+_TUNER_OWNER = "_loradrop_owner"  # on the PEFT tuner (LoraModel): the controller whose inject_adapter is wrapped
 
 
 def get_controller(model: nn.Module) -> MemberController:
     """The `MemberController` of a model that `apply_lora_dropout` was applied to."""
     controller = _find_controller(model)
     if controller is None:
+        reason = getattr(model, "__dict__", {}).get(_DETACHED)
+        if reason is not None:
+            raise ValueError(f"LoRA Dropout no longer runs in this {type(model).__name__}: {reason}")
         raise ValueError(
             f"LoRA Dropout is not applied to this {type(model).__name__}: call "
             "loradrop.apply_lora_dropout(model, LoraDropoutConfig(...)) first"
@@ -45,6 +51,8 @@ def inactive_reason(controller: MemberController) -> str | None:
     Masks act only where the adapter LoRA Dropout was applied to is active, unmerged and enabled: after
     ``model.set_adapter(other)``, ``merge_adapter()`` or inside ``disable_adapter()`` every member is the same model.
     """
+    if controller.detached is not None:
+        return controller.detached
     if not controller.layers:
         return None
     for module, adapter, _ in controller.layers:
@@ -164,9 +172,15 @@ def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_n
     controller = MemberController(config, layers, slices_list, adapters, num_features=offset)
     for (_, module, adapter, handler), slices in zip(supported, slices_list):
         handler.install(module, adapter, controller, slices)
+        _guard_layer(module, adapter, controller)
     for hooked in _hook_targets(model):
         hooked.register_forward_pre_hook(controller.pre_hook, with_kwargs=True)
         hooked.register_forward_hook(controller.post_hook, with_kwargs=True, always_call=True)
+    controller.owner = model
+    model.base_model.__dict__[_TUNER_OWNER] = controller
+    model.base_model.__dict__["inject_adapter"] = types.MethodType(_inject_adapter_as_owner, model.base_model)
+    controller.bind(model.get_base_model(), model.base_model.peft_config, _detach_model)
+    model.__dict__.pop(_DETACHED, None)
     model.__dict__[_ATTR] = controller
     # Per instance, so that `model.save_pretrained` also writes loradrop_config.json, and switching or adding
     # adapters says when LoRA Dropout stops acting; PEFT's class is untouched.
@@ -210,10 +224,24 @@ def _hook_targets(model: PeftModel) -> list[nn.Module]:
 
 
 def remove_lora_dropout(model: PeftModel) -> PeftModel:
-    """Undo `apply_lora_dropout`: the model becomes the plain PEFT LoRA model it was."""
-    controller = get_controller(model)
+    """Undo `apply_lora_dropout`: the model becomes the plain PEFT LoRA model it was.
+
+    On a model whose LoRA Dropout was already detached (another PeftModel built on its base, or unloaded) this only
+    forgets the reason; it never touches layers or hooks that another model's LoRA Dropout now uses."""
+    if _find_controller(model) is None and model.__dict__.pop(_DETACHED, None) is not None:
+        return model
+    _release(model, get_controller(model))
+    return model
+
+
+def _release(model: PeftModel, controller: MemberController) -> None:
+    """Remove `controller`'s hooks, per-layer state and per-instance methods from `model` (and nothing else)."""
     # Found through the model, not through stored handles or closures, so that this also works on deep copies.
-    for hooked in _hook_targets(model):
+    targets = _hook_targets(model)
+    base = controller._base
+    if base is not None and all(base is not t for t in targets):
+        targets.append(base)  # unload(): the tuner may no longer reach the base it was applied to
+    for hooked in targets:
         for registry in (hooked._forward_pre_hooks, hooked._forward_hooks):
             for hook_id in [i for i, hook in registry.items() if getattr(hook, "__self__", None) is controller]:
                 del registry[hook_id]
@@ -222,10 +250,71 @@ def remove_lora_dropout(model: PeftModel) -> PeftModel:
                     kwargs_ids.pop(hook_id, None)
     for module, adapter, handler in controller.layers:
         handler.uninstall(module, adapter, controller)
-    del model.__dict__[_ATTR]
-    for name in _WRAPPED:
-        model.__dict__.pop(name, None)
-    return model
+        _unguard_layer(module, adapter, controller)
+    tuner = model.base_model
+    if tuner.__dict__.get(_TUNER_OWNER) is controller:
+        del tuner.__dict__[_TUNER_OWNER]
+        tuner.__dict__.pop("inject_adapter", None)
+    if model.__dict__.get(_ATTR) is controller:
+        del model.__dict__[_ATTR]
+        for name in _WRAPPED:
+            model.__dict__.pop(name, None)
+
+
+def _detach_model(controller: MemberController, reason: str) -> None:
+    """`MemberController.detach`'s cleanup: the owning PeftModel keeps only the reason (for error messages)."""
+    model = getattr(controller, "owner", None)
+    if model is None:
+        return
+    _release(model, controller)
+    model.__dict__[_DETACHED] = reason
+
+
+def _guard_layer(module: nn.Module, adapter: str, controller: MemberController) -> None:
+    """Record `controller` as the owner of (module, adapter) and guard PEFT's ``update_layer`` on the instance.
+
+    PEFT builds a new PeftModel on a base that already holds LoRA layers by calling ``update_layer`` on them (same
+    objects, fresh adapter weights). For an adapter LoRA Dropout runs on, that call means the layer now belongs to
+    another model: the guard detaches the old controller first, so its per-layer state never leaks into the new
+    model. The hot path is untouched (``update_layer`` runs only when adapters are created)."""
+    owners = module.__dict__.get(_OWNERS)
+    if owners is None:
+        owners = module.__dict__[_OWNERS] = {}
+        # A bound method in the instance __dict__ shadows the class's; copy.deepcopy rebinds it to the copy.
+        module.__dict__["update_layer"] = types.MethodType(_guarded_update_layer, module)
+    owners[adapter] = controller
+
+
+def _unguard_layer(module: nn.Module, adapter: str, controller: MemberController) -> None:
+    owners = module.__dict__.get(_OWNERS)
+    if owners is None or owners.get(adapter) is not controller:
+        return
+    del owners[adapter]
+    if not owners:
+        del module.__dict__[_OWNERS]
+        module.__dict__.pop("update_layer", None)
+
+
+def _guarded_update_layer(self: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+    """PEFT's ``update_layer``, after detaching every controller whose model is not the one injecting: the same
+    adapter created again always means a new model; another adapter is the owner's own (``add_adapter``,
+    ``load_adapter``, ``add_weighted_adapter``: its tuner's ``inject_adapter`` is running) or a new model's."""
+    owners = self.__dict__.get(_OWNERS, {})
+    name = kwargs.get("target_name") or type(self).__name__
+    for adapter, owner in list(owners.items()):
+        if adapter == adapter_name or not owner.injecting:
+            owner.detach(DETACHED_LAYER.format(name=name, adapter=adapter_name))
+    return type(self).update_layer(self, adapter_name, *args, **kwargs)
+
+
+def _inject_adapter_as_owner(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The tuner's ``inject_adapter`` (per instance), marking its controller as the injecting owner meanwhile."""
+    owner = self.__dict__[_TUNER_OWNER]
+    owner.injecting += 1
+    try:
+        return type(self).inject_adapter(self, *args, **kwargs)
+    finally:
+        owner.injecting -= 1
 
 
 def set_eval_mode(model: nn.Module, mode: str) -> None:
