@@ -11,8 +11,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loradrop"
 MAX_LINES = 500
-CORE = {"config", "masks", "members", "precompute", "layers", "model", "ensemble", "calibration", "adalora",
-        "adalora_layer", "training", "prediction", "pretrained", "errors", "uncertainty", "conformal", "serving"}
+CORE = {"config", "masks", "members", "precompute", "layers", "layer_types", "model", "ensemble", "calibration",
+        "adalora", "adalora_layer", "training", "prediction", "pretrained", "errors", "uncertainty", "conformal",
+        "serving"}
 
 
 def module_name(path: Path) -> str:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import loradrop
 from loradrop import MASK_SCOPES, STRATEGIES, LoraDropoutConfig
@@ -38,18 +39,23 @@ FACTOR = {"ab": (1 - P) ** 2, "a": 1 - P, "b": 1 - P, "rank": 1 - P, "input": 1.
 class Head(nn.Module):
     """One adapted projection; with `labels` it returns the mean squared error (a loss computed inside the model)."""
 
-    def __init__(self) -> None:
+    def __init__(self, conv1d: bool = False) -> None:
         super().__init__()
-        self.proj = nn.Linear(IN, OUT)
+        # transformers' GPT-2 Conv1D(nf=out, nx=in): y = x W + b with W stored (in, out)
+        self.proj = Conv1D(OUT, IN) if conv1d else nn.Linear(IN, OUT)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         y = self.proj(x)
         return y if labels is None else F.mse_loss(y, labels)
 
 
-def base_model() -> Head:
+def base_model(conv1d: bool = False) -> Head:
     torch.manual_seed(0)  # the same base weights every time (the save/load check loads onto a fresh one)
-    return Head()
+    return Head(conv1d)
+
+
+def conv1d_base() -> Head:
+    return base_model(conv1d=True)
 
 
 # ------------------------------------------------------------------------------------------------ layer handlers
@@ -58,12 +64,19 @@ class Handler:
     name: str
     make: Callable[[], PeftModel]  # a PeftModel around base_model() whose adapter update is non-zero
     parts: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor, float]]  # layer -> (A, B, s): update s * B @ A
+    base: Callable[[], nn.Module] = base_model  # a fresh base (the save/load check loads onto it)
 
 
 def make_lora() -> PeftModel:
     model = get_peft_model(base_model(), LoraConfig(r=RANK, lora_alpha=8, target_modules=["proj"], lora_dropout=0.0,
                                                     init_lora_weights=False))
     return model
+
+
+def make_conv1d() -> PeftModel:
+    """GPT-2 style: PEFT's lora.Linear around transformers' Conv1D, fan_in_fan_out=True."""
+    return get_peft_model(conv1d_base(), LoraConfig(r=RANK, lora_alpha=8, target_modules=["proj"], lora_dropout=0.0,
+                                                    init_lora_weights=False, fan_in_fan_out=True))
 
 
 def lora_parts(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -91,6 +104,7 @@ def adalora_parts(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 HANDLERS = [
     Handler("lora", make_lora, lora_parts),
+    Handler("conv1d", make_conv1d, lora_parts, conv1d_base),
     Handler("adalora", make_adalora, adalora_parts),
 ]
 
@@ -275,7 +289,7 @@ def test_save_load_round_trip(handler, strategy, scope, tmp_path):
     loradrop.set_eval_mode(model, "raw")
     model.save_pretrained(tmp_path)
 
-    restored = loradrop.from_pretrained(base_model(), tmp_path)
+    restored = loradrop.from_pretrained(handler.base(), tmp_path)
     ctl, restored_ctl = loradrop.get_controller(model), loradrop.get_controller(restored)
     assert restored_ctl.config == ctl.config and restored_ctl.eval_mode == "raw"
     assert loradrop.get_mask_state(restored) == loradrop.get_mask_state(model)
@@ -283,5 +297,5 @@ def test_save_load_round_trip(handler, strategy, scope, tmp_path):
     torch.testing.assert_close(restored(x), model(x))
     model.train(), restored.train()
     torch.testing.assert_close(restored(x), model(x))  # the next training masks are the same
-    plain = PeftModel.from_pretrained(base_model(), str(tmp_path))  # still a standard PEFT adapter
+    plain = PeftModel.from_pretrained(handler.base(), str(tmp_path))  # still a standard PEFT adapter
     torch.testing.assert_close(plain.eval()(x), copy.deepcopy(model).eval()(x))  # "raw": the unscaled update

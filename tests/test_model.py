@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
+from torch import nn
 
 import loradrop
 from loradrop import LoraDropoutConfig, split_members
@@ -241,14 +242,24 @@ def test_unsupported_models_are_refused_cleanly(tiny_bert):
     dora = get_peft_model(BertForSequenceClassification(tiny_bert_config()),
                           LoraConfig(r=2, target_modules=["query"], use_dora=True))
     variants_before = [dict(m.lora_variant) for m in dora.modules() if hasattr(m, "lora_variant")]
-    with pytest.raises(ValueError, match="already uses the LoRA variant DoraLinearVariant"):
+    with pytest.raises(ValueError, match=r"already uses the LoRA variant DoraLinearVariant \(LoraConfig use_dora\)"):
         loradrop.apply_lora_dropout(dora, LoraDropoutConfig())
     assert [dict(m.lora_variant) for m in dora.modules() if hasattr(m, "lora_variant")] == variants_before
     assert loradrop.model._find_controller(dora) is None
-    emb = get_peft_model(BertForSequenceClassification(tiny_bert_config()),
-                         LoraConfig(r=2, target_modules=["word_embeddings"]))
-    with pytest.raises(ValueError, match="has no LoRA Linear layers"):
-        loradrop.apply_lora_dropout(emb, LoraDropoutConfig())
+    mha = get_peft_model(Attention(), LoraConfig(r=2, target_modules=["attn", "proj"]))
+    with pytest.raises(ValueError, match=r"'base_model.model.attn' is peft.tuners.lora.layer.MultiheadAttention: PEFT"):
+        loradrop.apply_lora_dropout(mha, LoraDropoutConfig())  # one unsupported layer refuses the whole model
+    assert loradrop.model._find_controller(mha) is None and not mha.base_model.model.proj.lora_variant
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attn(x, x, x)[0])
 
 
 def test_activation_checkpointing_recomputes_the_same_masks(tiny_llama):

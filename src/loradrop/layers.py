@@ -233,6 +233,30 @@ class LoraDropoutVariant(LoraVariant):
                                  self.controller, self.slices, result)
 
 
+def refuse_variant(name: str, module: nn.Module, adapter: str) -> None:
+    """Raise ValueError naming PEFT's LoRA variant on (module, adapter), the config option that chose it, and why.
+
+    LoRA Dropout is itself a `LoraVariant`: PEFT runs one variant per adapter and layer, and installing ours would
+    replace the other variant's forward and merge (DoRA's magnitude normalisation, VeLoRA's ...), silently training
+    a different model. So every layer that already has a variant is refused."""
+    existing = module.lora_variant.get(adapter)
+    if existing is None:
+        return
+    if isinstance(existing, LoraDropoutVariant):
+        raise ValueError(
+            f"layer {name!r} already runs LoRA Dropout for adapter {adapter!r} under another PeftModel that shares "
+            "this base model object; call loradrop.remove_lora_dropout on that model first"
+        )
+    options = [keys for keys, cls in getattr(module, "lora_variants", {}).items() if type(existing) is cls]
+    option = f" (LoraConfig {', '.join(options[0])})" if options else ""
+    raise ValueError(
+        f"layer {name!r} already uses the LoRA variant {type(existing).__name__}{option} for adapter {adapter!r}. "
+        "LoRA Dropout is a LoRA variant itself and PEFT runs one variant per layer: it would replace that variant's "
+        "forward and merge and silently train a different model, so it is refused; LoRA Dropout works on plain LoRA "
+        "adapters (see docs/COVERAGE.md)"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ layer handlers
 class LayerHandler:
     """How loradrop attaches to one kind of PEFT layer. Register new kinds with `register_layer_handler`.
@@ -292,12 +316,7 @@ class LoraLinearHandler(LayerHandler):
         return in_features, module.lora_B[adapter].weight.shape[0], r
 
     def check(self, name: str, module: nn.Module, adapter: str) -> None:
-        existing = module.lora_variant.get(adapter)
-        if existing is not None:
-            raise ValueError(
-                f"layer {name!r} already uses the LoRA variant {type(existing).__name__} (e.g. DoRA); "
-                "LoRA Dropout works on plain LoRA adapters"
-            )
+        refuse_variant(name, module, adapter)
 
     def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices) -> None:
         module.lora_variant[adapter] = LoraDropoutVariant(controller, slices)

@@ -21,6 +21,7 @@ from torch import nn
 from .adalora_layer import AdaLoraSVDHandler  # noqa: F401 - importing it registers the AdaLoRA layer handler
 from .config import CONFIG_FILE_NAME, EVAL_MODES, LoraDropoutConfig, read_config_file
 from .errors import UsageError
+from .layer_types import unsupported_reason
 from .layers import LAYER_HANDLERS, handler_for
 from .masks import plan_slices
 from .members import DETACHED_LAYER, MemberController
@@ -99,7 +100,7 @@ def _lora_layers(model: PeftModel, adapters: list[str]) -> Iterator[tuple[str, n
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             for adapter in adapters:
-                if adapter in module.lora_A:
+                if adapter in module.lora_A or adapter in getattr(module, "lora_embedding_A", ()):
                     yield name, module, adapter
 
 
@@ -133,10 +134,14 @@ def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_n
 
     found = list(_lora_layers(model, adapters))
     supported = [(n, m, a, h) for n, m, a in found if (h := handler_for(m, a)) is not None]
-    if not supported:
+    refused = [(n, m) for n, m, a in found if handler_for(m, a) is None]
+    if refused or not supported:
+        detail = "; ".join(f"{n!r} is {unsupported_reason(m)}" for n, m in refused[:3])
         raise ValueError(
-            f"the model has no LoRA Linear layers for adapter(s) {adapters}; LoRA Dropout adapts nn.Linear-based "
-            "LoRA layers (target_modules of linear projections)"
+            f"LoRA Dropout cannot run on {len(refused)} LoRA layer(s) of adapter(s) {adapters}: {detail}. Supported: "
+            "lora.Linear (incl. GPT-2 Conv1D, fan_in_fan_out), lora.Embedding, AdaLoRA SVDLinear (docs/COVERAGE.md); "
+            "leave the other layers out of target_modules" if refused else
+            f"the model has no LoRA layers for adapter(s) {adapters}"
         )
     for name, module, adapter, handler in supported:
         if getattr(module, "merged", False):
@@ -146,14 +151,8 @@ def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_n
                 "apply_lora_dropout"
             )
         handler.check(name, module, adapter)
-    skipped = sorted({n for n, m, a in found} - {n for n, *_ in supported})
-    if skipped:
-        warnings.warn(
-            f"loradrop: {len(skipped)} LoRA layer(s) of unsupported types stay plain LoRA: {skipped[:5]}",
-            stacklevel=2,
-        )
     if config.strategy != "input" and any(
-        not isinstance(m.lora_dropout[a], nn.Identity) for _, m, a, _ in supported
+        a in m.lora_A and not isinstance(m.lora_dropout[a], nn.Identity) for _, m, a, _ in supported
     ):
         warnings.warn(
             "loradrop: the PEFT adapter also has lora_dropout > 0; it is kept and applied before LoRA Dropout. "
