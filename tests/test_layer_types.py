@@ -1,0 +1,247 @@
+"""LoRA Dropout on PEFT's lora.Embedding, with the contract of the Linear matrix (tests/test_matrix.py), and GPT-2
+Conv1D merging. An embedding's input is token ids (the matrix feeds dense inputs), so its rows live here:
+
+- p = 0 is bit-identical to plain PEFT (outputs and gradients, train and eval);
+- the masked update is the written-out formula; its zero pattern is the union of dropped vocabulary entries (columns
+  of A, "input features") and dropped embedding dimensions (rows of B, "output features"); "rank" drops rank
+  components; "input" drops whole positions (the one non-zero element of the one-hot input);
+- eval uses the expected update, and the mean of many members converges to it;
+- gradients equal the formula's; ``samples=N`` loss is the mean of the members' losses; save/load and merge keep it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import loradrop
+from loradrop import MASK_SCOPES, STRATEGIES, LoraDropoutConfig
+from loradrop.masks import STREAM_INPUT, STREAM_TRAIN, derive_key, keep_mask, uniform
+
+VOCAB, DIM, RANK, P = 16, 10, 4, 0.5
+FACTOR = {"ab": (1 - P) ** 2, "a": 1 - P, "b": 1 - P, "rank": 1 - P, "input": 1.0}
+CASES = list(itertools.product(STRATEGIES, MASK_SCOPES))
+matrix = pytest.mark.parametrize(("strategy", "scope"), CASES, ids=[f"{s}-{c}" for s, c in CASES])
+
+
+class EmbHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.emb(input_ids)
+        return y if labels is None else F.mse_loss(y, labels)
+
+
+def base() -> EmbHead:
+    torch.manual_seed(0)
+    return EmbHead()
+
+
+def plain() -> PeftModel:
+    return get_peft_model(base(), LoraConfig(r=RANK, lora_alpha=8, target_modules=["emb"], init_lora_weights=False))
+
+
+def ours(strategy: str, scope: str, **config) -> PeftModel:
+    config = {"p": P, "seed": 3, **config}
+    return loradrop.apply_lora_dropout(plain(), LoraDropoutConfig(strategy=strategy, mask_scope=scope, **config))
+
+
+def layer(model: PeftModel) -> nn.Module:
+    return model.base_model.model.emb
+
+
+def parts(model: PeftModel) -> tuple[torch.Tensor, torch.Tensor, float]:
+    emb = layer(model)
+    return emb.lora_embedding_A["default"], emb.lora_embedding_B["default"], emb.scaling["default"]
+
+
+def ids(batch: int = 3, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def reference(model: PeftModel, x: torch.Tensor, key: int, members: int) -> torch.Tensor:
+    """s * B_m A_m onehot(x) for every member-major row of x, from the mask functions, written out."""
+    ctl = loradrop.get_controller(model)
+    a, b, s = parts(model)
+    sl, strategy = ctl.slices[0], ctl.config.strategy
+    rows = x.shape[0]
+    keep = keep_mask(key, torch.arange(members), torch.arange(ctl.num_features), P)
+    member_of_row = torch.arange(rows) // (rows // members)
+    out = []
+    for i in range(rows):
+        m = int(member_of_row[i])
+        a_m = a * (keep[m, sl.a[0]:sl.a[1]][None, :] if sl.a else 1) * (keep[m, sl.rank[0]:sl.rank[1]][:, None]
+                                                                          if sl.rank else 1)
+        b_m = b * (keep[m, sl.b[0]:sl.b[1]][:, None] if sl.b else 1)
+        row = s * (a_m[:, x[i]].T @ b_m.T)  # (seq, DIM)
+        if strategy == "input":
+            per_member = rows // members * x.shape[1]
+            u = uniform(derive_key(key, STREAM_INPUT, 0), torch.arange(members), torch.arange(per_member))
+            pos = (u[m] >= P).float().view(rows // members, x.shape[1])[i % (rows // members)] / (1 - P)
+            row = row * pos[:, None]
+        out.append(row)
+    return torch.stack(out)
+
+
+def train_key(model: PeftModel) -> int:
+    ctl = loradrop.get_controller(model)
+    return derive_key(ctl.seed, STREAM_TRAIN, ctl.step)
+
+
+@matrix
+def test_p0_is_bit_identical_to_plain_peft(strategy, scope):
+    ref, mine = plain(), ours(strategy, scope, p=0.0)
+    x, g = ids(), torch.randn(3, 7, DIM, generator=torch.Generator().manual_seed(2))
+    for model in (ref, mine):
+        model.train()
+        (model(input_ids=x) * g).sum().backward()
+    assert torch.equal(ref(input_ids=x), mine(input_ids=x))
+    for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
+        if p_ref.requires_grad:
+            assert torch.equal(p_ref.grad, p_mine.grad), name
+    ref.eval(), mine.eval()
+    assert torch.equal(ref(input_ids=x), mine(input_ids=x))
+
+
+@matrix
+def test_masked_update_and_its_zero_pattern(strategy, scope):
+    model = ours(strategy, scope, samples=2)
+    model.train()
+    x = torch.arange(VOCAB).view(1, VOCAB)  # every vocabulary entry once
+    key = train_key(model)
+    delta = (model(input_ids=x) - layer(model).base_layer(x.repeat(2, 1))).detach()  # (2, VOCAB, DIM)
+    want = reference(model, x.repeat(2, 1), key, 2)
+    torch.testing.assert_close(delta, want)
+    ctl = loradrop.get_controller(model)
+    sl = ctl.slices[0]
+    keep = keep_mask(key, torch.arange(2), torch.arange(ctl.num_features), P)
+    dropped_tok = (keep[:, sl.a[0]:sl.a[1]] == 0) if sl.a else torch.zeros(2, VOCAB, dtype=torch.bool)
+    dropped_dim = (keep[:, sl.b[0]:sl.b[1]] == 0) if sl.b else torch.zeros(2, DIM, dtype=torch.bool)
+    if sl.rank:
+        dropped_tok = dropped_tok | (keep[:, sl.rank[0]:sl.rank[1]] == 0).all(-1, keepdim=True)
+    if strategy == "input":
+        dropped_tok = (want == 0).all(-1)  # whole positions (checked against the formula above)
+    expected_zero = dropped_tok[:, :, None] | dropped_dim[:, None, :]
+    assert torch.equal(delta == 0, expected_zero)
+    if strategy != "rank":
+        assert expected_zero.any() and (~expected_zero).any()
+    assert not torch.equal(delta[0], delta[1])
+
+
+@matrix
+def test_eval_is_the_expected_update_and_the_mean_of_members(strategy, scope):
+    model = ours(strategy, scope)
+    a, b, s = parts(model)
+    x = ids()
+    model.eval()
+    with torch.no_grad():
+        full = s * (a[:, x].permute(1, 2, 0) @ b.T)
+        delta = model(input_ids=x) - layer(model).base_layer(x)
+        torch.testing.assert_close(delta, FACTOR[strategy] * full)
+        n = 4000
+        ctl = loradrop.get_controller(model)
+        with ctl.ensemble(derive_key(7), n if scope == "batch" else None, 0, n):
+            members = model(input_ids=x) - layer(model).base_layer(x.repeat(n, 1))
+        mean = members.view(n, *x.shape, DIM).mean(0)
+    torch.testing.assert_close(mean, delta, atol=0.05 * float(full.abs().max()), rtol=0)
+
+
+@matrix
+def test_gradients_and_samples_loss(strategy, scope):
+    model = ours(strategy, scope, samples=3)
+    ctl = loradrop.get_controller(model)
+    model.train()
+    x = ids(2, 5)
+    labels = torch.randn(2, 5, DIM, generator=torch.Generator().manual_seed(4))
+    key = train_key(model)
+    loss = model(input_ids=x, labels=labels)
+    loss.backward()
+    a, b, _ = parts(model)
+    base_out = layer(model).base_layer(x.repeat(3, 1)).detach()
+    want = F.mse_loss(base_out + reference(model, x.repeat(3, 1), key, 3 if scope == "batch" else 6),
+                      labels.repeat(3, 1, 1))
+    grad_a, grad_b = torch.autograd.grad(want, [a, b])
+    torch.testing.assert_close(a.grad, grad_a)
+    torch.testing.assert_close(b.grad, grad_b)
+    torch.testing.assert_close(loss, want)
+    replayed = []
+    for m in range(3):
+        count, offset = (1, m) if scope == "batch" else (None, m * x.shape[0])
+        with ctl.ensemble(key, count, offset):
+            replayed.append(model(input_ids=x, labels=labels))
+    torch.testing.assert_close(loss, torch.stack(replayed).mean())
+
+
+def test_save_load_merge_and_export(tmp_path):
+    model = ours("ab", "batch", samples=2)
+    x = ids()
+    model.train()
+    model(input_ids=x)
+    model.save_pretrained(tmp_path / "a")
+    restored = loradrop.from_pretrained(base(), tmp_path / "a")
+    assert loradrop.get_mask_state(restored) == loradrop.get_mask_state(model)
+    model.eval(), restored.eval()
+    expected = model(input_ids=x).detach()
+    assert torch.equal(restored(input_ids=x), expected)
+    model.train(), restored.train()
+    assert torch.equal(restored(input_ids=x), model(input_ids=x))
+    loradrop.export_adapter(model, tmp_path / "export")
+    served = PeftModel.from_pretrained(base(), str(tmp_path / "export")).eval()
+    torch.testing.assert_close(served(input_ids=x), expected)
+    merged = restored.eval().merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=x), expected)
+
+
+def test_gpt2_conv1d_merge_serves_the_expectation():
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn = Conv1D(10, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c_attn(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Head(), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                              init_lora_weights=False))
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.3, samples=2, seed=0))
+    x = torch.randn(3, 12)
+    model.eval()
+    expected = model(x).detach()
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), expected)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(x), expected)  # W + dW - dW: equal up to rounding
+
+
+def test_embedding_and_linear_layers_in_one_model():
+    """A BERT with LoRA on word embeddings and attention projections: p=0 parity, batched training and ensembles."""
+    from transformers import BertForSequenceClassification
+
+    from helpers import tiny_bert_config
+
+    def make() -> PeftModel:
+        torch.manual_seed(0)
+        return get_peft_model(BertForSequenceClassification(tiny_bert_config()),
+                              LoraConfig(r=2, target_modules=["word_embeddings", "query", "value"],
+                                         init_lora_weights=False, task_type="SEQ_CLS"))
+
+    batch = {"input_ids": ids(4, 6), "labels": torch.tensor([0, 1, 2, 1])}
+    ref, zero = make(), loradrop.apply_lora_dropout(make(), LoraDropoutConfig(p=0.0))
+    assert torch.equal(ref(**batch).logits, zero(**batch).logits)
+    model = loradrop.apply_lora_dropout(make(), LoraDropoutConfig(p=0.5, samples=2, seed=0))
+    assert len(loradrop.get_controller(model).layers) == 5
+    model.train()
+    model(**batch).loss.backward()
+    emb = model.base_model.model.bert.embeddings.word_embeddings
+    assert emb.lora_embedding_A["default"].grad is not None
+    out = loradrop.ensemble_predict(model, {"input_ids": batch["input_ids"]}, n=4, seed=0)
+    assert out.probs.shape == (4, 3) and bool((out.mutual_information > 0).all())
