@@ -12,6 +12,7 @@ Conv1D merging. An embedding's input is token ids (the matrix feeds dense inputs
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -245,3 +246,143 @@ def test_embedding_and_linear_layers_in_one_model():
     assert emb.lora_embedding_A["default"].grad is not None
     out = loradrop.ensemble_predict(model, {"input_ids": batch["input_ids"]}, n=4, seed=0)
     assert out.probs.shape == (4, 3) and bool((out.mutual_information > 0).all())
+
+
+# ------------------------------------------------------------------------------------------------ convolutions
+CIN, COUT, GROUPS = 6, 8, 2
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+conv_matrix = pytest.mark.parametrize(("dims", "groups", "strategy", "scope"), [
+    (d, g, s, c) for d in (1, 2) for g in (1, GROUPS) for s in STRATEGIES for c in MASK_SCOPES] + [
+    (3, 1, "ab", "batch")])
+
+
+class ConvHead(nn.Module):
+    def __init__(self, dims: int, groups: int) -> None:
+        super().__init__()
+        self.conv = CONVS[dims](CIN, COUT, 3, padding=1, stride=1, groups=groups)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.conv(x)
+        return y if labels is None else F.mse_loss(y, labels)
+
+
+def conv_plain(dims: int, groups: int) -> PeftModel:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LoRA adapter added to ConvNd layer with groups > 1")
+        return get_peft_model(ConvHead(dims, groups), LoraConfig(r=RANK, lora_alpha=8, target_modules=["conv"],
+                                                             init_lora_weights=False))
+
+
+def conv_ours(dims, groups, strategy, scope, **config) -> PeftModel:
+    config = {"p": P, "seed": 3, **config}
+    return loradrop.apply_lora_dropout(conv_plain(dims, groups),
+                                       LoraDropoutConfig(strategy=strategy, mask_scope=scope, **config))
+
+
+def conv_input(dims: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, CIN, *([5] * dims), generator=torch.Generator().manual_seed(seed))
+
+
+def conv_reference(model: PeftModel, x: torch.Tensor, key: int, members: int) -> torch.Tensor:
+    """Every row through PEFT's own lora_A / lora_B modules with the member's masks written into copies of the
+    weights (input channels of A, rank rows of A, output channels of B), one row at a time."""
+    ctl = loradrop.get_controller(model)
+    layer_ = model.base_model.model.conv
+    lora_a, lora_b, s = layer_.lora_A["default"], layer_.lora_B["default"], layer_.scaling["default"]
+    sl, strategy = ctl.slices[0], ctl.config.strategy
+    keep = keep_mask(key, torch.arange(members), torch.arange(ctl.num_features), P)
+    rows, out = x.shape[0], []
+    for i in range(rows):
+        m = i // (rows // members)
+        xi = x[i:i + 1]
+        if strategy == "input":
+            per_member = rows // members * xi.numel()
+            u = uniform(derive_key(key, STREAM_INPUT, 0), torch.arange(members), torch.arange(per_member))
+            j = i % (rows // members)
+            xi = xi * (u[m, j * xi.numel():(j + 1) * xi.numel()] >= P).float().view_as(xi) / (1 - P)
+        wa, wb = lora_a.weight, lora_b.weight
+        ones = (1,) * (wa.dim() - 2)
+        if sl.a:
+            wa = wa * keep[m, sl.a[0]:sl.a[1]].view(1, -1, *ones)
+        if sl.rank:
+            wa = wa * keep[m, sl.rank[0]:sl.rank[1]].view(-1, 1, *ones)
+        if sl.b:
+            wb = wb * keep[m, sl.b[0]:sl.b[1]].view(-1, 1, *ones)
+        h = lora_a._conv_forward(xi, wa, None)
+        out.append(lora_b._conv_forward(h, wb, None) * s)
+    return torch.cat(out)
+
+
+@conv_matrix
+def test_conv_p0_is_bit_identical_to_plain_peft(dims, groups, strategy, scope):
+    ref, mine = conv_plain(dims, groups), conv_ours(dims, groups, strategy, scope, p=0.0)
+    x = conv_input(dims)
+    g = torch.randn_like(ref(x))
+    for model in (ref, mine):
+        model.train()
+        (model(x) * g).sum().backward()
+    assert torch.equal(ref(x), mine(x))
+    for (name, p_ref), (_, p_mine) in zip(ref.named_parameters(), mine.named_parameters()):
+        if p_ref.requires_grad:
+            assert torch.equal(p_ref.grad, p_mine.grad), name
+    ref.eval(), mine.eval()
+    assert torch.equal(ref(x), mine(x))
+
+
+@conv_matrix
+def test_conv_masked_update_zero_pattern_gradients_and_expectation(dims, groups, strategy, scope):
+    model = conv_ours(dims, groups, strategy, scope, samples=2)
+    ctl = loradrop.get_controller(model)
+    conv = model.base_model.model.conv
+    model.train()
+    x = conv_input(dims)
+    labels = torch.randn(4, COUT, *([5] * dims), generator=torch.Generator().manual_seed(3))
+    key = train_key(model)
+    members = 2 if scope == "batch" else 4
+    loss = model(x, labels=labels)
+    loss.backward()
+    base_out = conv.base_layer(x.repeat(2, *([1] * (dims + 1)))).detach()
+    want_delta = conv_reference(model, x.repeat(2, *([1] * (dims + 1))), key, members)
+    want = F.mse_loss(base_out + want_delta, labels)
+    torch.testing.assert_close(loss, want)
+    params = [conv.lora_A["default"].weight, conv.lora_B["default"].weight]
+    for param, grad in zip(params, torch.autograd.grad(want, params)):
+        torch.testing.assert_close(param.grad, grad)
+    # zero pattern: a one-channel input gives a zero update iff that input channel (or every rank) or the output
+    # channel is dropped for the member
+    if strategy in ("ab", "a", "b", "rank"):
+        sl = ctl.slices[0]
+        keep = keep_mask(key, torch.arange(members), torch.arange(ctl.num_features), P)
+        for c in range(CIN):
+            probe = torch.zeros(members, CIN, *([5] * dims))
+            probe[:, c] = 1.0
+            with ctl.ensemble(key, None, 0), torch.no_grad():  # one member per row: rows 0..members-1
+                delta = model(probe) - conv.base_layer(probe)
+            drop_in = (keep[:, sl.a[0] + c] == 0) if sl.a else torch.zeros(members, dtype=torch.bool)
+            if sl.rank:
+                drop_in = drop_in | (keep[:, sl.rank[0]:sl.rank[1]] == 0).all(-1)
+            drop_out = (keep[:, sl.b[0]:sl.b[1]] == 0) if sl.b else torch.zeros(members, COUT, dtype=torch.bool)
+            zero = (delta == 0).flatten(2).all(-1)  # (members, COUT)
+            assert torch.equal(zero, drop_in[:, None] | drop_out)
+    # eval: the expected update, and the mean of many members converges to it
+    model.eval()
+    with torch.no_grad():
+        delta = model(x) - conv.base_layer(x)
+        n = 1000
+        with ctl.ensemble(derive_key(9), n if scope == "batch" else None, 0, n):
+            many = model(x) - conv.base_layer(x.repeat(n, *([1] * (dims + 1))))
+        mean = many.view(n, *delta.shape).mean(0)
+    full = delta / FACTOR[strategy]
+    torch.testing.assert_close(mean, delta, atol=0.1 * float(full.abs().max()), rtol=0)
+
+
+def test_conv_merge_serves_the_expectation():  # (PEFT itself refuses to merge grouped LoRA convolutions)
+    model = conv_ours(2, 1, "ab", "batch", samples=2)
+    x = conv_input(2)
+    model.eval()
+    expected = model(x).detach()
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), expected)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(x), expected)

@@ -1,8 +1,10 @@
 """LoRA Dropout on PEFT LoRA layer types beyond `lora.Linear`, and the precise refusal of the others.
 
-Supported here: `peft.tuners.lora.Embedding` (`LoraEmbeddingHandler`). `lora.Linear` over transformers' GPT-2
-``Conv1D`` (``fan_in_fan_out=True``) is handled by `layers.LoraLinearHandler` as it is: PEFT's LoRA factors of that
-layer are ordinary ``nn.Linear`` A (r x in) and B (out x r); ``fan_in_fan_out`` only transposes the merged delta.
+Supported here: `peft.tuners.lora.Embedding` (`LoraEmbeddingHandler`) and `peft.tuners.lora` Conv1d / Conv2d /
+Conv3d (`LoraConvHandler`: input and output channels, the base layer's groups kept). `lora.Linear` over
+transformers' GPT-2 ``Conv1D`` (``fan_in_fan_out=True``) is handled by `layers.LoraLinearHandler` as it is: PEFT's
+LoRA factors of that layer are ordinary ``nn.Linear`` A (r x in) and B (out x r); ``fan_in_fan_out`` only transposes
+the merged delta.
 
 Embedding semantics (docs/COVERAGE.md). PEFT stores A = ``lora_embedding_A`` (r x V) and B = ``lora_embedding_B``
 (D x r) and adds ``s * B A onehot(token)``. An embedding is a linear map of the one-hot token, so:
@@ -25,10 +27,18 @@ Everything else is refused by `unsupported_reason` with the type and the reason,
 from __future__ import annotations
 
 import torch
-from peft.tuners.lora.layer import Embedding
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Embedding, _ConvNd
 from torch import nn
 
-from .layers import LayerHandler, LoraDropoutVariant, members_of, refuse_variant, register_layer_handler
+from .layers import (
+    LayerHandler,
+    LoraDropoutVariant,
+    input_dropout,
+    members_of,
+    refuse_variant,
+    register_layer_handler,
+)
 from .masks import STREAM_INPUT, FeatureSlices, derive_key, fold_key, uniform
 from .members import MemberController
 
@@ -131,12 +141,94 @@ class LoraEmbeddingHandler(LayerHandler):
 register_layer_handler(LoraEmbeddingHandler())
 
 
+class LoraDropoutConvVariant(LoraDropoutVariant):
+    """`LoraDropoutVariant` for one adapter of a `peft.tuners.lora` Conv1d / Conv2d / Conv3d layer.
+
+    PEFT's conv LoRA is A = conv(in -> r, the base kernel, stride, padding) and B = conv(r -> out, 1x1, the base's
+    groups). Input features are input channels (dim 1 of A's weight), output features output channels (dim 0 of B's
+    weight), "rank" drops A's output channels. The members run in ONE conv per factor: the member-major batch is
+    laid side by side along channels and the members' masked weights are stacked, with ``groups = M`` for A and
+    ``groups = M * base groups`` for B, so B's own groups are kept inside every member.
+    """
+
+    def forward(self, module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
+                **kwargs) -> torch.Tensor:
+        lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        dropout, scaling = module.lora_dropout[active_adapter], module.scaling[active_adapter]
+        controller = self.controller
+        plan = controller.plan_for(module.training)
+        if not plan.masked or controller.config.p == 0:  # PEFT's exact ops (p = 0: bit for bit)
+            factor = controller.expected_factor
+            return result + lora_b(lora_a(dropout(x))) * (scaling if factor == 1.0 else scaling * factor)
+        x = dropout(x)
+        members = members_of(plan, x)
+        if controller.config.strategy == "input":
+            return result + lora_b(lora_a(input_dropout(x, plan, controller, self.slices, members))) * scaling
+        wa, wb, sl = lora_a.weight, lora_b.weight, self.slices
+        mask = controller.masks(plan, members, wb.device, wb.dtype)
+        ones = (1,) * (wa.dim() - 2)
+        a_m = wa.expand(members, *wa.shape)
+        if sl.a is not None:
+            a_m = a_m * mask[:, sl.a[0]:sl.a[1]].view(members, 1, -1, *ones)  # input channels
+        if sl.rank is not None:
+            a_m = a_m * mask[:, sl.rank[0]:sl.rank[1]].view(members, -1, 1, *ones)
+        b_m = wb.expand(members, *wb.shape)
+        if sl.b is not None:
+            b_m = b_m * mask[:, sl.b[0]:sl.b[1]].view(members, -1, 1, *ones)  # output channels
+        conv = _CONV[wa.dim()]
+        rows = x.shape[0] // members
+        side_by_side = x.view(members, rows, *x.shape[1:]).transpose(0, 1).reshape(rows, -1, *x.shape[2:])
+        h = conv(side_by_side, a_m.reshape(-1, *wa.shape[1:]), None, lora_a.stride, lora_a.padding, lora_a.dilation,
+                 members)
+        out = conv(h, b_m.reshape(-1, *wb.shape[1:]), None, lora_b.stride, lora_b.padding, lora_b.dilation,
+                   members * lora_b.groups)
+        out = out.view(rows, members, -1, *out.shape[2:]).transpose(0, 1).reshape(result.shape)
+        return result + out * scaling
+
+
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+class LoraConvHandler(LayerHandler):
+    """`peft.tuners.lora` Conv1d / Conv2d / Conv3d: input channels (A) and output channels (B)."""
+
+    peft_types = ("LORA",)
+
+    def matches(self, module: nn.Module, adapter: str) -> bool:
+        return (isinstance(module, _ConvNd) and type(module).forward is _ConvNd.forward and adapter in module.lora_A
+                and module.lora_A[adapter].weight.dim() in _CONV)
+
+    def dims(self, module: nn.Module, adapter: str) -> tuple[int, int, int]:
+        weight_a = module.lora_A[adapter].weight
+        return weight_a.shape[1], module.lora_B[adapter].weight.shape[0], weight_a.shape[0]
+
+    def check(self, name: str, module: nn.Module, adapter: str) -> None:
+        refuse_variant(name, module, adapter)
+        if module.lora_B[adapter].bias is not None:
+            raise ValueError(f"layer {name!r} is a LoRA convolution with lora_bias=True: LoRA Dropout's bias "
+                             "expectation is written for Linear layers only; use lora_bias=False")
+        if module.lora_A[adapter].padding_mode != "zeros":
+            raise ValueError(f"layer {name!r}: LoRA convolutions with padding_mode "
+                             f"{module.lora_A[adapter].padding_mode!r} are not supported (zeros only)")
+
+    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices) -> None:
+        module.lora_variant[adapter] = LoraDropoutConvVariant(controller, slices)
+
+    def uninstall(self, module: nn.Module, adapter: str, controller: MemberController) -> None:
+        variant = module.lora_variant.get(adapter)
+        if isinstance(variant, LoraDropoutConvVariant) and variant.controller is controller:
+            del module.lora_variant[adapter]
+
+    def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
+        return [module.lora_B[adapter].weight]
+
+
+register_layer_handler(LoraConvHandler())
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 _NOT_YET = "not implemented in loradrop yet (issue #13)"
 _REASONS = {
-    "Conv1d": f"convolution LoRA (masks on input/output channels, groups respected) is {_NOT_YET}",
-    "Conv2d": f"convolution LoRA (masks on input/output channels, groups respected) is {_NOT_YET}",
-    "Conv3d": f"convolution LoRA (masks on input/output channels, groups respected) is {_NOT_YET}",
     "MultiheadAttention": ("PEFT's lora.MultiheadAttention merges the LoRA update into in_proj/out_proj for every "
                            f"forward (no A/B matmul per member to mask); per-member weights are {_NOT_YET}"),
     "ParamWrapper": ("target_parameters (e.g. MoE expert weights) apply the update through a parametrization of the "

@@ -138,8 +138,9 @@ def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_n
     if refused or not supported:
         detail = "; ".join(f"{n!r} is {unsupported_reason(m)}" for n, m in refused[:3])
         raise ValueError(
-            f"LoRA Dropout cannot run on {len(refused)} LoRA layer(s) of adapter(s) {adapters}: {detail}. Supported: "
-            "lora.Linear (incl. GPT-2 Conv1D, fan_in_fan_out), lora.Embedding, AdaLoRA SVDLinear (docs/COVERAGE.md); "
+            f"LoRA Dropout cannot run on {len(refused)} LoRA layer(s) of adapter(s) {adapters}: {detail}. "
+            "Supported: lora.Linear (incl. GPT-2 Conv1D), lora.Embedding, lora.Conv1d/2d/3d, AdaLoRA SVDLinear "
+            "(docs/COVERAGE.md); "
             "leave the other layers out of target_modules" if refused else
             f"the model has no LoRA layers for adapter(s) {adapters}"
         )
