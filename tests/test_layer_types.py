@@ -386,3 +386,54 @@ def test_conv_merge_serves_the_expectation():  # (PEFT itself refuses to merge g
     torch.testing.assert_close(model(x), expected)
     model.unmerge_adapter()
     torch.testing.assert_close(model(x), expected)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+class Experts(nn.Module):
+    """A Linear plus MoE-style expert weights (a bare nn.Parameter, targeted through target_parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.moe = nn.Module()
+        self.moe.weight = nn.Parameter(torch.randn(16, 16))
+        self.emb = nn.Embedding(16, 16)
+        self.conv = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) @ self.moe.weight
+
+
+def _variant_configs():
+    from peft.tuners.lora import config as lora_cfg
+
+    return {
+        "dora": ({"use_dora": True}, r"DoraLinearVariant \(LoraConfig use_dora\)"),
+        "dora-embedding": ({"use_dora": True, "target_modules": ["emb"]}, r"DoraEmbeddingVariant \(LoraConfig use_"),
+        "dora-conv": ({"use_dora": True, "target_modules": ["conv"]}, r"DoraConv2dVariant \(LoraConfig use_dora\)"),
+        "mica": ({"init_lora_weights": "mica"}, r"MiCALinearVariant \(LoraConfig mica\)"),
+        "alora": ({"alora_invocation_tokens": [1, 2]}, r"ALoraLinearVariant \(LoraConfig alora_invocation_tokens\)"),
+        "velora": ({"velora_config": lora_cfg.VeloraConfig()}, r"VeloraLinearVariant \(LoraConfig velora_config\)"),
+        "monteclora": ({"monteclora_config": lora_cfg.MontecloraConfig()},
+                       r"MontecloraLinearVariant \(LoraConfig monteclora_config\)"),
+        "kasa": ({"kasa_config": lora_cfg.KasaConfig()}, r"KasaLinearVariant \(LoraConfig kasa_config\)"),
+        "target_parameters": ({"target_modules": [], "target_parameters": ["moe.weight"]},
+                              r"'base_model.model.moe' is peft.tuners.lora.layer.ParamWrapper: target_parameters"),
+    }
+
+
+@pytest.mark.parametrize("name", ["dora", "dora-embedding", "dora-conv", "mica", "alora", "velora", "monteclora",
+                                  "kasa", "target_parameters"])
+def test_other_variants_and_types_are_refused_with_the_reason(name):
+    options, message = _variant_configs()[name]
+    options = {"target_modules": ["proj"], **options}
+    torch.manual_seed(0)
+    try:
+        model = get_peft_model(Experts(), LoraConfig(r=4, **options))
+    except (TypeError, ValueError) as err:  # pragma: no cover - depends on PEFT's options for this variant
+        pytest.skip(f"PEFT cannot build {name} here: {err}")
+    state = {n: dict(m.lora_variant) for n, m in model.named_modules() if hasattr(m, "lora_variant")}
+    with pytest.raises(ValueError, match=message):
+        loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5))
+    assert {n: dict(m.lora_variant) for n, m in model.named_modules() if hasattr(m, "lora_variant")} == state
+    assert loradrop.model._find_controller(model) is None
