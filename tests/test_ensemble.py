@@ -1,5 +1,7 @@
 """Batched test-time ensembles: equal to one-by-one members, chunk-invariant, seeded, with uncertainty."""
 
+import os
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -320,3 +322,96 @@ def test_generate_sequence_scores_stop_at_eos(tiny_llama):
     kept = out.token_mask[0]
     torch.testing.assert_close(out.sequence_mutual_information[0], out.mutual_information[0, kept].mean())
     torch.testing.assert_close(out.sequence_max_entropy[0], out.entropy[0, kept].max())
+
+
+# Factual questions with their accepted answers (lower case substrings) for the SmolLM2 measurement below.
+FACTS = [("What is the capital of France?", ["paris"]), ("What is the capital of Japan?", ["tokyo"]),
+         ("What is the capital of Australia?", ["canberra"]), ("What is the capital of Canada?", ["ottawa"]),
+         ("What is the capital of Italy?", ["rome"]), ("What is the capital of Germany?", ["berlin"]),
+         ("What is the capital of Spain?", ["madrid"]), ("What is the capital of Brazil?", ["brasília", "brasilia"]),
+         ("What is the capital of Egypt?", ["cairo"]), ("What is the capital of Kenya?", ["nairobi"]),
+         ("What is the capital of Mongolia?", ["ulaanbaatar", "ulan bator"]),
+         ("What is the capital of Peru?", ["lima"]),
+         ("What is the capital of Switzerland?", ["bern"]), ("What is the capital of Turkey?", ["ankara"]),
+         ("What is the capital of New Zealand?", ["wellington"]), ("What is the capital of Nigeria?", ["abuja"]),
+         ("What is the capital of Kazakhstan?", ["astana"]), ("What is the capital of Vietnam?", ["hanoi"]),
+         ("What is the capital of Morocco?", ["rabat"]), ("What is the capital of Bolivia?", ["sucre", "la paz"]),
+         ("Who wrote Romeo and Juliet?", ["shakespeare"]), ("Who painted the Mona Lisa?", ["leonardo", "da vinci"]),
+         ("What is the chemical symbol for gold?", ["au"]), ("How many legs does a spider have?", ["8", "eight"]),
+         ("What planet is known as the Red Planet?", ["mars"]), ("What is the largest ocean on Earth?", ["pacific"]),
+         ("Who developed the theory of relativity?", ["einstein"]),
+         ("What is the boiling point of water in Celsius?", ["100"]), ("In which year did World War II end?", ["1945"]),
+         ("What is the square root of 144?", ["12", "twelve"]),
+         ("Who was the first person to walk on the Moon?", ["armstrong"]),
+         ("What is the capital of Myanmar?", ["naypyidaw", "nay pyi taw", "naypyitaw"])]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LORADROP_MEASURE_SMOLLM2"),
+                    reason="a measurement (about 3.5 minutes on 2 CPU cores): set LORADROP_MEASURE_SMOLLM2=1")
+def test_smollm2_measure_uncertainty_of_wrong_and_right_answers():
+    """A measurement on the real SmolLM2-135M-Instruct, reported (run with -s), not a claim: do wrong answers get
+    higher sequence uncertainty than right ones? The adapter is PiSSA-initialised (its A and B hold the top-8
+    singular directions of q_proj/v_proj, the base keeps the residual), so the unmasked model IS the pretrained one
+    and LoRA Dropout's masks (p=0.1, 8 members) perturb its principal directions. Numbers: docs/UNCERTAINTY.md."""
+    from peft import LoraConfig
+
+    from loradrop.pretrained import load_model, load_tokenizer, smollm2_gguf
+    from loradrop.uncertainty import ood_detection, sequence_scores
+
+    try:
+        smollm2_gguf()
+        pytest.importorskip("gguf", reason="de-quantising the GGUF needs the gguf package")
+        tokenizer, base = load_tokenizer("smollm2"), load_model("smollm2", "causal_lm")
+    except loradrop.errors.ModelLoadError as err:
+        pytest.skip(str(err))
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                            init_lora_weights="pissa_niter_4", task_type="CAUSAL_LM"))
+    loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.1, seed=0))
+    tokenizer.padding_side = "left"
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=False) for q, _ in FACTS]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = ensemble_generate(model, enc["input_ids"], 8, 24, attention_mask=enc["attention_mask"], seed=0,
+                            abstain_threshold=0.25)
+    assert out.token_mask.shape == out.entropy.shape and torch.isfinite(out.sequence_score).all()
+    assert torch.equal(out.flagged, out.sequence_mutual_information > 0.25)
+
+    def graded(tokens, mask):
+        texts = [tokenizer.decode(t[m], skip_special_tokens=True) for t, m in zip(tokens, mask)]
+        ok = [any(a in text.lower() for a in answers) for text, (_, answers) in zip(texts, FACTS)]
+        return texts, torch.tensor(ok)
+
+    texts, right = graded(out.new_tokens, out.token_mask)
+    report = {"ensemble_accuracy": right.double().mean().item(), "right": int(right.sum()),
+              "wrong": int((~right).sum())}
+    if right.any() and (~right).any():
+        for name in ("mutual_information", "max_entropy"):
+            score = getattr(out, f"sequence_{name}")
+            report[f"ensemble_{name}"] = {"right": score[right].mean().item(), "wrong": score[~right].mean().item(),
+                                          "auroc_wrong_vs_right": ood_detection(score[right], score[~right])["auroc"]}
+        report["flagged_wrong"] = int(out.flagged[~right].sum())
+        report["flagged_right"] = int(out.flagged[right].sum())
+    # the single pass for comparison: the unmasked update ("raw" eval mode: the pretrained model, for PiSSA)
+    loradrop.set_eval_mode(model, "raw")
+    model.eval()
+    with torch.no_grad():
+        single = model.generate(**enc, max_new_tokens=24, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    new = single.sequences[:, enc["input_ids"].shape[1]:]
+    ents = torch.stack([entropy(s.float().softmax(-1)) for s in single.scores], 1)
+    ended = (new == tokenizer.eos_token_id).long().cumsum(1)
+    mask = (ended == 0) | ((ended == 1) & (new == tokenizer.eos_token_id))  # up to and including the first eos
+    single_texts, single_right = graded(new, mask)
+    max_ent = sequence_scores(ents, torch.zeros_like(ents), mask)["max_entropy"]
+    report["single_accuracy"] = single_right.double().mean().item()
+    if single_right.any() and (~single_right).any():
+        report["single_max_entropy"] = {
+            "right": max_ent[single_right].mean().item(), "wrong": max_ent[~single_right].mean().item(),
+            "auroc_wrong_vs_right": ood_detection(max_ent[single_right], max_ent[~single_right])["auroc"]}
+    for (q, _), text, ok, mi, h, s_text, s_ok in zip(FACTS, texts, right, out.sequence_mutual_information,
+                                                     out.sequence_max_entropy, single_texts, single_right):
+        print(f"{'right' if ok else 'WRONG'} MI {mi:.3f} Hmax {h:.2f} | {q} -> {text!r} | single "
+              f"{'right' if s_ok else 'WRONG'}: {s_text!r}")
+    print(report)
