@@ -437,3 +437,13 @@ def test_other_variants_and_types_are_refused_with_the_reason(name):
         loradrop.apply_lora_dropout(model, LoraDropoutConfig(p=0.5))
     assert {n: dict(m.lora_variant) for n, m in model.named_modules() if hasattr(m, "lora_variant")} == state
     assert loradrop.model._find_controller(model) is None
+
+
+def test_quantised_and_unknown_layer_types_are_named_with_the_reason():
+    from loradrop.layer_types import unsupported_reason
+
+    quantised = type("Linear4bit", (nn.Module,), {"__module__": "peft.tuners.lora.bnb"})()
+    assert unsupported_reason(quantised).startswith("peft.tuners.lora.bnb.Linear4bit is a quantised")
+    assert "QLoRA" in unsupported_reason(quantised)
+    custom = type("MyLora", (nn.Module,), {"__module__": "mylib.layers"})()
+    assert "register_layer_handler" in unsupported_reason(custom)
