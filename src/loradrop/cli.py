@@ -11,6 +11,7 @@ registry's catalog), so ``--help`` and argument errors answer at once; a command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -26,6 +27,49 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
     return value
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with the value parsed as YAML (``true``, ``0.1``, ``1e-3``, ``[a, b]``, ``{k: v}``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{key}: the value {raw!r} is not valid YAML ({err})") from err
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    return key.strip(), value
+
+
+def _add_training_controls(train: argparse.ArgumentParser) -> None:
+    from .app.settings import LR_SCHEDULERS
+
+    group = train.add_argument_group("training controls (transformers' TrainingArguments)")
+    warmup = group.add_mutually_exclusive_group()
+    warmup.add_argument("--warmup-steps", type=int, default=0, help="linear warmup over this many optimizer steps")
+    warmup.add_argument("--warmup-ratio", type=float, default=0.0, help="linear warmup over this share of the steps")
+    group.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="linear", help="learning-rate schedule")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    group.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1,
+                       help="micro-batches per optimizer step (effective batch: batch size x this x processes)")
+    precision = group.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU, or recent CPUs)")
+    precision.add_argument("--fp16", action="store_true", help="fp16 mixed precision with loss scaling (GPU)")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in backward (less memory, about 30%% more time)")
+    group.add_argument("--report-to", default="none", metavar="NAMES",
+                       help="logging integrations, comma-separated: tensorboard (logs in the run folder's runs/), "
+                            "wandb, mlflow, ... or 'none'")
+    group.add_argument("--early-stopping-patience", type=_positive_int, default=None, metavar="N",
+                       help="with --epoch-eval: stop after N epochs without a better validation score")
+    group.add_argument("--trainer-arg", dest="trainer_args", type=_key_value, action="append", default=None,
+                       metavar="KEY=VALUE", help="any other TrainingArguments field (value parsed as YAML, e.g. "
+                       "--trainer-arg max_grad_norm=0.5); repeatable; unknown names are refused")
 
 
 def _add_lora_dropout_args(parser: argparse.ArgumentParser, *, p: float, samples: int) -> None:
@@ -95,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip steps with a NaN/inf loss or gradient (default: stop the run with an error)")
     train.add_argument("--epoch-eval", action="store_true",
                        help="score validation and test after every epoch (metrics.json: epochs, best_epoch)")
+    _add_training_controls(train)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, help="run folder (metrics.json, adapter, predictions, logs)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
@@ -181,7 +226,10 @@ def settings_from_args(args: argparse.Namespace):
 
     cls = {"demo": DemoSettings, "train": TrainSettings, "eval": EvalSettings}[args.command]
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if "trainer_args" in values:
+        values["trainer_args"] = dict(values["trainer_args"] or ())
+    return cls(**values)
 
 
 def _quiet_libraries() -> None:

@@ -206,7 +206,9 @@ def build_training_args(output_dir: str | os.PathLike[str], *, epochs: float = 1
                         lr: float = 5e-4, batch_size: int = 32, seed: int = 0, logging_steps: int = 10,
                         save_steps: int | None = None, eval_steps: int | None = None, progress: bool = True,
                         extra: dict[str, Any] | None = None) -> TrainingArguments:
-    """TrainingArguments with loradrop's defaults: no external reporting, CPU when no GPU, AdamW, linear decay."""
+    """TrainingArguments with loradrop's defaults: no external reporting, CPU when no GPU, AdamW, linear decay, no
+    warmup or weight decay. `extra` holds any other TrainingArguments fields (warmup, scheduler, mixed precision,
+    ``report_to``...); its values win over these defaults."""
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         num_train_epochs=epochs,

@@ -31,4 +31,5 @@ def test_readme_app_example_runs(data_root: Path, tmp_path: Path, monkeypatch, c
     assert again.metrics_file == run.output / "eval_metrics.json" and again.metrics["eval"]["ensemble"][
         "ensemble_size"] == 8
     assert [s.p for s in grid] == [0.1, 0.3] and all(s.samples == 2 for s in grid)
-    assert "mrpc ensemble:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mrpc, validation split:" in out and "ensemble of 4" in out and "ensemble of 8" in out

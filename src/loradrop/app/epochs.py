@@ -28,8 +28,12 @@ class EpochEvaluation(TrainerCallback):
     never touches the training random state, so training is the same with and without this callback.
     """
 
-    def __init__(self, evaluate: Any, splits: tuple[str, ...], select_split: str, select_metric: str) -> None:
+    def __init__(self, evaluate: Any, splits: tuple[str, ...], select_split: str, select_metric: str, *,
+                 patience: int | None = None) -> None:
         self.evaluate = evaluate
+        self.patience = patience
+        self.stopped: dict[str, Any] | None = None  # where early stopping ended the run
+        self._best_weights: dict[str, Any] | None = None
         self.splits = splits
         self.select_split = select_split
         self.select_metric = select_metric
@@ -60,4 +64,29 @@ class EpochEvaluation(TrainerCallback):
                          "metric": self.select_metric, "value": value,
                          **{split: record[split] for split in self.splits}}
             self.best_rows = rows
+            model = kwargs.get("model")
+            if self.patience is not None and model is not None:
+                self._best_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         logger.info("epoch %s: %s single %s = %s", record["epoch"], self.select_split, self.select_metric, value)
+        if self.patience is not None and self.best is not None:
+            since = sum(1 for r in self.epochs if r["step"] > self.best["step"])
+            if since >= self.patience:
+                control.should_training_stop = True
+                self.stopped = {"epoch": record["epoch"], "step": record["step"], "patience": self.patience,
+                                "best_epoch": self.best["epoch"], "best_step": self.best["step"]}
+                logger.info("early stopping after epoch %s: no better %s %s for %d epoch(s) (best: epoch %s)",
+                            record["epoch"], self.select_split, self.select_metric, since, self.best["epoch"])
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):  # noqa: D401 - Trainer hook
+        """With early stopping: restore the best epoch's trainable weights."""
+        if self._best_weights is None or model is None or self.best is None:
+            return
+        if self.best["step"] != state.global_step:
+            import torch
+
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for name, value in self._best_weights.items():
+                    params[name].copy_(value)
+            logger.info("restored the weights of the best epoch (%s, step %d)", self.best["epoch"], self.best["step"])
+        self._best_weights = None

@@ -3,7 +3,6 @@ ensemble again, and write ``eval_metrics.json`` and ``eval_predictions.jsonl``."
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from ..config import CONFIG_FILE_NAME
 from ..errors import ModelLoadError, UsageError
 from .integrity import verify_manifest
+from .outputs import print_metrics, write_run_outputs
 from .provenance import hardware, jsonable, versions
 from .runfolder import (
     ADAPTER_DIR,
@@ -24,7 +24,7 @@ from .runfolder import (
     write_jsonl,
 )
 from .settings import EvalSettings
-from .train_run import RunResult, headline
+from .train_run import RunResult
 
 
 def find_run(adapter: Path) -> tuple[Path, Path, dict[str, Any] | None]:
@@ -137,8 +137,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
         "files": {"predictions": "eval_predictions.jsonl"},
     }
     write_json(out_dir / EVAL_METRICS_FILE, metrics)
-    print(f"{spec.name} single pass: {json.dumps(jsonable(headline(result.single)))}", flush=True)
-    if result.ensemble is not None:
-        print(f"{spec.name} ensemble:    {json.dumps(jsonable(headline(result.ensemble)))}", flush=True)
-    print(f"wrote {out_dir / EVAL_METRICS_FILE}", flush=True)
+    written = write_run_outputs(out_dir, jsonable(metrics), predictions="eval_predictions.jsonl", history=None,
+                                masked=has_loradrop, prefix="eval_", title=f"loradrop eval: {task}")
+    print_metrics(spec.name, data.eval_split, result.single, result.ensemble)
+    print(f"wrote {out_dir / EVAL_METRICS_FILE}, {', '.join(written)}", flush=True)
     return RunResult(out_dir, out_dir / EVAL_METRICS_FILE, jsonable(metrics))

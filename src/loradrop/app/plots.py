@@ -41,20 +41,45 @@ def _pyplot():
 
 
 def plot_reliability(curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path,
-                     n_bins: int = 15, title: str | None = None) -> Path:
-    """Reliability diagram (accuracy vs confidence per bin) of several predictors on one axis."""
+                     n_bins: int = 15, title: str | None = None, *, counts: bool = True) -> Path:
+    """Reliability diagram (accuracy vs confidence per bin) of several predictors on one axis, each labelled with its
+    ECE (same bins); with `counts`, a panel below shows how many examples fall in each bin."""
     from ..calibration import reliability_diagram
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
+    if counts:
+        fig, (ax, bins_ax) = plt.subplots(2, 1, figsize=(5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for name, (probs, labels) in curves.items():
+    width = 1.0 / n_bins / max(1, len(curves))
+    for i, (name, (probs, labels)) in enumerate(curves.items()):
         d = reliability_diagram(probs, labels, n_bins)
+        total = sum(d.count) or 1
+        ece = sum(n / total * abs(a - c) for c, a, n in zip(d.confidence, d.accuracy, d.count) if n)
         pts = [(c, a) for c, a, n in zip(d.confidence, d.accuracy, d.count) if n]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=name)
-    ax.set(xlabel="confidence (top label)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title=title or f"Reliability diagram ({n_bins} bins)")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, color=f"C{i}", label=f"{name} (ECE {ece:.4f})")
+        if counts:
+            lefts = [lo + i * width for lo in d.edges[:-1]]
+            bins_ax.bar(lefts, d.count, width=width, align="edge", color=f"C{i}", label=name)
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title or f"Reliability diagram ({n_bins} bins)")
     ax.legend(loc="upper left", fontsize=8)
+    if counts:
+        bins_ax.set(xlabel="confidence (top label)", ylabel="examples per bin", xlim=(0, 1))
+    else:
+        ax.set(xlabel="confidence (top label)")
+    return _save(fig, path)
+
+
+def plot_histogram(series: Mapping[str, Sequence[float]], path: str | Path, *, xlabel: str, title: str,
+                   bins: int = 30) -> Path:
+    """Overlaid histograms of one or more value lists (e.g. the ensemble's per-example mutual information)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, values) in enumerate(series.items()):
+        ax.hist(list(values), bins=bins, alpha=0.6, color=f"C{i}", label=name)
+    ax.set(xlabel=xlabel, ylabel="examples", title=title)
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 

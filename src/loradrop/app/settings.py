@@ -25,11 +25,30 @@ from ..config import LoraDropoutConfig
 from ..errors import SettingsError
 
 METHODS = ("lora", "adalora")
+# transformers' SchedulerType values (checked against transformers by the tests; kept here so that building settings
+# does not import transformers)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+# TrainingArguments that a run sets itself: --trainer-arg refuses them (the first-class flag where there is one)
+OWNED_TRAINER_ARGS = {
+    "output_dir": "--output", "num_train_epochs": "--epochs", "max_steps": "--max-steps", "learning_rate": "--lr",
+    "per_device_train_batch_size": "--batch-size", "per_device_eval_batch_size": "--batch-size", "seed": "--seed",
+    "data_seed": "--seed", "save_strategy": "--save-steps", "save_steps": "--save-steps",
+    "eval_strategy": "--eval-steps", "eval_steps": "--eval-steps", "warmup_steps": "--warmup-steps/--warmup-ratio",
+    "lr_scheduler_type": "--lr-scheduler", "weight_decay": "--weight-decay",
+    "gradient_accumulation_steps": "--gradient-accumulation-steps", "bf16": "--bf16", "fp16": "--fp16",
+    "gradient_checkpointing": "--gradient-checkpointing", "report_to": "--report-to",
+    "remove_unused_columns": None, "resume_from_checkpoint": "--resume", "logging_steps": None,
+    "disable_tqdm": None, "load_best_model_at_end": "--early-stopping-patience",
+}
 TEST_ENSEMBLES = ("auto", "mc_dropout", "masks", "none")
 # Settings that must not change between a run and its --resume (the result would no longer be one run).
 RESUME_KEYS = ("task", "model", "data_dir", "method", "r", "alpha", "target_modules", "no_lora_dropout",
                "peft_dropout", "p", "samples", "strategy", "mask_scope", "rescale", "epochs", "max_steps", "lr",
-               "batch_size", "max_seq_len", "max_train_samples", "holdout_fraction", "seed")
+               "batch_size", "max_seq_len", "max_train_samples", "holdout_fraction", "seed", "warmup_steps",
+               "warmup_ratio", "lr_scheduler", "weight_decay", "gradient_accumulation_steps", "bf16", "fp16",
+               "trainer_args")
 
 
 class _Checks:
@@ -113,6 +132,58 @@ def _lora_dropout_checks(checks: _Checks, s: Any) -> None:
         checks.add(str(err))
 
 
+def _trainer_checks(checks: _Checks, s: Any) -> None:
+    """The training controls, and ``trainer_args`` against TrainingArguments' own fields (transformers is imported
+    only when there are any)."""
+    checks.integer("warmup_steps", s.warmup_steps, minimum=0)
+    checks.number("warmup_ratio", s.warmup_ratio, non_negative=True)
+    if isinstance(s.warmup_ratio, (int, float)) and not isinstance(s.warmup_ratio, bool) and s.warmup_ratio >= 1:
+        checks.add(f"warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
+    if s.warmup_steps and s.warmup_ratio:
+        checks.add("give warmup_steps or warmup_ratio, not both")
+    checks.choice("lr_scheduler", s.lr_scheduler, LR_SCHEDULERS)
+    checks.number("weight_decay", s.weight_decay, non_negative=True)
+    checks.integer("gradient_accumulation_steps", s.gradient_accumulation_steps, minimum=1)
+    for name in ("bf16", "fp16", "gradient_checkpointing"):
+        checks.boolean(name, getattr(s, name))
+    if s.bf16 is True and s.fp16 is True:
+        checks.add("bf16 and fp16 exclude each other")
+    if not isinstance(s.report_to, str) or not s.report_to.strip():
+        checks.add(f"report_to must be integration names (comma-separated) or 'none', got {s.report_to!r}")
+    checks.integer("early_stopping_patience", s.early_stopping_patience, minimum=1, optional=True)
+    if s.early_stopping_patience is not None and s.epoch_eval is False:
+        checks.add("early_stopping_patience needs epoch_eval=True (--epoch-eval): it stops on the per-epoch "
+                   "validation score")
+    if not isinstance(s.trainer_args, Mapping) or not all(isinstance(k, str) for k in s.trainer_args):
+        checks.add(f"trainer_args must be a mapping of TrainingArguments names to values, got {s.trainer_args!r}")
+        return
+    if not s.trainer_args:
+        return
+    owned = sorted(k for k in s.trainer_args if k in OWNED_TRAINER_ARGS)
+    if owned:
+        checks.add("trainer_args: loradrop sets " + ", ".join(
+            f"{k}" + (f" (use {OWNED_TRAINER_ARGS[k]})" if OWNED_TRAINER_ARGS[k] else "") for k in owned)
+            + " itself")
+    known = training_argument_names()
+    unknown = sorted(k for k in s.trainer_args if k not in known and k not in OWNED_TRAINER_ARGS)
+    if unknown:
+        checks.add(f"trainer_args: unknown TrainingArguments field(s) {unknown} (transformers "
+                   f"{_transformers_version()}; see TrainingArguments' documentation for the names)")
+
+
+def training_argument_names() -> set[str]:
+    """The fields of transformers' ``TrainingArguments`` that can be passed to its constructor."""
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _config_of(s: Any) -> LoraDropoutConfig:
     return LoraDropoutConfig(p=s.p, samples=s.samples, strategy=s.strategy, mask_scope=s.mask_scope,
                              rescale=s.rescale, seed=s.seed,
@@ -172,11 +243,26 @@ class TrainSettings(_Settings):
     holdout_fraction: float | None = None
     epoch_eval: bool = False
     skip_nonfinite_steps: bool = False
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    gradient_accumulation_steps: int = 1
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    report_to: str = "none"
+    early_stopping_patience: int | None = None
+    trainer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, (list, tuple)):
+            self.report_to = ",".join(str(r).strip() for r in self.report_to) or "none"
+        if self.trainer_args is None:
+            self.trainer_args = {}
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = ",".join(str(m).strip() for m in self.target_modules)
         checks = _Checks()
@@ -224,7 +310,25 @@ class TrainSettings(_Settings):
         checks.integer("seed", self.seed, minimum=0)
         if self.resume is True and self.overwrite is True:
             checks.add("resume and overwrite exclude each other")
+        _trainer_checks(checks, self)
         checks.raise_if_any()
+
+    @property
+    def report_to_list(self) -> list[str]:
+        """The logging integrations (``report_to``) as a list; empty for ``"none"``."""
+        names = [r.strip() for r in str(self.report_to).split(",") if r.strip()]
+        return [] if names in ([], ["none"]) else names
+
+    def training_arguments(self) -> dict[str, Any]:
+        """The TrainingArguments this run's training controls set (``--trainer-arg`` values last)."""
+        out: dict[str, Any] = {
+            "warmup_steps": self.warmup_ratio if self.warmup_ratio else self.warmup_steps,
+            "lr_scheduler_type": self.lr_scheduler, "weight_decay": self.weight_decay,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps, "bf16": self.bf16, "fp16": self.fp16,
+            "gradient_checkpointing": self.gradient_checkpointing, "report_to": self.report_to_list or "none"}
+        if self.gradient_checkpointing:
+            out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        return {**out, **self.trainer_args}
 
     @property
     def target_module_list(self) -> list[str] | None:
@@ -328,4 +432,5 @@ class DemoSettings(_Settings):
         return _config_of(self)
 
 
-__all__ = ["METHODS", "RESUME_KEYS", "TEST_ENSEMBLES", "DemoSettings", "EvalSettings", "TrainSettings"]
+__all__ = ["LR_SCHEDULERS", "METHODS", "OWNED_TRAINER_ARGS", "RESUME_KEYS", "TEST_ENSEMBLES", "DemoSettings",
+           "EvalSettings", "TrainSettings", "training_argument_names"]

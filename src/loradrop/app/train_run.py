@@ -26,6 +26,7 @@ import torch
 
 from ..errors import OutputError, UsageError
 from .integrity import verify_manifest, write_manifest
+from .outputs import data_caveats, headline, print_metrics, write_run_outputs
 from .provenance import hardware, jsonable, peak_memory, versions
 from .runfolder import (
     ADAPTER_DIR,
@@ -69,7 +70,8 @@ def train_steps(n_rows: int, settings: TrainSettings, world_size: int) -> int:
     """Optimizer steps the Trainer will run (its own formula)."""
     if settings.max_steps > 0:
         return int(settings.max_steps)
-    per_epoch = max(1, math.ceil(n_rows / (settings.batch_size * world_size)))
+    batches = max(1, math.ceil(n_rows / (settings.batch_size * world_size)))
+    per_epoch = max(1, math.ceil(batches / settings.gradient_accumulation_steps))
     return max(1, math.ceil(settings.epochs * per_epoch))
 
 
@@ -131,6 +133,19 @@ def _log_callback() -> Any:
     return LogToFile()
 
 
+def check_training_controls(settings: TrainSettings, world_size: int) -> None:
+    """What the training controls need from this machine, checked before any model is loaded."""
+    import importlib.util
+
+    if settings.fp16 and not torch.cuda.is_available():
+        raise UsageError("--fp16 needs a CUDA GPU (none is available); use --bf16 or full precision on CPU")
+    if "tensorboard" in settings.report_to_list and not any(
+            importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise UsageError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+    if settings.early_stopping_patience is not None and world_size > 1:
+        raise UsageError("--early-stopping-patience runs in one process only (the per-epoch evaluation is rank 0's)")
+
+
 def _resolve_data_dir(settings: TrainSettings) -> TrainSettings:
     """An existing local data folder is recorded as an absolute path (for resume and eval)."""
     if settings.data_dir is not None and Path(settings.data_dir).expanduser().exists():
@@ -176,6 +191,7 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
         if extras:
             raise UsageError(f"{', '.join(extras)}: supported for classification and regression tasks only, not "
                              f"{spec.name} ({spec.kind})")
+    check_training_controls(settings, _world_size())
     model_name = settings.model or _default_model(spec.kind)
     config = check_model_fits(model_name, spec.kind)
     positions = getattr(config, "max_position_embeddings", None)
@@ -203,7 +219,8 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
     training_args = build_training_args(plan.work, epochs=settings.epochs, max_steps=settings.max_steps,
                                         lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
                                         logging_steps=logging_steps, save_steps=settings.save_steps,
-                                        eval_steps=settings.eval_steps, extra=_ddp_options(world_size))
+                                        eval_steps=settings.eval_steps,
+                                        extra={**(_ddp_options(world_size) or {}), **settings.training_arguments()})
     main = int(getattr(training_args, "process_index", 0)) == 0
     with training_args.main_process_first(local=False, desc="prepare the run folder"):
         if main:
@@ -342,7 +359,8 @@ class _Run:
         splits = ("validation", self.data.eval_split) if self.data.eval_split != "validation" else ("validation",)
         # single pass only: an ensemble per epoch would cost as much as the training itself on small tasks
         return EpochEvaluation(lambda split: self.evaluate(split, ensemble=False, progress=False),
-                               splits, "validation", self.spec.main_metric)
+                               splits, "validation", self.spec.main_metric,
+                               patience=self.settings.early_stopping_patience)
 
     def train_and_write(self, callbacks: Sequence[Any]) -> RunResult:
         from ..pretrained import model_id
@@ -354,6 +372,9 @@ class _Run:
                                                     "task": self.spec.name})
             logger.info("loradrop train: %s", " ".join(f"{k}={v}" for k, v in sorted(s.to_dict().items())))
             logger.info("data: %s", self.data.metadata.get("summary", ""))
+            for caveat in data_caveats(self.data.metadata):
+                logger.info("data caveat: %s", caveat)
+                print(f"data caveat: {caveat}", flush=True)
         extra_callbacks = [_log_callback(), *callbacks]
         epoch_eval = self._epoch_callback() if s.epoch_eval else None
         if epoch_eval is not None:
@@ -406,16 +427,21 @@ class _Run:
         if epoch_eval is not None:
             metrics["epochs"] = epoch_eval.epochs
             metrics["best_epoch"] = epoch_eval.best
+            if s.early_stopping_patience is not None:
+                metrics["early_stopping"] = {"patience": s.early_stopping_patience, "stopped": epoch_eval.stopped,
+                                             "weights": "best epoch" if epoch_eval.best else "last step"}
             for split, rows in epoch_eval.best_rows.items():
                 write_jsonl(plan.work / f"best_epoch_{split}_predictions.jsonl", rows)
         write_json(plan.work / METRICS_FILE, metrics)
         logger.info("eval single: %s", json.dumps(jsonable(headline(result.single))))
         if result.ensemble is not None:
             logger.info("eval ensemble: %s", json.dumps(jsonable(headline(result.ensemble))))
+        written = write_run_outputs(plan.work, metrics, predictions=PREDICTIONS_FILE, history=history,
+                                    masked=self.ld_config is not None, title=f"loradrop train: {s.task}")
         publish(plan)
-        print_summary(self.spec.name, result.single, result.ensemble)
-        print(f"wrote {plan.output}/{METRICS_FILE}, {ADAPTER_DIR}/, {PREDICTIONS_FILE}, {LOSS_HISTORY_FILE}, "
-              f"{LOG_FILE}", flush=True)
+        print_metrics(self.spec.name, self.data.eval_split, result.single, result.ensemble)
+        print(f"wrote {plan.output}/{METRICS_FILE}, {', '.join(written)}, {ADAPTER_DIR}/, {PREDICTIONS_FILE}, "
+              f"{LOSS_HISTORY_FILE}, {LOG_FILE}", flush=True)
         return RunResult(plan.output, plan.output / METRICS_FILE, jsonable(metrics))
 
     def _metrics(self, result: Any, trainer: Any, train_output: Any, train_s: float, eval_s: float) -> dict:
@@ -440,6 +466,7 @@ class _Run:
                 "total_steps": self.total_steps,
                 "world_size": int(self.training_args.world_size),
                 "per_device_batch_size": s.batch_size,
+                "training_arguments": jsonable(s.training_arguments()),
                 **self.data.recorded,
             },
             "versions": versions(),
@@ -457,29 +484,3 @@ class _Run:
             "files": {"adapter": ADAPTER_DIR, "predictions": PREDICTIONS_FILE, "loss_history": LOSS_HISTORY_FILE,
                       "log": LOG_FILE},
         }
-
-
-def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The scalar metrics (per-subject MMLU numbers left out)."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            out[key] = {k: v for k, v in value.items() if not k.startswith("accuracy_") or k == "accuracy_macro"}
-        else:
-            out[key] = value
-    return out
-
-
-def print_summary(task: str, single: dict[str, Any], ensemble: dict[str, Any] | None) -> None:
-    """One line for the single pass and one for the ensemble, rounded."""
-
-    def fmt(metrics: dict[str, Any]) -> str:
-        flat = {k: v for k, v in headline(metrics).items() if not isinstance(v, dict)}
-        for key, value in metrics.items():
-            if isinstance(value, dict):
-                flat[f"{key}.accuracy"] = value.get("accuracy")
-        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items())
-
-    print(f"{task} single pass: {fmt(single)}", flush=True)
-    if ensemble is not None:
-        print(f"{task} ensemble:    {fmt(ensemble)}", flush=True)
