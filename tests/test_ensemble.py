@@ -308,6 +308,8 @@ def test_generate_returns_token_mask_sequence_scores_and_abstain_flags(tiny_llam
     assert flagged.flagged.sum() == 1
     with pytest.raises(ValueError, match="abstain_score must be one of"):
         ensemble_generate(model, ids, 2, 2, abstain_score="variance")
+    with pytest.raises(ValueError, match="abstain_threshold must be None or a finite number"):
+        ensemble_generate(model, ids, 2, 2, abstain_threshold=float("nan"))
 
 
 def test_generate_sequence_scores_stop_at_eos(tiny_llama):

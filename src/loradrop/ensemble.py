@@ -425,6 +425,9 @@ def ensemble_generate(
     """
     if abstain_score not in SEQUENCE_SCORES:
         raise ValueError(f"abstain_score must be one of {list(SEQUENCE_SCORES)}, got {abstain_score!r}")
+    if abstain_threshold is not None and not (isinstance(abstain_threshold, numbers.Real)
+                                              and math.isfinite(abstain_threshold)):
+        raise ValueError(f"abstain_threshold must be None or a finite number, got {abstain_threshold!r}")
     _check_n(n, None)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
