@@ -177,7 +177,7 @@ class LoraDropoutConvVariant(LoraDropoutVariant):
             b_m = b_m * mask[:, sl.b[0]:sl.b[1]].view(members, -1, 1, *ones)  # output channels
         conv = _CONV[wa.dim()]
         rows = x.shape[0] // members
-        side_by_side = x.view(members, rows, *x.shape[1:]).transpose(0, 1).reshape(rows, -1, *x.shape[2:])
+        side_by_side = x.reshape(members, rows, *x.shape[1:]).transpose(0, 1).reshape(rows, -1, *x.shape[2:])
         h = conv(side_by_side, a_m.reshape(-1, *wa.shape[1:]), None, lora_a.stride, lora_a.padding, lora_a.dilation,
                  members)
         out = conv(h, b_m.reshape(-1, *wb.shape[1:]), None, lora_b.stride, lora_b.padding, lora_b.dilation,
