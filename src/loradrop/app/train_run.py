@@ -439,7 +439,8 @@ class _Run:
         written = write_run_outputs(plan.work, metrics, predictions=PREDICTIONS_FILE, history=history,
                                     masked=self.ld_config is not None, title=f"loradrop train: {s.task}")
         publish(plan)
-        print_metrics(self.spec.name, self.data.eval_split, result.single, result.ensemble)
+        label = self.spec.name if s.task == self.spec.name else f"{s.task} ({self.spec.name})"  # instruct (alpaca)
+        print_metrics(label, self.data.eval_split, result.single, result.ensemble)
         print(f"wrote {plan.output}/{METRICS_FILE}, {', '.join(written)}, {ADAPTER_DIR}/, {PREDICTIONS_FILE}, "
               f"{LOSS_HISTORY_FILE}, {LOG_FILE}", flush=True)
         return RunResult(plan.output, plan.output / METRICS_FILE, jsonable(metrics))
