@@ -32,14 +32,13 @@ from peft.tuners.lora.layer import Embedding, _ConvNd
 from torch import nn
 
 from .layers import (
-    LayerHandler,
     LoraDropoutVariant,
+    VariantHandler,
     input_dropout,
     members_of,
-    refuse_variant,
     register_layer_handler,
 )
-from .masks import STREAM_INPUT, FeatureSlices, derive_key, fold_key, uniform
+from .masks import STREAM_INPUT, derive_key, fold_key, uniform
 from .members import MemberController
 
 
@@ -110,10 +109,11 @@ class LoraDropoutEmbeddingVariant(LoraDropoutVariant):
         return (out * scaling).view(*x.shape, weight_b.shape[0])
 
 
-class LoraEmbeddingHandler(LayerHandler):
+class LoraEmbeddingHandler(VariantHandler):
     """`peft.tuners.lora.Embedding`: vocabulary entries (columns of A) and embedding dimensions (rows of B)."""
 
     peft_types = ("LORA",)
+    variant_class = LoraDropoutEmbeddingVariant
 
     def matches(self, module: nn.Module, adapter: str) -> bool:
         return (isinstance(module, Embedding) and type(module).forward is Embedding.forward
@@ -122,17 +122,6 @@ class LoraEmbeddingHandler(LayerHandler):
     def dims(self, module: nn.Module, adapter: str) -> tuple[int, int, int]:
         r, vocab = module.lora_embedding_A[adapter].shape
         return vocab, module.lora_embedding_B[adapter].shape[0], r
-
-    def check(self, name: str, module: nn.Module, adapter: str) -> None:
-        refuse_variant(name, module, adapter)
-
-    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices) -> None:
-        module.lora_variant[adapter] = LoraDropoutEmbeddingVariant(controller, slices)
-
-    def uninstall(self, module: nn.Module, adapter: str, controller: MemberController) -> None:
-        variant = module.lora_variant.get(adapter)
-        if isinstance(variant, LoraDropoutEmbeddingVariant) and variant.controller is controller:
-            del module.lora_variant[adapter]
 
     def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
         return [module.lora_embedding_B[adapter]]
@@ -189,10 +178,11 @@ class LoraDropoutConvVariant(LoraDropoutVariant):
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
-class LoraConvHandler(LayerHandler):
+class LoraConvHandler(VariantHandler):
     """`peft.tuners.lora` Conv1d / Conv2d / Conv3d: input channels (A) and output channels (B)."""
 
     peft_types = ("LORA",)
+    variant_class = LoraDropoutConvVariant
 
     def matches(self, module: nn.Module, adapter: str) -> bool:
         return (isinstance(module, _ConvNd) and type(module).forward is _ConvNd.forward and adapter in module.lora_A
@@ -203,21 +193,13 @@ class LoraConvHandler(LayerHandler):
         return weight_a.shape[1], module.lora_B[adapter].weight.shape[0], weight_a.shape[0]
 
     def check(self, name: str, module: nn.Module, adapter: str) -> None:
-        refuse_variant(name, module, adapter)
+        super().check(name, module, adapter)
         if module.lora_B[adapter].bias is not None:
             raise ValueError(f"layer {name!r} is a LoRA convolution with lora_bias=True: LoRA Dropout's bias "
                              "expectation is written for Linear layers only; use lora_bias=False")
         if module.lora_A[adapter].padding_mode != "zeros":
             raise ValueError(f"layer {name!r}: LoRA convolutions with padding_mode "
                              f"{module.lora_A[adapter].padding_mode!r} are not supported (zeros only)")
-
-    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices) -> None:
-        module.lora_variant[adapter] = LoraDropoutConvVariant(controller, slices)
-
-    def uninstall(self, module: nn.Module, adapter: str, controller: MemberController) -> None:
-        variant = module.lora_variant.get(adapter)
-        if isinstance(variant, LoraDropoutConvVariant) and variant.controller is controller:
-            del module.lora_variant[adapter]
 
     def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
         return [module.lora_B[adapter].weight]

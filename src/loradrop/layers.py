@@ -300,7 +300,26 @@ class LayerHandler:
         """Raise ValueError if this layer cannot take LoRA Dropout (called before anything is changed)."""
 
 
-class LoraLinearHandler(LayerHandler):
+class VariantHandler(LayerHandler):
+    """A handler that installs LoRA Dropout as PEFT's per-instance `LoraVariant` (``module.lora_variant``), the
+    extension point PEFT calls from its own forward, merge and unmerge; `variant_class` is the variant it installs.
+    Layers whose adapter already has another variant (DoRA, ...) are refused by `check`."""
+
+    variant_class: type[LoraDropoutVariant] = LoraDropoutVariant
+
+    def check(self, name: str, module: nn.Module, adapter: str) -> None:
+        refuse_variant(name, module, adapter)
+
+    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices) -> None:
+        module.lora_variant[adapter] = self.variant_class(controller, slices)
+
+    def uninstall(self, module: nn.Module, adapter: str, controller: MemberController) -> None:
+        variant = module.lora_variant.get(adapter)
+        if isinstance(variant, self.variant_class) and variant.controller is controller:
+            del module.lora_variant[adapter]
+
+
+class LoraLinearHandler(VariantHandler):
     """`peft.tuners.lora.Linear`, through PEFT's `LoraVariant` extension point."""
 
     peft_types = ("LORA",)
@@ -314,17 +333,6 @@ class LoraLinearHandler(LayerHandler):
     def dims(self, module: nn.Module, adapter: str) -> tuple[int, int, int]:
         r, in_features = module.lora_A[adapter].weight.shape
         return in_features, module.lora_B[adapter].weight.shape[0], r
-
-    def check(self, name: str, module: nn.Module, adapter: str) -> None:
-        refuse_variant(name, module, adapter)
-
-    def install(self, module: nn.Module, adapter: str, controller: MemberController, slices: FeatureSlices) -> None:
-        module.lora_variant[adapter] = LoraDropoutVariant(controller, slices)
-
-    def uninstall(self, module: nn.Module, adapter: str, controller: MemberController) -> None:
-        variant = module.lora_variant.get(adapter)
-        if isinstance(variant, LoraDropoutVariant) and variant.controller is controller:
-            del module.lora_variant[adapter]
 
     def b_tensors(self, module: nn.Module, adapter: str) -> list[torch.Tensor]:
         return [module.lora_B[adapter].weight]
