@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-eval-samples", type=_positive_int, default=None)
     ev.add_argument("--seed", type=int, default=None, help="ensemble seed (default: the run's seed)")
     ev.add_argument("--output", default=None, help="where to write eval_metrics.json (default: beside the adapter)")
+    ev.add_argument("--ood-task", default=None, metavar="TASK",
+                    help="a classification task scored as out-of-distribution data (OOD AUROC/AUPR/FPR@95)")
+    ev.add_argument("--conformal-alpha", type=float, default=None, metavar="A",
+                    help="split-conformal LAC/APS sets at miscoverage A (calibrated on the run's validation split, "
+                         "else on a held-out half of the evaluation split)")
     sweep = sub.add_parser("sweep", help="run a grid of training runs from a YAML plan (one JSON result per run)")
     sweep.add_argument("plan", help="the plan file (see loradrop.app.sweep)")
     sweep.add_argument("--results", default=None, help="results folder (default: the plan's 'results')")

@@ -373,10 +373,24 @@ class EvalSettings(_Settings):
     max_eval_samples: int | None = None
     seed: int | None = None
     output: str | Path | None = None
+    ood_task: str | None = None
+    conformal_alpha: float | None = None
 
     def __post_init__(self) -> None:
         checks = _Checks()
         checks.text("adapter", self.adapter)
+        if self.ood_task is not None:
+            from ..tasks import CATALOG
+
+            allowed = sorted(name for name, entry in CATALOG.items() if entry.kind == "classification")
+            if self.ood_task not in allowed:
+                kind = f"a {CATALOG[self.ood_task].kind} task" if self.ood_task in CATALOG else "not a task"
+                checks.add(f"ood_task {self.ood_task!r} is {kind}; an out-of-distribution set must be a "
+                           f"classification task: one of {allowed}")
+        if self.conformal_alpha is not None:
+            alpha = self.conformal_alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+                checks.add(f"conformal_alpha must be a number in (0, 1), got {alpha!r}")
         if self.task is not None:
             from ..tasks import trainable_task_names
 

@@ -1,0 +1,143 @@
+"""The ``uncertainty`` section of ``eval_metrics.json`` (issue #15): selective prediction, OOD detection and
+split-conformal sets, computed from the written prediction rows with `loradrop.uncertainty` and
+`loradrop.conformal`, and its plots (risk-coverage, OOD score histogram)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..conformal import ConformalClassifier, split_conformal, split_indices
+from ..uncertainty import (
+    coverage_at_accuracy,
+    ood_detection,
+    plot_risk_coverage,
+    selective_prediction,
+    uncertainty_score,
+)
+
+RISK_COVERAGE_PLOT = "eval_risk_coverage.png"
+OOD_PLOT = "eval_ood_scores.png"
+CONFORMAL_METHODS = ("lac", "aps")
+ACCURACY_TARGETS = (0.9, 0.95)
+
+
+def row_scores(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Uncertainty per example (higher = less sure) of each score the rows carry: ``single_max_prob`` (1 - max p of
+    the single pass) and, for an ensemble, ``ensemble_max_prob``, ``ensemble_entropy``, ``ensemble_mutual_information``
+    (the values written in the rows' ``uncertainty``)."""
+    def probs(key: str) -> torch.Tensor:  # float64: the written values exactly (ties decide the curves)
+        return torch.tensor([r[key] for r in rows], dtype=torch.float64)
+
+    scores = {"single_max_prob": uncertainty_score(probs("single_probs"), "max_prob")}
+    if rows and "ensemble_probs" in rows[0]:
+        scores["ensemble_max_prob"] = uncertainty_score(probs("ensemble_probs"), "max_prob")
+        scores["ensemble_entropy"] = torch.tensor([r["uncertainty"]["entropy"] for r in rows], dtype=torch.float64)
+        scores["ensemble_mutual_information"] = torch.tensor(
+            [r["uncertainty"]["mutual_information"] for r in rows], dtype=torch.float64)
+    return scores
+
+
+def _correct(rows: Sequence[dict[str, Any]], score: str) -> torch.Tensor:
+    key = "single_pred" if score.startswith("single") else "ensemble_pred"
+    return torch.tensor([r[key] == r["label"] for r in rows])
+
+
+def selective_section(rows: Sequence[dict[str, Any]], folder: Path | None = None) -> dict[str, Any]:
+    """AURC, E-AURC and coverage at the single pass's accuracy (and at 0.9 / 0.95) per score; each score ranks the
+    predictions it belongs to (the single pass's or the ensemble's). Writes the risk-coverage plot to `folder`."""
+    single_accuracy = float(_correct(rows, "single").double().mean())
+    out: dict[str, Any] = {"single_accuracy": single_accuracy, "scores": {}}
+    curves = {}
+    for name, score in row_scores(rows).items():
+        correct = _correct(rows, name)
+        curve = selective_prediction(score, correct=correct)
+        curves[name] = curve
+        targets = {"single_accuracy": single_accuracy, **{str(t): t for t in ACCURACY_TARGETS}}
+        coverage = {}
+        for label, target in targets.items():
+            cov, threshold = coverage_at_accuracy(score, correct, target)
+            coverage[label] = {"target": target, "coverage": cov, "threshold": threshold}
+        out["scores"][name] = {"aurc": curve.aurc, "eaurc": curve.eaurc, "aurc_optimal": curve.aurc_optimal,
+                               "accuracy": float(correct.double().mean()), "coverage_at_accuracy": coverage}
+    if folder is not None:
+        plot_risk_coverage(curves, folder / RISK_COVERAGE_PLOT, title="risk-coverage (0/1 loss)")
+        out["plot"] = RISK_COVERAGE_PLOT
+    return out
+
+
+def ood_section(rows: Sequence[dict[str, Any]], ood_rows: Sequence[dict[str, Any]], *, task: str,
+                folder: Path | None = None) -> dict[str, Any]:
+    """AUROC / AUPR / FPR@95 per score, the OOD task's examples the positives; writes the histogram plot."""
+    ins, outs = row_scores(rows), row_scores(ood_rows)
+    out: dict[str, Any] = {"task": task, "scores": {name: ood_detection(ins[name], outs[name]) for name in ins}}
+    if folder is not None:
+        plot_ood_histograms(ins, outs, folder / OOD_PLOT, ood_task=task)
+        out["plot"] = OOD_PLOT
+    return out
+
+
+def conformal_section(rows: Sequence[dict[str, Any]], alpha: float, *, seed: int,
+                      calibration_rows: Sequence[dict[str, Any]] | None = None,
+                      calibration_split: str | None = None) -> dict[str, Any]:
+    """Coverage and mean set size of LAC and APS sets at `alpha`, for the single pass and the ensemble: calibrated on
+    `calibration_rows` (the run's validation split) and tested on all `rows`, or, without them, calibrated on a
+    seeded random half of `rows` (`loradrop.conformal.split_indices(n, 0.5, seed)`) and tested on the other half."""
+    labels = torch.tensor([r["label"] for r in rows])
+    sources = {"single": "single_probs"}
+    if rows and "ensemble_probs" in rows[0]:
+        sources["ensemble"] = "ensemble_probs"
+    if calibration_rows is not None:
+        calibration = {"source": "validation", "split": calibration_split, "n_calibration": len(calibration_rows),
+                       "n_test": len(rows), "description": f"calibrated on the run's {calibration_split} split, "
+                                                           "tested on the whole evaluation split"}
+    else:
+        cal, test = split_indices(len(rows), 0.5, seed)
+        calibration = {"source": "eval_half", "seed": seed, "n_calibration": len(cal), "n_test": len(test),
+                       "description": "calibrated on a seeded random half of the evaluation split "
+                                      "(loradrop.conformal.split_indices(n, 0.5, seed)), tested on the other half"}
+    out: dict[str, Any] = {"alpha": alpha, "calibration": calibration}
+    for name, key in sources.items():
+        probs = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+        out[name] = {}
+        for method in CONFORMAL_METHODS:
+            if calibration_rows is None:
+                out[name][method] = split_conformal(probs, labels, alpha=alpha, method=method, seed=seed)
+            else:
+                cal_probs = torch.tensor([r[key] for r in calibration_rows], dtype=torch.float64)
+                cal_labels = torch.tensor([r["label"] for r in calibration_rows])
+                fitted = ConformalClassifier(alpha=alpha, method=method, seed=seed).fit(cal_probs, cal_labels)
+                out[name][method] = {"method": method, **fitted.evaluate(probs, labels)}
+    return out
+
+
+def plot_ood_histograms(ins: dict[str, torch.Tensor], outs: dict[str, torch.Tensor], path: Path, *,
+                        ood_task: str) -> Path:
+    """One histogram per score: in-distribution against the OOD task's examples."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(ins)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    try:
+        for ax, name in zip(axes[0], names, strict=True):
+            values = torch.cat([ins[name], outs[name]])
+            lo, hi = float(values.min()), float(values.max())
+            bins = torch.linspace(lo, hi if hi > lo else lo + 1e-6, 21).numpy()
+            ax.hist(ins[name].numpy(), bins=bins, alpha=0.6, label=f"in-distribution ({len(ins[name])})")
+            ax.hist(outs[name].numpy(), bins=bins, alpha=0.6, label=f"OOD: {ood_task} ({len(outs[name])})")
+            ax.set_title(name.replace("_", " "), fontsize=9)
+            ax.set_xlabel("uncertainty")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("examples")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
