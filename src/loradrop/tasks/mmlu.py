@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import inspect
 import io
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,12 @@ MMLU_CHOICES: tuple[str, ...] = ("A", "B", "C", "D")
 MMLU_SPLITS: dict[str, str] = {"dev": "dev", "val": "val", "validation": "val", "test": "test"}
 MMLU_SHOTS = (0, 5)
 MMLU_MAX_LEN = 2048
+# Padded prompt tokens per forward batch of the MMLU scoring (members multiply it in an ensemble pass): enough rows to
+# amortise a forward call, few enough that the length-sorted batches carry little padding.
+MMLU_TOKENS_PER_BATCH = 4096
+# Without --max-eval-samples, instruct runs score this many seeded test questions per subject (57 subjects: 114
+# questions per shot setting) instead of all 14,042; pass --max-eval-samples 14042 for the full test set.
+MMLU_DEFAULT_QUESTIONS_PER_SUBJECT = 2
 
 def find_mmlu_dir(data_dir: Path | None) -> Path:
     """The folder holding MMLU's ``dev/``, ``val/``, ``test/`` (``<dir>``, ``<dir>/data`` or ``<dir>/mmlu/data``)."""
@@ -241,12 +249,37 @@ def load_mmlu_eval(data_dir: str | None, max_eval_samples: int | None, seed: int
     sets = {}
     for shots in MMLU_SHOTS:
         full = load_mmlu(folder, "test", k_shot=shots)
-        sets[shots] = subsample(full, max_eval_samples, seed, "max_eval_samples")
+        if max_eval_samples is None:
+            sets[shots] = default_subset(full, MMLU_DEFAULT_QUESTIONS_PER_SUBJECT, seed)
+        else:
+            sets[shots] = subsample(full, max_eval_samples, seed, "max_eval_samples")
+    if max_eval_samples is None:
+        subset = (f"default: {MMLU_DEFAULT_QUESTIONS_PER_SUBJECT} seeded questions per subject "
+                  "(MMLU_DEFAULT_QUESTIONS_PER_SUBJECT); --max-eval-samples N for another size, 14042 for all")
+    elif max_eval_samples >= len(full):
+        subset = "all test questions"
+    else:
+        subset = f"--max-eval-samples {max_eval_samples}: a seeded random subset of all subjects' questions"
     metadata["mmlu"] = {"source": str(folder), "split": "test", "k_shot": list(MMLU_SHOTS),
                         "questions": len(sets[0]), "questions_before_subsampling": len(full),
-                        "subjects": len(set(sets[0]["subject"])), "seed": seed,
+                        "subjects": len(set(sets[0]["subject"])), "seed": seed, "subset": subset,
                         "shots_from": "the first k rows of each subject's dev CSV"}
+    if max_eval_samples is None:
+        sys.stderr.write(f"MMLU: scoring the default subset, {len(sets[0])} of {len(full)} test questions "
+                         f"({MMLU_DEFAULT_QUESTIONS_PER_SUBJECT} per subject, seed {seed}) 0-shot and 5-shot; "
+                         "--max-eval-samples 14042 scores all of them\n")
     return sets
+
+
+def default_subset(dataset: Dataset, per_subject: int, seed: int) -> Dataset:
+    """``per_subject`` seeded questions of every subject (all of a smaller subject), in the original order."""
+    subjects = np.asarray(dataset["subject"], dtype=object)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for subject in sorted(set(subjects.tolist())):
+        rows = np.flatnonzero(subjects == subject)
+        keep.extend(rows if len(rows) <= per_subject else rng.choice(rows, size=per_subject, replace=False))
+    return dataset.select(sorted(int(i) for i in keep))
 
 
 def choice_token_ids(tokenizer: Any) -> list[int]:
@@ -263,11 +296,40 @@ def choice_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+def length_batches(lengths: Sequence[int], group_size: int, max_tokens: int) -> list[tuple[int, list[int]]]:
+    """Forward batches as ``(group, row indices)``: the rows are cut into groups of `group_size` consecutive rows
+    (the batches whose index seeds the ensemble members, `batch_seed`), each group is sorted by length and split so
+    that a batch's padded size (rows x longest row) stays within `max_tokens` (a single longer row runs alone).
+    A row's probabilities depend only on its group, never on which rows share its forward batch, so the results
+    equal one left-padded batch per group while the padding shrinks to the length differences of neighbours."""
+    batches = []
+    for group, start in enumerate(range(0, len(lengths), group_size)):
+        rows = sorted(range(start, min(start + group_size, len(lengths))), key=lambda i: (lengths[i], i))
+        current: list[int] = []
+        for i in rows:  # ascending length: the row being added is the longest so far
+            if current and (len(current) + 1) * lengths[i] > max_tokens:
+                batches.append((group, current))
+                current = []
+            current.append(i)
+        if current:
+            batches.append((group, current))
+    return batches
+
+
 @torch.no_grad()
 def score_choices(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], choice_ids: list[int], *,
                   batch_size: int, ensemble: int, chunk_size: int | None, seed: int, max_len: int,
-                  desc: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Choice probabilities of the single pass and the ensemble (plus its mutual information), left-padded."""
+                  desc: str, token_ids: Sequence[Sequence[int]] | None = None,
+                  max_tokens: int | None = None, timing: dict[str, Any] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Choice probabilities of the single pass and the ensemble (plus its mutual information), in prompt order.
+
+    `batch_size` consecutive questions share one ensemble seed (``batch_seed(seed, group)``, as before); within a
+    group the questions run sorted by length in left-padded batches of at most `max_tokens` padded tokens
+    (`MMLU_TOKENS_PER_BATCH`; `length_batches`), so padding no longer multiplies the cost. `token_ids`: the
+    prompts already tokenized (untruncated). The progress bar counts questions; after the first batch an estimate
+    of the whole pass (seconds per prompt token measured so far x the remaining tokens) is printed. `timing`, when
+    given, receives ``seconds``, ``questions``, ``prompt_tokens`` and ``padded_tokens``."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -275,22 +337,50 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     keep_last = "logits_to_keep" in inspect.signature(base.forward).parameters
     choices = torch.tensor(choice_ids)
-    singles, ensembles, mis = [], [], []
-    with eval_mode(model):
-        for b, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False)):
-            ids = [seq[-max_len:] for seq in tokenizer(list(prompts[start:start + batch_size]))["input_ids"]]
+    if token_ids is None:
+        token_ids = tokenizer(list(prompts))["input_ids"]
+    ids_all = [list(seq[-max_len:]) for seq in token_ids]
+    lengths = [len(s) for s in ids_all]
+    n = len(ids_all)
+    batches = length_batches(lengths, batch_size, max_tokens or MMLU_TOKENS_PER_BATCH)
+    single = torch.empty(n, len(choice_ids))
+    ens = torch.empty(n, len(choice_ids)) if ensemble else None
+    mi = torch.empty(n) if ensemble else None
+    total_tokens, done_tokens, padded = sum(lengths), 0, 0
+    started = time.perf_counter()
+    with eval_mode(model), tqdm(total=n, desc=desc, unit="question", leave=False) as bar:
+        for k, (group, rows) in enumerate(batches):
+            ids = [ids_all[i] for i in rows]
             width = max(len(s) for s in ids)
+            padded += width * len(ids)
             input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in ids])
             mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])
             kwargs = {"logits_to_keep": 1} if keep_last else {}
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs).logits
-            singles.append(logits[:, -1, choices.to(logits.device)].float().softmax(-1).cpu())
+            index = torch.tensor(rows)
+            single[index] = logits[:, -1, choices.to(logits.device)].float().softmax(-1).cpu()
             if ensemble:
                 out = ensemble_score_choices(model, input_ids, choice_ids, ensemble, attention_mask=mask,
-                                             chunk_size=chunk_size, seed=batch_seed(seed, b))
-                ensembles.append(out.probs.cpu())
-                mis.append(out.mutual_information.cpu())
-    return (torch.cat(singles), torch.cat(ensembles) if ensembles else None, torch.cat(mis) if mis else None)
+                                             chunk_size=chunk_size, seed=batch_seed(seed, group))
+                ens[index] = out.probs.float().cpu()
+                mi[index] = out.mutual_information.float().cpu()
+            bar.update(len(rows))
+            done_tokens += sum(lengths[i] for i in rows)
+            if k == 0 and len(batches) > 1:
+                elapsed = time.perf_counter() - started
+                estimate = elapsed / max(done_tokens, 1) * total_tokens
+                passes = f"1 + {ensemble} ensemble members" if ensemble else "single pass"
+                tqdm.write(f"{desc}: {n} questions, {total_tokens} prompt tokens ({passes}); first batch "
+                           f"{elapsed:.1f} s -> estimated {_duration(estimate)} for this setting "
+                           f"({estimate / n:.2f} s/question)", file=sys.stderr)
+    if timing is not None:
+        timing.update(seconds=time.perf_counter() - started, questions=n, prompt_tokens=total_tokens,
+                      padded_tokens=padded, forward_batches=len(batches))
+    return single, ens, mi
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def evaluate_mmlu(model: torch.nn.Module, sets: Mapping[int, Dataset], tokenizer: Any, metadata: dict[str, Any], *,
@@ -309,12 +399,17 @@ def evaluate_mmlu(model: torch.nn.Module, sets: Mapping[int, Dataset], tokenizer
     for shots, questions in sets.items():
         key = f"mmlu_{shots}shot"
         labels = torch.tensor(list(questions["answer"]))
-        lengths = [len(ids) for ids in tokenizer(list(questions["prompt"]))["input_ids"]]
-        info["left_truncated_prompts"][key] = sum(n > max_len for n in lengths)
+        token_ids = tokenizer(list(questions["prompt"]))["input_ids"]
+        info["left_truncated_prompts"][key] = sum(len(ids) > max_len for ids in token_ids)
         subjects = list(questions["subject"])
+        timing: dict[str, Any] = {}
         probs, ens_probs, mi = score_choices(model, tokenizer, questions["prompt"], choice_ids, batch_size=batch_size,
                                              ensemble=ensemble, chunk_size=chunk_size, seed=seed + 7919 * shots,
-                                             max_len=max_len, desc=f"MMLU {shots}-shot")
+                                             max_len=max_len, desc=f"MMLU {shots}-shot", token_ids=token_ids,
+                                             timing=timing)
+        timing["seconds_per_question"] = timing["seconds"] / max(timing["questions"], 1)
+        info.setdefault("timing", {})[key] = {k: round(v, 4) if isinstance(v, float) else v
+                                              for k, v in timing.items()}
 
         def metrics(p: torch.Tensor, labels: torch.Tensor = labels, subjects: list[str] = subjects) -> dict[str, Any]:
             calibration = classification_calibration(p, labels)

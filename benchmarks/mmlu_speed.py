@@ -1,0 +1,162 @@
+"""MMLU 5-shot scoring speed (issue #16): the real SmolLM2-135M + LoRA + LoRA Dropout scoring N test questions,
+single pass and ensemble, with the scoring before issue #16 (`legacy_score_choices`, kept verbatim) and the current
+`loradrop.tasks.mmlu.score_choices`, checking that both give the same probabilities.
+
+    python benchmarks/mmlu_speed.py --questions 8 --ensemble 4 --out benchmarks/results/mmlu_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loradrop.ensemble import batch_seed, ensemble_score_choices, eval_mode
+
+
+@torch.no_grad()
+def legacy_score_choices(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], choice_ids: list[int], *,
+                  batch_size: int, ensemble: int, chunk_size: int | None, seed: int, max_len: int,
+                  desc: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The MMLU scoring before issue #16 (verbatim, kept to time and check against): one left-padded batch of
+    `batch_size` questions in file order, padded to its longest prompt."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep_last = "logits_to_keep" in inspect.signature(base.forward).parameters
+    choices = torch.tensor(choice_ids)
+    singles, ensembles, mis = [], [], []
+    with eval_mode(model):
+        for b, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False)):
+            ids = [seq[-max_len:] for seq in tokenizer(list(prompts[start:start + batch_size]))["input_ids"]]
+            width = max(len(s) for s in ids)
+            input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in ids])
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])
+            kwargs = {"logits_to_keep": 1} if keep_last else {}
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+            singles.append(logits[:, -1, choices.to(logits.device)].float().softmax(-1).cpu())
+            if ensemble:
+                out = ensemble_score_choices(model, input_ids, choice_ids, ensemble, attention_mask=mask,
+                                             chunk_size=chunk_size, seed=batch_seed(seed, b))
+                ensembles.append(out.probs.cpu())
+                mis.append(out.mutual_information.cpu())
+    return (torch.cat(singles), torch.cat(ensembles) if ensembles else None, torch.cat(mis) if mis else None)
+
+
+def build_model(seed: int = 0) -> tuple[Any, Any]:
+    """SmolLM2-135M (offline GGUF) + PEFT LoRA r=8 on q/v (the CLI's causal-LM default) + LoRA Dropout, with a
+    random non-zero B so that the members differ."""
+    from peft import LoraConfig, get_peft_model
+
+    import loradrop
+    from loradrop.pretrained import load_model, load_tokenizer
+
+    torch.manual_seed(seed)
+    base = load_model("smollm2", "causal_lm")
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    loradrop.apply_lora_dropout(model, loradrop.LoraDropoutConfig(p=0.5, seed=seed))
+    model.eval()
+    return model, load_tokenizer("smollm2")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from loradrop.tasks.base import subsample
+    from loradrop.tasks.mmlu import MMLU_MAX_LEN, MMLU_TOKENS_PER_BATCH, choice_token_ids, load_mmlu, score_choices
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--ensemble", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32, help="the CLI's default --batch-size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--skip-legacy", action="store_true")
+    parser.add_argument("--single-only", action="store_true")
+    parser.add_argument("--tokens-per-batch", type=int, default=None, help="default: MMLU_TOKENS_PER_BATCH")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    model, tokenizer = build_model(args.seed)
+    questions = subsample(load_mmlu(args.data_dir, "test", k_shot=args.shots), args.questions, args.seed, "questions")
+    prompts = list(questions["prompt"])
+    choice_ids = choice_token_ids(tokenizer)
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    common = dict(batch_size=args.batch_size, ensemble=args.ensemble, chunk_size=None, seed=args.seed,
+                  max_len=MMLU_MAX_LEN)
+    tokens_per_batch = args.tokens_per_batch or MMLU_TOKENS_PER_BATCH
+    record: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/mmlu_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": "SmolLM2-135M-Instruct (offline GGUF, float32) + LoRA r=8 q/v + LoRA Dropout p=0.5",
+        "questions": len(prompts), "shots": args.shots, "ensemble": args.ensemble, "batch_size": args.batch_size,
+        "tokens_per_batch": tokens_per_batch, "prompt_tokens": {"sum": sum(lengths), "min": min(lengths),
+                                                                     "max": max(lengths)},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__},
+        "hardware": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+    }
+    runs: dict[str, Any] = {}
+    outputs = {}
+    for label, ens in (("single", 0), ("ensemble", args.ensemble))[: 1 if args.single_only else 2]:
+        kw = {**common, "ensemble": ens}
+        if not args.skip_legacy:
+            start = time.perf_counter()
+            outputs[("legacy", label)] = legacy_score_choices(model, tokenizer, prompts, choice_ids, desc="legacy",
+                                                              **kw)
+            seconds = time.perf_counter() - start
+            width = [max(lengths[i:i + args.batch_size]) * len(lengths[i:i + args.batch_size])
+                     for i in range(0, len(lengths), args.batch_size)]
+            runs[f"before_{label}"] = {"seconds": round(seconds, 2), "s_per_question": round(seconds / len(prompts), 3),
+                                       "padded_tokens": sum(width)}
+            print(f"before {label}: {seconds:.1f} s", flush=True)
+        timing: dict[str, Any] = {}
+        start = time.perf_counter()
+        outputs[("new", label)] = score_choices(model, tokenizer, prompts, choice_ids, desc="new", timing=timing,
+                                                max_tokens=tokens_per_batch, **kw)
+        seconds = time.perf_counter() - start
+        runs[f"after_{label}"] = {"seconds": round(seconds, 2), "s_per_question": round(seconds / len(prompts), 3),
+                                  "padded_tokens": timing["padded_tokens"],
+                                  "forward_batches": timing["forward_batches"]}
+        print(f"after {label}: {seconds:.1f} s", flush=True)
+        if not args.skip_legacy:
+            old, new = outputs[("legacy", label)], outputs[("new", label)]
+            diffs = [float((a - b).abs().max()) for a, b in zip(old, new) if a is not None]
+            runs[f"max_abs_diff_{label}"] = max(diffs)
+            if label == "ensemble":
+                runs["speedup_ensemble"] = round(runs["before_ensemble"]["seconds"] / seconds, 2)
+            else:
+                runs["speedup_single"] = round(runs["before_single"]["seconds"] / seconds, 2)
+    record["runs"] = runs
+    print(json.dumps(record, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""MMLU scoring speed-ups (issue #16): length-sorted batches within the ensemble seed groups give the same
+probabilities as the scoring before (`benchmarks/mmlu_speed.py`'s verbatim `legacy_score_choices`), the progress
+bar counts questions, the default subset and its metadata."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import loradrop
+from helpers import make_tiny_llama
+from loradrop.tasks.mmlu import (
+    MMLU_DEFAULT_QUESTIONS_PER_SUBJECT,
+    choice_token_ids,
+    default_subset,
+    length_batches,
+    load_mmlu,
+    load_mmlu_eval,
+    score_choices,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def legacy_score_choices():
+    spec = importlib.util.spec_from_file_location("mmlu_speed", ROOT / "benchmarks" / "mmlu_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.legacy_score_choices
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    pytest.importorskip("gguf", reason="reading the SmolLM2 tokenizer from its GGUF needs the gguf package")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loradrop.pretrained import ModelLoadError
+
+    try:
+        folder = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    except ModelLoadError as err:
+        pytest.skip(f"needs the SmolLM2 tokenizer: {err}")
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # members that differ
+    loradrop.apply_lora_dropout(model, loradrop.LoraDropoutConfig(p=0.5, seed=0))
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def test_length_batches_sort_within_groups_and_cap_padding():
+    lengths = [5, 1, 9, 3, 2, 8, 7]
+    batches = length_batches(lengths, group_size=3, max_tokens=10)
+    assert batches == [(0, [1, 0]), (0, [2]), (1, [4, 3]), (1, [5]), (2, [6])]
+    assert sorted(i for _, rows in batches for i in rows) == list(range(7))
+    assert all(len(rows) * max(lengths[i] for i in rows) <= 10 for _, rows in batches)
+    assert length_batches([50, 60], group_size=8, max_tokens=10) == [(0, [0]), (0, [1])]  # too long: alone
+
+
+@pytest.mark.parametrize("ensemble", [0, 3])
+def test_score_choices_equals_the_scoring_before(llama, ensemble, capsys):
+    model, tokenizer = llama
+    words = ["alpha", "beta gamma", "delta epsilon zeta eta", "theta", "iota kappa lambda mu nu xi omicron pi",
+             "rho sigma", "tau upsilon phi chi psi omega", "one"]
+    prompts = [f"Question {i}: {w * (1 + i % 3)}\nA. x\nB. y\nC. z\nD. w\nAnswer:" for i, w in enumerate(words)]
+    ids = choice_token_ids(tokenizer)
+    common = dict(batch_size=3, ensemble=ensemble, chunk_size=None, seed=5, max_len=2048)
+    old = legacy_score_choices()(model, tokenizer, prompts, ids, desc="old", **common)
+    timing = {}
+    new = score_choices(model, tokenizer, prompts, ids, desc="new", max_tokens=40, timing=timing, **common)
+    assert timing["forward_batches"] > 3 and timing["questions"] == len(prompts)  # the groups were split
+    assert timing["padded_tokens"] < sum(max(len(s) for s in tokenizer(prompts[i:i + 3])["input_ids"])
+                                         * len(prompts[i:i + 3]) for i in range(0, len(prompts), 3))
+    torch.testing.assert_close(new[0], old[0], atol=1e-5, rtol=1e-4)  # single pass
+    if ensemble:  # ensemble probabilities and mutual information: the same members per question
+        torch.testing.assert_close(new[1], old[1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(new[2], old[2], atol=1e-5, rtol=1e-4)
+        assert float(old[2].max()) > 1e-4  # the members do disagree
+    else:
+        assert new[1] is None and new[2] is None
+    err = capsys.readouterr().err
+    assert f"/{len(prompts)}" in err and "question" in err  # the bar counts questions
+    assert "estimated" in err and "s/question" in err
+
+
+@pytest.fixture(scope="module")
+def mmlu_dir(data_root):
+    path = data_root / "mmlu" / "data"
+    if not (path / "test").is_dir():
+        pytest.skip(f"no MMLU CSVs in {path}")
+    return path
+
+
+def test_default_subset_per_subject(mmlu_dir, capsys):
+    full = load_mmlu(mmlu_dir, "test", subjects=["anatomy", "astronomy"])
+    sub = default_subset(full, 2, seed=3)
+    assert sorted(sub["subject"]) == ["anatomy", "anatomy", "astronomy", "astronomy"]
+    assert list(sub["question"]) == list(default_subset(full, 2, seed=3)["question"])
+    assert list(sub["question"]) != list(default_subset(full, 2, seed=4)["question"])
+
+    metadata = {}
+    sets = load_mmlu_eval(str(mmlu_dir), None, 0, metadata)
+    expected = 57 * MMLU_DEFAULT_QUESTIONS_PER_SUBJECT
+    assert len(sets[0]) == len(sets[5]) == expected and list(sets[0]["question"]) == list(sets[5]["question"])
+    info = metadata["mmlu"]
+    assert info["questions"] == expected and info["questions_before_subsampling"] == 14042
+    assert info["subset"].startswith("default: 2 seeded questions per subject") and info["subjects"] == 57
+    assert "default subset, 114 of 14042" in capsys.readouterr().err
+    load_mmlu_eval(str(mmlu_dir), 5, 0, metadata)
+    assert metadata["mmlu"]["questions"] == 5 and "--max-eval-samples 5" in metadata["mmlu"]["subset"]
