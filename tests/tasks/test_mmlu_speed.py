@@ -114,3 +114,27 @@ def test_default_subset_per_subject(mmlu_dir, capsys):
     assert "default subset, 114 of 14042" in capsys.readouterr().err
     load_mmlu_eval(str(mmlu_dir), 5, 0, metadata)
     assert metadata["mmlu"]["questions"] == 5 and "--max-eval-samples 5" in metadata["mmlu"]["subset"]
+
+
+@pytest.mark.parametrize(("ensemble", "chunk_size"), [(0, None), (3, None), (3, 2)])
+def test_shared_prefix_kv_cache_equals_the_scoring_before(llama, ensemble, chunk_size):
+    model, tokenizer = llama
+    shots = {s: "".join(f"Example {s} {j}: what is {j} plus {j}?\nA. 1\nB. 2\nC. {2 * j}\nD. 4\nAnswer: C\n\n"
+                        for j in range(3)) for s in ("math", "law")}
+    rows = [("math", "Is 7 prime?"), ("law", "Who decides?"), ("math", "What is the square root of sixteen, roughly?"),
+            ("math", "Two?"), ("law", "A long question about contracts, torts and the many remedies at law?"),
+            ("law", "Why?"), ("math", "Is zero even or odd, and why would anyone ask?")]
+    prompts = [f"Questions about {s}.\n\n{shots[s]}{q}\nA. a\nB. b\nC. c\nD. d\nAnswer:" for s, q in rows]
+    ids = choice_token_ids(tokenizer)
+    common = dict(batch_size=4, ensemble=ensemble, chunk_size=chunk_size, seed=2, max_len=2048)
+    old = legacy_score_choices()(model, tokenizer, prompts, ids, desc="old", **common)
+    timing = {}
+    new = score_choices(model, tokenizer, prompts, ids, desc="new", timing=timing, prefix_keys=[s for s, _ in rows],
+                        **common)
+    lengths = [len(x) for x in tokenizer(prompts)["input_ids"]]
+    assert timing["padded_tokens"] < sum(lengths)  # the shared prefixes ran once per batch
+    torch.testing.assert_close(new[0], old[0], atol=1e-5, rtol=1e-4)
+    if ensemble:
+        torch.testing.assert_close(new[1], old[1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(new[2], old[2], atol=1e-5, rtol=1e-4)
+        assert float(old[2].max()) > 1e-4

@@ -214,7 +214,9 @@ def causal_lm_metrics(spec: TaskSpec, predictions: Any, references: Any, **_: An
 def prepare_instruct(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_len: int, need_train: bool = True,
                      data_dir: str | None = None, seed: int = 0, max_eval_samples: int | None = None,
                      **_: Any) -> TaskData:
-    """SFT train / validation ids (labels -100 on the prompt) and the MMLU test questions it is scored on."""
+    """SFT train / validation ids (labels -100 on the prompt) and the MMLU test questions it is scored on: a seeded
+    ``max_eval_samples`` of them, or without it the default subset (`MMLU_DEFAULT_QUESTIONS_PER_SUBJECT` per
+    subject, recorded in ``metadata["mmlu"]["subset"]``)."""
     from transformers import DataCollatorForSeq2Seq
 
     splits = ("train", "validation") if need_train else ("validation",)
