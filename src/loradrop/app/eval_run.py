@@ -156,6 +156,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
     written = write_run_outputs(out_dir, jsonable(metrics), predictions="eval_predictions.jsonl", history=None,
                                 masked=has_loradrop, prefix="eval_", title=f"loradrop eval: {task}")
     print_metrics(spec.name, data.eval_split, result.single, result.ensemble)
+    section = metrics.get("uncertainty") or {}
+    written += [part["plot"] for part in (section.get("selective"), section.get("ood")) if part and "plot" in part]
     print(f"wrote {out_dir / EVAL_METRICS_FILE}, {', '.join(written)}", flush=True)
     return RunResult(out_dir, out_dir / EVAL_METRICS_FILE, jsonable(metrics))
 
