@@ -2,7 +2,14 @@
 single pass and ensemble, with the scoring before issue #16 (`legacy_score_choices`, kept verbatim) and the current
 `loradrop.tasks.mmlu.score_choices`, checking that both give the same probabilities.
 
-    python benchmarks/mmlu_speed.py --questions 8 --ensemble 4 --out benchmarks/results/mmlu_speed.json
+    python benchmarks/mmlu_speed.py --scenario random --questions 6 --ensemble 2 \
+        --out benchmarks/results/mmlu_speed.json
+    python benchmarks/mmlu_speed.py --scenario per_subject --per-subject 2 --questions 6 --ensemble 2 \
+        --out benchmarks/results/mmlu_speed.json
+
+``random``: a seeded random subset of all 14,042 questions (what --max-eval-samples N gives: nearly every question
+from another subject); ``per_subject``: K questions per subject in subject order (the default subset's layout, where
+questions of one subject share their few-shot prefix). Each run adds its scenario to the --out file.
 """
 
 from __future__ import annotations
@@ -77,7 +84,14 @@ def build_model(seed: int = 0) -> tuple[Any, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     from loradrop.tasks.base import subsample
-    from loradrop.tasks.mmlu import MMLU_MAX_LEN, MMLU_TOKENS_PER_BATCH, choice_token_ids, load_mmlu, score_choices
+    from loradrop.tasks.mmlu import (
+        MMLU_MAX_LEN,
+        MMLU_TOKENS_PER_BATCH,
+        choice_token_ids,
+        default_subset,
+        load_mmlu,
+        score_choices,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", type=int, default=8)
@@ -88,13 +102,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--skip-legacy", action="store_true")
     parser.add_argument("--single-only", action="store_true")
+    parser.add_argument("--scenario", default="random")
+    parser.add_argument("--per-subject", type=int, default=None,
+                        help="K questions per subject (default_subset), then the first --questions of them")
     parser.add_argument("--tokens-per-batch", type=int, default=None, help="default: MMLU_TOKENS_PER_BATCH")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     model, tokenizer = build_model(args.seed)
-    questions = subsample(load_mmlu(args.data_dir, "test", k_shot=args.shots), args.questions, args.seed, "questions")
-    prompts = list(questions["prompt"])
+    full = load_mmlu(args.data_dir, "test", k_shot=args.shots)
+    if args.per_subject:
+        questions = default_subset(full, args.per_subject, args.seed).select(range(args.questions))
+    else:
+        questions = subsample(full, args.questions, args.seed, "questions")
+    prompts, subjects = list(questions["prompt"]), list(questions["subject"])
     choice_ids = choice_token_ids(tokenizer)
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     common = dict(batch_size=args.batch_size, ensemble=args.ensemble, chunk_size=None, seed=args.seed,
@@ -104,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/mmlu_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": "SmolLM2-135M-Instruct (offline GGUF, float32) + LoRA r=8 q/v + LoRA Dropout p=0.5",
-        "questions": len(prompts), "shots": args.shots, "ensemble": args.ensemble, "batch_size": args.batch_size,
+        "scenario": args.scenario, "subjects": len(set(subjects)), "questions": len(prompts), "shots": args.shots,
+        "ensemble": args.ensemble, "batch_size": args.batch_size,
         "tokens_per_batch": tokens_per_batch, "prompt_tokens": {"sum": sum(lengths), "min": min(lengths),
                                                                      "max": max(lengths)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -125,27 +147,33 @@ def main(argv: Sequence[str] | None = None) -> None:
             runs[f"before_{label}"] = {"seconds": round(seconds, 2), "s_per_question": round(seconds / len(prompts), 3),
                                        "padded_tokens": sum(width)}
             print(f"before {label}: {seconds:.1f} s", flush=True)
-        timing: dict[str, Any] = {}
-        start = time.perf_counter()
-        outputs[("new", label)] = score_choices(model, tokenizer, prompts, choice_ids, desc="new", timing=timing,
-                                                max_tokens=tokens_per_batch, **kw)
-        seconds = time.perf_counter() - start
-        runs[f"after_{label}"] = {"seconds": round(seconds, 2), "s_per_question": round(seconds / len(prompts), 3),
-                                  "padded_tokens": timing["padded_tokens"],
-                                  "forward_batches": timing["forward_batches"]}
-        print(f"after {label}: {seconds:.1f} s", flush=True)
+        for variant, keys in (("after", None), ("after_prefix", subjects)):
+            timing: dict[str, Any] = {}
+            start = time.perf_counter()
+            outputs[(variant, label)] = score_choices(model, tokenizer, prompts, choice_ids, desc=variant,
+                                                      timing=timing, max_tokens=tokens_per_batch, prefix_keys=keys,
+                                                      **kw)
+            seconds = time.perf_counter() - start
+            runs[f"{variant}_{label}"] = {"seconds": round(seconds, 2),
+                                          "s_per_question": round(seconds / len(prompts), 3),
+                                          "padded_tokens": timing["padded_tokens"],
+                                          "forward_batches": timing["forward_batches"]}
+            print(f"{variant} {label}: {seconds:.1f} s", flush=True)
         if not args.skip_legacy:
-            old, new = outputs[("legacy", label)], outputs[("new", label)]
-            diffs = [float((a - b).abs().max()) for a, b in zip(old, new) if a is not None]
-            runs[f"max_abs_diff_{label}"] = max(diffs)
-            if label == "ensemble":
-                runs["speedup_ensemble"] = round(runs["before_ensemble"]["seconds"] / seconds, 2)
-            else:
-                runs["speedup_single"] = round(runs["before_single"]["seconds"] / seconds, 2)
+            for variant in ("after", "after_prefix"):
+                old, new = outputs[("legacy", label)], outputs[(variant, label)]
+                runs[f"max_abs_diff_{variant}_{label}"] = max(float((a - b).abs().max())
+                                                              for a, b in zip(old, new) if a is not None)
+                runs[f"speedup_{variant}_{label}"] = round(runs[f"before_{label}"]["seconds"]
+                                                           / runs[f"{variant}_{label}"]["seconds"], 2)
     record["runs"] = runs
     print(json.dumps(record, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        out = Path(args.out)
+        doc = json.loads(out.read_text()) if out.is_file() else {}
+        doc.setdefault("benchmark", "mmlu_speed")
+        doc.setdefault("scenarios", {})[args.scenario] = record
+        out.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def _cpu_name() -> str:
