@@ -86,12 +86,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from loradrop.tasks.base import subsample
     from loradrop.tasks.mmlu import (
         MMLU_MAX_LEN,
-        MMLU_TOKENS_PER_BATCH,
         choice_token_ids,
         default_subset,
         load_mmlu,
-        score_choices,
     )
+    from loradrop.tasks.mmlu_scoring import MMLU_TOKENS_PER_BATCH, score_choices
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", type=int, default=8)

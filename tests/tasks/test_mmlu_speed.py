@@ -17,11 +17,10 @@ from loradrop.tasks.mmlu import (
     MMLU_DEFAULT_QUESTIONS_PER_SUBJECT,
     choice_token_ids,
     default_subset,
-    length_batches,
     load_mmlu,
     load_mmlu_eval,
-    score_choices,
 )
+from loradrop.tasks.mmlu_scoring import length_batches, score_choices
 
 ROOT = Path(__file__).resolve().parents[2]
 
