@@ -88,3 +88,4 @@ def test_aggregate_log_probabilities_and_refusals(tmp_path, one_linear):
         export_members(model, 2, tmp_path / "full", seed=0)
     with pytest.raises(ValueError, match="call loradrop.apply_lora_dropout"):
         export_members(one_linear, 2, tmp_path / "y", seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # a refused export leaves no temporary folder

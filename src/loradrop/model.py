@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -398,6 +399,24 @@ def from_pretrained(
     return model
 
 
+@contextlib.contextmanager
+def staged_folder(output_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside `output_dir`, renamed into place when the block completes and removed when it fails:
+    an export appears whole or not at all. A non-empty `output_dir` is refused before anything is written."""
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"export target {str(output_dir)!r} exists and is not empty; choose a new folder")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        yield tmp
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_adapter(model: PeftModel, output_dir: str | os.PathLike[str], *, merge: bool = False) -> Path:
     """Write a plain PEFT adapter (or, with ``merge=True``, a merged transformers model) whose single forward equals
     LoRA Dropout's expected update, so it serves unchanged in PEFT, transformers or vLLM.
@@ -409,11 +428,7 @@ def export_adapter(model: PeftModel, output_dir: str | os.PathLike[str], *, merg
     # an export always serves the expectation (lora_B's bias, PEFT's lora_bias, has its own factor)
     factor, bias_factor = controller.config.expected_factor, controller.config.expected_bias_factor
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(f"export target {str(output_dir)!r} exists and is not empty; choose a new folder")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with staged_folder(output_dir) as tmp:
         if merge:
             plain = copy.deepcopy(model)
             _scale_lora_b(plain, get_controller(plain), factor, bias_factor)
@@ -428,12 +443,6 @@ def export_adapter(model: PeftModel, output_dir: str | os.PathLike[str], *, merg
                 with torch.no_grad():
                     for weight, original in originals:
                         weight.copy_(original)
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 

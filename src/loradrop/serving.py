@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from torch import nn
 
 from .layers import LoraLinearHandler
 from .members import CallPlan
-from .model import get_active_controller
+from .model import get_active_controller, staged_folder
 
 MEMBERS_FILE = "loradrop_members.json"
 _FOLDABLE = ("ab", "a", "b", "rank")
@@ -74,11 +72,6 @@ def export_members(model: nn.Module, n: int, out_dir: str | os.PathLike[str], se
         if not isinstance(handler, LoraLinearHandler):
             raise ValueError(f"export_members writes plain LoRA linear layers; {type(module).__name__} is handled by "
                              f"{type(handler).__name__}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"export target {str(out_dir)!r} exists and is not empty; choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     adapters = sorted({adapter for _, adapter, _ in controller.layers})
     if len(adapters) != 1:
         raise ValueError(f"export_members writes one adapter per member; LoRA Dropout runs on {adapters}")
@@ -87,32 +80,29 @@ def export_members(model: nn.Module, n: int, out_dir: str | os.PathLike[str], se
     originals = [(module.lora_A[adapter].weight.data, module.lora_B[adapter].weight.data,
                   None if module.lora_B[adapter].bias is None else module.lora_B[adapter].bias.data)
                  for module, _ in params]
+    out_dir = Path(out_dir)
     try:
-        for m in range(n):
-            for (module, slices), (a, b, bias) in zip(params, originals):
-                a, b, bias = _masked_factors(a, b, bias, slices, masks[m])  # from the originals, every member
-                module.lora_A[adapter].weight.data = a
-                module.lora_B[adapter].weight.data = b
-                if bias is not None:
-                    module.lora_B[adapter].bias.data = bias
-            folder = tmp / f"member_{m}"
-            # the class's own save_pretrained: no loradrop_config.json, these are plain adapters
-            type(model).save_pretrained(model, str(folder), selected_adapters=[adapter], safe_serialization=True)
-            if adapter != "default":  # PEFT writes a non-default adapter into a subfolder named after it
-                for item in (folder / adapter).iterdir():
-                    os.replace(item, folder / item.name)
-                (folder / adapter).rmdir()
-        cfg = controller.config
-        info = {"n": n, "seed": seed, "members": [f"member_{m}" for m in range(n)], "adapter": adapter,
-                "p": cfg.p, "strategy": cfg.strategy, "rescale": cfg.rescale,
-                "note": "average the members' probabilities: loradrop.serving.aggregate_member_probs"}
-        (tmp / MEMBERS_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_folder(out_dir) as tmp:
+            for m in range(n):
+                for (module, slices), (a, b, bias) in zip(params, originals):
+                    a, b, bias = _masked_factors(a, b, bias, slices, masks[m])  # from the originals, every member
+                    module.lora_A[adapter].weight.data = a
+                    module.lora_B[adapter].weight.data = b
+                    if bias is not None:
+                        module.lora_B[adapter].bias.data = bias
+                folder = tmp / f"member_{m}"
+                # the class's own save_pretrained: no loradrop_config.json, these are plain adapters
+                type(model).save_pretrained(model, str(folder), selected_adapters=[adapter],
+                                            safe_serialization=True)
+                if adapter != "default":  # PEFT writes a non-default adapter into a subfolder named after it
+                    for item in (folder / adapter).iterdir():
+                        os.replace(item, folder / item.name)
+                    (folder / adapter).rmdir()
+            cfg = controller.config
+            info = {"n": n, "seed": seed, "members": [f"member_{m}" for m in range(n)], "adapter": adapter,
+                    "p": cfg.p, "strategy": cfg.strategy, "rescale": cfg.rescale,
+                    "note": "average the members' probabilities: loradrop.serving.aggregate_member_probs"}
+            (tmp / MEMBERS_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     finally:
         for (module, _), (a, b, bias) in zip(params, originals):
             module.lora_A[adapter].weight.data = a
