@@ -58,3 +58,12 @@ def _write_tsv(path: Path, rows: list[list[str]]) -> Path:
 def write_tsv():
     """``write_tsv(path, rows)``: write a GLUE-style TSV (creating folders), return its path."""
     return _write_tsv
+
+
+@pytest.fixture(scope="session")
+def mmlu_dir(data_root: Path) -> Path:
+    """The MMLU CSV folder of the data root; skips with the reason when absent."""
+    path = data_root / "mmlu" / "data"
+    if not (path / "test").is_dir():
+        pytest.skip(f"no MMLU CSVs in {path}")
+    return path

@@ -88,14 +88,6 @@ def test_score_choices_equals_the_scoring_before(llama, ensemble, capsys):
     assert "estimated" in err and "s/question" in err
 
 
-@pytest.fixture(scope="module")
-def mmlu_dir(data_root):
-    path = data_root / "mmlu" / "data"
-    if not (path / "test").is_dir():
-        pytest.skip(f"no MMLU CSVs in {path}")
-    return path
-
-
 def test_default_subset_per_subject(mmlu_dir, capsys):
     full = load_mmlu(mmlu_dir, "test", subjects=["anatomy", "astronomy"])
     sub = default_subset(full, 2, seed=3)

@@ -32,14 +32,6 @@ def instruct_dir(data_root):
     return path
 
 
-@pytest.fixture(scope="module")
-def mmlu_dir(data_root):
-    path = data_root / "mmlu" / "data"
-    if not (path / "test").is_dir():
-        pytest.skip(f"no MMLU CSVs in {path}")
-    return path
-
-
 # -------------------------------------------------------------------------------------------------- Alpaca
 
 
