@@ -395,9 +395,9 @@ class _Run:
             logger.info("resuming from %s", plan.resume_from)
         start = time.perf_counter()
         if plan.resume_from is not None and int(plan.resume_from.name.split("-", 1)[1]) >= self.total_steps:
-            train_output = self._load_finished(trainer)  # the Trainer would train one step too many
+            self._load_finished(trainer)  # the Trainer would train one step too many
         else:
-            train_output = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+            trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
         train_s = time.perf_counter() - start
         _leave_process_group()
         if not self.main:
@@ -421,7 +421,7 @@ class _Run:
         write_jsonl(plan.work / PREDICTIONS_FILE, result.rows)
         history = loss_history(trainer)
         write_json(plan.work / LOSS_HISTORY_FILE, history)
-        metrics = self._metrics(result, trainer, train_output, train_s, eval_s)
+        metrics = self._metrics(result, trainer, train_s, eval_s)
         if validation is not None:
             metrics["eval"]["validation"] = {"single": validation.single, "ensemble": validation.ensemble}
         if epoch_eval is not None:
@@ -445,7 +445,7 @@ class _Run:
               f"{LOSS_HISTORY_FILE}, {LOG_FILE}", flush=True)
         return RunResult(plan.output, plan.output / METRICS_FILE, jsonable(metrics))
 
-    def _metrics(self, result: Any, trainer: Any, train_output: Any, train_s: float, eval_s: float) -> dict:
+    def _metrics(self, result: Any, trainer: Any, train_s: float, eval_s: float) -> dict:
         from ..pretrained import model_id
 
         s = self.settings
