@@ -24,7 +24,6 @@ DATA_DIR_ENV = "LORADROP_DATA_DIR"
 DEFAULT_VALIDATION_FRACTION = 0.2
 """Share of a dev set held out as validation when a task has no train file (QNLI, SQuAD here)."""
 METADATA_MARKER = "[loradrop-metadata] "
-_TRUE = {"1", "true", "yes", "on"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
