@@ -87,6 +87,15 @@ def _add_lora_dropout_args(parser: argparse.ArgumentParser, *, p: float, samples
                             "one backward per chunk) and of the test-time ensemble")
 
 
+def _add_acting_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("acting on uncertainty (the 'uncertainty' section of the metrics, plots)")
+    group.add_argument("--ood-task", default=None, metavar="TASK",
+                       help="a classification task scored as out-of-distribution data (OOD AUROC/AUPR/FPR@95)")
+    group.add_argument("--conformal-alpha", type=float, default=None, metavar="A",
+                       help="split-conformal LAC/APS sets at miscoverage A (calibrated on the run's validation "
+                            "split, else on a held-out half of the evaluation split)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .tasks import trainable_task_names
 
@@ -140,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epoch-eval", action="store_true",
                        help="score validation and test after every epoch (metrics.json: epochs, best_epoch)")
     _add_training_controls(train)
+    _add_acting_args(train)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, help="run folder (metrics.json, adapter, predictions, logs)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
@@ -158,11 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-eval-samples", type=_positive_int, default=None)
     ev.add_argument("--seed", type=int, default=None, help="ensemble seed (default: the run's seed)")
     ev.add_argument("--output", default=None, help="where to write eval_metrics.json (default: beside the adapter)")
-    ev.add_argument("--ood-task", default=None, metavar="TASK",
-                    help="a classification task scored as out-of-distribution data (OOD AUROC/AUPR/FPR@95)")
-    ev.add_argument("--conformal-alpha", type=float, default=None, metavar="A",
-                    help="split-conformal LAC/APS sets at miscoverage A (calibrated on the run's validation split, "
-                         "else on a held-out half of the evaluation split)")
+    _add_acting_args(ev)
     sweep = sub.add_parser("sweep", help="run a grid of training runs from a YAML plan (one JSON result per run)")
     sweep.add_argument("plan", help="the plan file (see loradrop.app.sweep)")
     sweep.add_argument("--results", default=None, help="results folder (default: the plan's 'results')")

@@ -144,3 +144,43 @@ def test_bad_flags_are_one_line(flags: list[str], message: str, tmp_path: Path, 
     assert main(["eval", "--adapter", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("loradrop eval: error:") and message in err[0], err
+
+
+def test_train_writes_the_same_uncertainty_section(data_root: Path, bert_dir: Path, tmp_path: Path) -> None:
+    """``loradrop train --ood-task --conformal-alpha``: metrics.json gets the section eval writes, computed from the
+    run's own predictions; the conformal sets are calibrated on its held-out validation split."""
+    run = tmp_path / "rte-act"
+    assert main(train_args(bert_dir, run, "--holdout-fraction", "0.5", "--ood-task", "mrpc",
+                           "--conformal-alpha", str(ALPHA))) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    section = metrics["uncertainty"]
+    preds, cal = rows(run / "predictions.jsonl"), rows(run / "validation_predictions.jsonl")
+    ood = rows(run / section["ood"]["predictions"])
+    assert section["ood"]["predictions"] == "ood_predictions.jsonl" and section["ood"]["task"] == "mrpc"
+    assert len(ood) == 24 and len(cal) == 16
+    ens_correct = torch.tensor([r["ensemble_pred"] == r["label"] for r in preds])
+    ins, outs = scores(preds), scores(ood)
+    for name in ins:
+        assert section["ood"]["scores"][name]["auroc"] == pytest.approx(ood_detection(ins[name], outs[name])["auroc"])
+    mi = selective_prediction(ins["ensemble_mutual_information"], correct=ens_correct)
+    assert section["selective"]["scores"]["ensemble_mutual_information"]["aurc"] == pytest.approx(mi.aurc, abs=1e-6)
+    conformal = section["conformal"]
+    assert conformal["calibration"]["source"] == "validation" and conformal["calibration"]["n_calibration"] == 16
+    labels = torch.tensor([r["label"] for r in preds])
+    for method in ("lac", "aps"):
+        fitted = ConformalClassifier(alpha=ALPHA, method=method, seed=metrics["seed"]).fit(
+            column(cal, "ensemble_probs"), torch.tensor([r["label"] for r in cal]))
+        want = fitted.evaluate(column(preds, "ensemble_probs"), labels)
+        assert conformal["ensemble"][method]["coverage"] == pytest.approx(want["coverage"])
+        assert conformal["ensemble"][method]["mean_set_size"] == pytest.approx(want["mean_set_size"])
+    for part in ("selective", "ood"):  # train's plots carry no eval_ prefix
+        assert not section[part]["plot"].startswith("eval_") and (run / section[part]["plot"]).stat().st_size > 0
+    assert metrics["config"]["args"]["ood_task"] == "mrpc" and metrics["config"]["args"]["conformal_alpha"] == ALPHA
+
+
+def test_train_refuses_acting_on_a_regression_task(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--task", "stsb", "--output", str(tmp_path / "x"), "--conformal-alpha", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("loradrop train: error:"), err
+    assert "conformal_alpha need a classification task; 'stsb' is a regression task" in err[0]
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,5 @@
-"""The ``uncertainty`` section of ``eval_metrics.json`` (issue #15): selective prediction, OOD detection and
+"""The ``uncertainty`` section of ``eval_metrics.json`` and of ``metrics.json`` (issue #15; ``loradrop eval`` and
+``loradrop train`` with ``--ood-task`` / ``--conformal-alpha``): selective prediction, OOD detection and
 split-conformal sets, computed from the written prediction rows with `loradrop.uncertainty` and
 `loradrop.conformal`, and its plots (risk-coverage, OOD score histogram)."""
 
@@ -19,8 +20,9 @@ from ..uncertainty import (
     uncertainty_score,
 )
 
-RISK_COVERAGE_PLOT = "eval_risk_coverage.png"
-OOD_PLOT = "eval_ood_scores.png"
+RISK_COVERAGE_PLOT = "risk_coverage.png"  # eval writes them with the prefix "eval_"
+OOD_PLOT = "ood_scores.png"
+OOD_PREDICTIONS = "ood_predictions.jsonl"
 CONFORMAL_METHODS = ("lac", "aps")
 ACCURACY_TARGETS = (0.9, 0.95)
 
@@ -46,7 +48,8 @@ def _correct(rows: Sequence[dict[str, Any]], score: str) -> torch.Tensor:
     return torch.tensor([r[key] == r["label"] for r in rows])
 
 
-def selective_section(rows: Sequence[dict[str, Any]], folder: Path | None = None) -> dict[str, Any]:
+def selective_section(rows: Sequence[dict[str, Any]], folder: Path | None = None, *,
+                      prefix: str = "eval_") -> dict[str, Any]:
     """AURC, E-AURC and coverage at the single pass's accuracy (and at 0.9 / 0.95) per score; each score ranks the
     predictions it belongs to (the single pass's or the ensemble's). Writes the risk-coverage plot to `folder`."""
     single_accuracy = float(_correct(rows, "single").double().mean())
@@ -64,19 +67,19 @@ def selective_section(rows: Sequence[dict[str, Any]], folder: Path | None = None
         out["scores"][name] = {"aurc": curve.aurc, "eaurc": curve.eaurc, "aurc_optimal": curve.aurc_optimal,
                                "accuracy": float(correct.double().mean()), "coverage_at_accuracy": coverage}
     if folder is not None:
-        plot_risk_coverage(curves, folder / RISK_COVERAGE_PLOT, title="risk-coverage (0/1 loss)")
-        out["plot"] = RISK_COVERAGE_PLOT
+        plot_risk_coverage(curves, folder / f"{prefix}{RISK_COVERAGE_PLOT}", title="risk-coverage (0/1 loss)")
+        out["plot"] = f"{prefix}{RISK_COVERAGE_PLOT}"
     return out
 
 
 def ood_section(rows: Sequence[dict[str, Any]], ood_rows: Sequence[dict[str, Any]], *, task: str,
-                folder: Path | None = None) -> dict[str, Any]:
+                folder: Path | None = None, prefix: str = "eval_") -> dict[str, Any]:
     """AUROC / AUPR / FPR@95 per score, the OOD task's examples the positives; writes the histogram plot."""
     ins, outs = row_scores(rows), row_scores(ood_rows)
     out: dict[str, Any] = {"task": task, "scores": {name: ood_detection(ins[name], outs[name]) for name in ins}}
     if folder is not None:
-        plot_ood_histograms(ins, outs, folder / OOD_PLOT, ood_task=task)
-        out["plot"] = OOD_PLOT
+        plot_ood_histograms(ins, outs, folder / f"{prefix}{OOD_PLOT}", ood_task=task)
+        out["plot"] = f"{prefix}{OOD_PLOT}"
     return out
 
 
@@ -112,6 +115,63 @@ def conformal_section(rows: Sequence[dict[str, Any]], alpha: float, *, seed: int
                 fitted = ConformalClassifier(alpha=alpha, method=method, seed=seed).fit(cal_probs, cal_labels)
                 out[name][method] = {"method": method, **fitted.evaluate(probs, labels)}
     return out
+
+
+def prepare_ood(ood_task: str | None, data_dir: str | None, tokenizer: Any, *, max_seq_len: int, seed: int,
+                max_eval_samples: int | None) -> Any:
+    """The OOD task's evaluation split, tokenized for the run's model (None without `ood_task`); prepared before any
+    model is loaded, so missing OOD data stops a run before it trains."""
+    if ood_task is None:
+        return None
+    from ..tasks import prepare_task, resolve_task
+
+    return prepare_task(resolve_task(ood_task, data_dir), data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed,
+                        max_eval_samples=max_eval_samples, need_train=False)
+
+
+def ood_rows(model: Any, data: Any, *, batch_size: int, ensemble: int, chunk_size: int | None, seed: int,
+             mc_dropout: bool = False) -> list[dict[str, Any]]:
+    """Prediction rows of the OOD task's evaluation split, scored by the in-distribution model (its labels are the
+    OOD task's own and are not compared with the model's classes)."""
+    from ..ensemble import entropy
+    from ..prediction import predict_classification
+
+    preds = predict_classification(model, data.extras["encoded"][data.eval_split], data.collator,
+                                   batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size, seed=seed,
+                                   mc_dropout=mc_dropout)
+    rows = []
+    for i in range(len(preds.single)):
+        row: dict[str, Any] = {"index": i, "single_probs": [float(v) for v in preds.single[i].double()]}
+        if preds.ensemble is not None:
+            row.update(ensemble_probs=[float(v) for v in preds.ensemble[i].double()],
+                       uncertainty={"entropy": float(entropy(preds.ensemble[i].double())),
+                                    "mutual_information": float(preds.mutual_information[i])})
+        rows.append(row)
+    return rows
+
+
+def uncertainty_section(model: Any, rows: list[dict[str, Any]], folder: Path, *, ood_data: Any = None,
+                        ood_task: str | None = None, alpha: float | None = None,
+                        calibration_rows: list[dict[str, Any]] | None = None, batch_size: int, ensemble: int,
+                        chunk_size: int | None, seed: int, mc_dropout: bool = False,
+                        prefix: str = "eval_") -> dict[str, Any]:
+    """The whole ``uncertainty`` section of a run: selective prediction always; OOD detection when `ood_data` is
+    given (its rows written to ``<prefix>ood_predictions.jsonl`` in `folder`); conformal sets at `alpha`, calibrated
+    on `calibration_rows` (the run's validation split) when given, else on a seeded half of `rows`."""
+    from .runfolder import write_jsonl
+
+    section: dict[str, Any] = {"selective": selective_section(rows, folder, prefix=prefix)}
+    if ood_data is not None:
+        scored = ood_rows(model, ood_data, batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size,
+                          seed=seed, mc_dropout=mc_dropout)
+        write_jsonl(folder / f"{prefix}{OOD_PREDICTIONS}", scored)
+        section["ood"] = {**ood_section(rows, scored, task=str(ood_task), folder=folder, prefix=prefix),
+                          "eval_split": ood_data.eval_split, "predictions": f"{prefix}{OOD_PREDICTIONS}"}
+    if alpha is not None:
+        calibration_rows = calibration_rows or None  # no validation rows: the seeded half of `rows`
+        section["conformal"] = conformal_section(rows, alpha, seed=seed, calibration_rows=calibration_rows,
+                                                 calibration_split="validation" if calibration_rows else None)
+    return section
 
 
 def plot_ood_histograms(ins: dict[str, torch.Tensor], outs: dict[str, torch.Tensor], path: Path, *,

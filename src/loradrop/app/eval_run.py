@@ -11,6 +11,7 @@ import torch
 
 from ..config import CONFIG_FILE_NAME
 from ..errors import ModelLoadError, UsageError
+from .acting import prepare_ood, uncertainty_section
 from .integrity import verify_manifest
 from .outputs import print_metrics, write_run_outputs
 from .provenance import hardware, jsonable, versions
@@ -111,7 +112,6 @@ def evaluate(settings: EvalSettings) -> RunResult:
     acting = settings.ood_task is not None or settings.conformal_alpha is not None
     if acting and spec.kind != "classification":
         raise UsageError(f"--ood-task and --conformal-alpha need a classification task; {task} is {spec.kind}")
-    ood_spec = resolve_task(settings.ood_task, settings.data_dir) if settings.ood_task is not None else None
     # conformal sets are calibrated on the run's validation split when it carved one out of train (holdout)
     holdout = run_args.get("holdout_fraction") if same_task and settings.conformal_alpha is not None else None
     has_loradrop = (adapter_dir / CONFIG_FILE_NAME).is_file()
@@ -121,9 +121,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
     data = prepare_task(spec, data_dir, tokenizer, max_seq_len=max_seq_len, seed=data_seed,
                         max_eval_samples=max_eval, need_train=False, holdout_fraction=holdout,
                         max_train_samples=run_args.get("max_train_samples") if holdout else None)
-    ood_data = None if ood_spec is None else prepare_task(
-        ood_spec, settings.data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed, max_eval_samples=max_eval,
-        need_train=False)
+    ood_data = prepare_ood(settings.ood_task, settings.data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed,
+                           max_eval_samples=max_eval)
     torch.manual_seed(seed)
     base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None), tokenizer)
     model = load_adapter(base, adapter_dir, model_name, has_loradrop)
@@ -150,8 +149,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
         metrics["uncertainty"] = _act_on_uncertainty(
             settings, model, data, ood_data, result.rows, out_dir, tokenizer=tokenizer, batch_size=batch_size,
             ensemble=ensemble, seed=seed, holdout=holdout, max_seq_len=max_seq_len)
-        metrics["files"].update({k: v for k, v in (("ood_predictions", "eval_ood_predictions.jsonl"),)
-                                 if ood_data is not None})
+        if ood_data is not None:
+            metrics["files"]["ood_predictions"] = metrics["uncertainty"]["ood"]["predictions"]
     write_json(out_dir / EVAL_METRICS_FILE, metrics)
     written = write_run_outputs(out_dir, jsonable(metrics), predictions="eval_predictions.jsonl", history=None,
                                 masked=has_loradrop, prefix="eval_", title=f"loradrop eval: {task}")
@@ -165,52 +164,22 @@ def evaluate(settings: EvalSettings) -> RunResult:
 def _act_on_uncertainty(settings: EvalSettings, model: Any, data: Any, ood_data: Any, rows: list[dict[str, Any]],
                         out_dir: Path, *, tokenizer: Any, batch_size: int, ensemble: int, seed: int,
                         holdout: float | None, max_seq_len: int) -> dict[str, Any]:
-    """The ``uncertainty`` section (`loradrop.app.acting`): selective prediction always, OOD detection with
-    --ood-task (its predictions written to ``eval_ood_predictions.jsonl``), conformal sets with --conformal-alpha."""
-    from .acting import conformal_section, ood_section, selective_section
+    """The ``uncertainty`` section (`loradrop.app.acting.uncertainty_section`); with --conformal-alpha on a run that
+    carved a validation split out of train, that split is scored again to calibrate the conformal sets (its rows in
+    ``eval_calibration_predictions.jsonl``)."""
+    calibration_rows = None
+    if settings.conformal_alpha is not None and holdout and "validation" in data.raw:
+        from datasets import DatasetDict
 
-    section: dict[str, Any] = {"selective": selective_section(rows, out_dir)}
-    if ood_data is not None:
-        ood_rows = _ood_rows(model, ood_data, batch_size=batch_size, ensemble=ensemble,
-                             chunk_size=settings.chunk_size, seed=seed)
-        write_jsonl(out_dir / "eval_ood_predictions.jsonl", ood_rows)
-        section["ood"] = {**ood_section(rows, ood_rows, task=settings.ood_task, folder=out_dir),
-                          "eval_split": ood_data.eval_split, "predictions": "eval_ood_predictions.jsonl"}
-    if settings.conformal_alpha is not None:
-        calibration_rows = None
-        if holdout and "validation" in data.raw:
-            from datasets import DatasetDict
-
-            encoded = data.spec.preprocessor(data.spec, DatasetDict({"validation": data.raw["validation"]}),
-                                             tokenizer, max_seq_len)
-            data.extras["encoded"]["validation"] = encoded["validation"]
-            calibration_rows = data.spec.evaluate(model, data, tokenizer, batch_size=batch_size, ensemble=ensemble,
-                                                  chunk_size=settings.chunk_size, seed=seed, split="validation").rows
-            write_jsonl(out_dir / "eval_calibration_predictions.jsonl", calibration_rows)
-        section["conformal"] = conformal_section(rows, settings.conformal_alpha, seed=seed,
-                                                 calibration_rows=calibration_rows,
-                                                 calibration_split="validation" if calibration_rows else None)
-        if calibration_rows is not None:
-            section["conformal"]["calibration"]["predictions"] = "eval_calibration_predictions.jsonl"
+        encoded = data.spec.preprocessor(data.spec, DatasetDict({"validation": data.raw["validation"]}),
+                                         tokenizer, max_seq_len)
+        data.extras["encoded"]["validation"] = encoded["validation"]
+        calibration_rows = data.spec.evaluate(model, data, tokenizer, batch_size=batch_size, ensemble=ensemble,
+                                              chunk_size=settings.chunk_size, seed=seed, split="validation").rows
+        write_jsonl(out_dir / "eval_calibration_predictions.jsonl", calibration_rows)
+    section = uncertainty_section(model, rows, out_dir, ood_data=ood_data, ood_task=settings.ood_task,
+                                  alpha=settings.conformal_alpha, calibration_rows=calibration_rows,
+                                  batch_size=batch_size, ensemble=ensemble, chunk_size=settings.chunk_size, seed=seed)
+    if calibration_rows:
+        section["conformal"]["calibration"]["predictions"] = "eval_calibration_predictions.jsonl"
     return section
-
-
-def _ood_rows(model: Any, data: Any, *, batch_size: int, ensemble: int, chunk_size: int | None,
-              seed: int) -> list[dict[str, Any]]:
-    """Prediction rows of the OOD task's evaluation split, scored by the in-distribution model (its labels are the
-    OOD task's own and are not compared with the model's classes)."""
-    from ..ensemble import entropy
-    from ..prediction import predict_classification
-
-    split = data.eval_split
-    preds = predict_classification(model, data.extras["encoded"][split], data.collator, batch_size=batch_size,
-                                   ensemble=ensemble, chunk_size=chunk_size, seed=seed)
-    rows = []
-    for i in range(len(preds.single)):
-        row: dict[str, Any] = {"index": i, "single_probs": [float(v) for v in preds.single[i].double()]}
-        if preds.ensemble is not None:
-            row.update(ensemble_probs=[float(v) for v in preds.ensemble[i].double()],
-                       uncertainty={"entropy": float(entropy(preds.ensemble[i].double())),
-                                    "mutual_information": float(preds.mutual_information[i])})
-        rows.append(row)
-    return rows

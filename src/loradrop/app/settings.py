@@ -132,6 +132,25 @@ def _lora_dropout_checks(checks: _Checks, s: Any) -> None:
         checks.add(str(err))
 
 
+def _acting_checks(checks: _Checks, s: Any) -> None:
+    """``ood_task`` (a classification task of the catalog) and ``conformal_alpha`` (in (0, 1)), both optional and
+    for a classification ``task`` only."""
+    from ..tasks import CATALOG, INSTRUCT_ALIAS
+
+    kind = CATALOG[s.task].kind if s.task in CATALOG else "causal_lm" if s.task == INSTRUCT_ALIAS else None
+    if (s.ood_task is not None or s.conformal_alpha is not None) and kind not in (None, "classification"):
+        checks.add(f"ood_task and conformal_alpha need a classification task; {s.task!r} is a {kind} task")
+    if s.ood_task is not None:
+        allowed = sorted(name for name, entry in CATALOG.items() if entry.kind == "classification")
+        if s.ood_task not in allowed:
+            kind = f"a {CATALOG[s.ood_task].kind} task" if s.ood_task in CATALOG else "not a task"
+            checks.add(f"ood_task {s.ood_task!r} is {kind}; an out-of-distribution set must be a "
+                       f"classification task: one of {allowed}")
+    alpha = s.conformal_alpha
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1):
+        checks.add(f"conformal_alpha must be a number in (0, 1), got {alpha!r}")
+
+
 def _trainer_checks(checks: _Checks, s: Any) -> None:
     """The training controls, and ``trainer_args`` against TrainingArguments' own fields (transformers is imported
     only when there are any)."""
@@ -208,7 +227,8 @@ class TrainSettings(_Settings):
     the test split the run is scored on. ``skip_nonfinite_steps`` skips (and counts) optimizer steps whose loss or
     gradient is not finite; by default such a step stops the run with `TrainingDivergedError`. ``epoch_eval``
     scores validation and test after every epoch (single pass; recorded in ``metrics.json`` under ``epochs`` and
-    ``best_epoch``).
+    ``best_epoch``). ``ood_task`` / ``conformal_alpha`` add the ``uncertainty`` section of ``loradrop eval`` (selective
+    prediction, OOD detection against that classification task, conformal sets at that alpha) to ``metrics.json``.
     """
 
     command = "train"
@@ -254,6 +274,8 @@ class TrainSettings(_Settings):
     report_to: str = "none"
     early_stopping_patience: int | None = None
     trainer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ood_task: str | None = None
+    conformal_alpha: float | None = None
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
@@ -286,6 +308,7 @@ class TrainSettings(_Settings):
         if isinstance(self.peft_dropout, (int, float)) and self.peft_dropout >= 1:
             checks.add(f"peft_dropout must be in [0, 1), got {self.peft_dropout}")
         checks.choice("test_ensemble", self.test_ensemble, TEST_ENSEMBLES)
+        _acting_checks(checks, self)
         if self.test_ensemble in ("mc_dropout", "masks") and self.no_lora_dropout is False:
             checks.add(f"test_ensemble={self.test_ensemble!r} is a baseline's ensemble: it needs no_lora_dropout=True "
                        "(a LoRA Dropout model's ensemble is test_ensemble='auto')")
@@ -379,18 +402,7 @@ class EvalSettings(_Settings):
     def __post_init__(self) -> None:
         checks = _Checks()
         checks.text("adapter", self.adapter)
-        if self.ood_task is not None:
-            from ..tasks import CATALOG
-
-            allowed = sorted(name for name, entry in CATALOG.items() if entry.kind == "classification")
-            if self.ood_task not in allowed:
-                kind = f"a {CATALOG[self.ood_task].kind} task" if self.ood_task in CATALOG else "not a task"
-                checks.add(f"ood_task {self.ood_task!r} is {kind}; an out-of-distribution set must be a "
-                           f"classification task: one of {allowed}")
-        if self.conformal_alpha is not None:
-            alpha = self.conformal_alpha
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-                checks.add(f"conformal_alpha must be a number in (0, 1), got {alpha!r}")
+        _acting_checks(checks, self)
         if self.task is not None:
             from ..tasks import trainable_task_names
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import OutputError, UsageError
+from .acting import prepare_ood, uncertainty_section
 from .integrity import verify_manifest, write_manifest
 from .outputs import data_caveats, headline, print_metrics, write_run_outputs
 from .provenance import hardware, jsonable, peak_memory, versions
@@ -202,6 +203,8 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
     data = prepare_task(spec, settings.data_dir, tokenizer, max_seq_len=settings.max_seq_len, seed=settings.seed,
                         max_train_samples=settings.max_train_samples, max_eval_samples=settings.max_eval_samples,
                         holdout_fraction=settings.holdout_fraction)
+    ood_data = prepare_ood(settings.ood_task, settings.data_dir, tokenizer, max_seq_len=settings.max_seq_len,
+                           seed=settings.seed, max_eval_samples=settings.max_eval_samples)  # before training
     world_size = _world_size()
     total_steps = train_steps(len(data.train), settings, world_size)
 
@@ -228,7 +231,7 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
                 shutil.rmtree(plan.work, ignore_errors=True)
             plan.work.mkdir(parents=True, exist_ok=True)
     run = _Run(settings, plan, spec, data, tokenizer, model, model_name, peft_config, ld_config, training_args,
-               total_steps, target_modules)
+               total_steps, target_modules, ood_data)
     try:
         with run_log(plan.work / LOG_FILE if main else None):
             return run.train_and_write(callbacks)
@@ -301,6 +304,7 @@ class _Run:
     training_args: Any
     total_steps: int
     target_modules: list[str]
+    ood_data: Any = None  # the --ood-task's evaluation split
     trained: bool = False  # the adapter of the finished training is saved in the run folder
 
     @property
@@ -424,6 +428,12 @@ class _Run:
         metrics = self._metrics(result, trainer, train_s, eval_s)
         if validation is not None:
             metrics["eval"]["validation"] = {"single": validation.single, "ensemble": validation.ensemble}
+        if s.ood_task is not None or s.conformal_alpha is not None:  # as `loradrop eval` writes it (app.acting)
+            metrics["uncertainty"] = uncertainty_section(
+                self.model, result.rows, plan.work, ood_data=self.ood_data, ood_task=s.ood_task,
+                alpha=s.conformal_alpha, calibration_rows=validation.rows if validation else None, prefix="",
+                batch_size=s.batch_size, ensemble=self.ensemble, chunk_size=s.chunk_size, seed=s.seed,
+                mc_dropout=s.ensemble_kind == "mc_dropout")
         if epoch_eval is not None:
             metrics["epochs"] = epoch_eval.epochs
             metrics["best_epoch"] = epoch_eval.best
