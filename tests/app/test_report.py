@@ -1,5 +1,6 @@
 """``loradrop report`` on synthetic sweep results built here (no model): sections, the common-seed selection rule,
-mean ± std, temperature scaling, the deep ensemble, claim verdicts, missing runs, plots, failed runs, determinism."""
+mean ± std, temperature scaling, the deep ensemble, claim verdicts, missing runs, plots, failed runs, determinism,
+and the acting-on-uncertainty tables (sections computed by `loradrop.app.acting` on synthetic predictions)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from loradrop.app.report import write_report
 from loradrop.app.report_claims import match_verdict, verdict
@@ -355,3 +357,86 @@ def test_command_line_writes_the_same_report(study, tmp_path: Path, capsys) -> N
     capsys.readouterr()
     assert main(["report", str(tmp_path / "nothing-here"), "-o", str(tmp_path / "x.md")]) == 2
     assert capsys.readouterr().err.startswith("loradrop report: error:")
+
+
+def _uncertainty(seed: int, *, alpha: float = 0.1, shift: float = 0.0) -> dict:
+    """The `uncertainty` section `loradrop.app.acting` computes (the real functions) on synthetic prediction rows."""
+    from loradrop.app.acting import conformal_section, ood_section, selective_section
+    from loradrop.ensemble import entropy
+
+    rng = np.random.default_rng(seed + 17)
+
+    def rows(n: int, scale: float, labelled: bool) -> list[dict]:
+        latent = rng.normal(0, 1.5, n)
+        labels = (rng.random(n) < 1 / (1 + np.exp(-latent))).astype(int)
+        out = []
+        for z, y, member in zip(latent, labels, rng.normal(0, 0.4, (n, 2)), strict=True):
+            single = 1 / (1 + np.exp(-scale * (z + shift))), 1 / (1 + np.exp(-scale * (z + shift + member).mean()))
+            probs = [[1 - p, p] for p in single]
+            out.append({"label": int(y) if labelled else 0, "single_probs": probs[0], "ensemble_probs": probs[1],
+                        "single_pred": int(single[0] > 0.5), "ensemble_pred": int(single[1] > 0.5),
+                        "uncertainty": {"entropy": float(entropy(torch.tensor(probs[1]))),
+                                        "mutual_information": float(abs(member[0] - member[1]) / 10)}})
+        return out
+
+    ins, outs = rows(60, 2.0, True), rows(40, 0.5, False)
+    return {"selective": selective_section(ins), "ood": ood_section(ins, outs, task="mrpc"),
+            "conformal": conformal_section(ins, alpha, seed=seed)}
+
+
+def test_uncertainty_section_is_mean_and_std_over_the_chosen_seeds(tmp_path: Path) -> None:
+    sections = {}
+    for seed in SEEDS:
+        for method, lr in (("lora", 1e-3), ("lora", 1e-4), ("ld_paper", 1e-3)):
+            result = make_result("rte", method, lr, seed, MAIN[("rte", method)])
+            if not (method == "ld_paper" and seed == 2):  # one seed without the section: n = 2
+                part = _uncertainty(seed, shift=0.0 if lr == 1e-3 else 3.0)
+                result["metrics"]["uncertainty"] = sections[(method, lr, seed)] = part
+            _write(tmp_path / "r", result)
+    md = write_report([tmp_path / "r"], tmp_path / "R.md").read_text(encoding="utf-8")
+    text = section(md, "## Acting on uncertainty")
+    assert "ood_task" in text and "conformal_alpha" in text
+
+    def stat(values: list[float], scale: float, digits: int) -> str:
+        return f"{np.mean(values) * scale:.{digits}f} ± {np.std(values, ddof=1) * scale:.{digits}f}"
+
+    def matching(table: str, **cells: str) -> dict[str, str]:
+        lines = [line for line in table.splitlines() if line.startswith("|")]
+        head = _cells(lines[0])
+        found = [dict(zip(head, _cells(line), strict=True)) for line in lines[2:]]
+        found = [r for r in found if all(r[k] == v for k, v in cells.items())]
+        assert len(found) == 1, (cells, table)
+        return found[0]
+
+    lora = [sections[("lora", 1e-3, s)] for s in SEEDS]  # lr 1e-3 is chosen: the lr 1e-4 runs take no part
+    selective = section(md, "### Selective prediction on rte")
+    mi = matching(selective, method="lora", score="ensemble_mutual_information")
+    scores = [s["selective"]["scores"]["ensemble_mutual_information"] for s in lora]
+    assert mi["lr"] == "0.001" and mi["n"] == "3"
+    assert mi["AURC"] == stat([s["aurc"] for s in scores], 1, 4)
+    assert mi["E-AURC"] == stat([s["eaurc"] for s in scores], 1, 4)
+    assert mi["coverage @ 90% acc. (%)"] == stat([s["coverage_at_accuracy"]["0.9"]["coverage"] for s in scores],
+                                                 100, 2)
+    assert matching(selective, method="ld_paper", score="single_max_prob")["n"] == "2"
+    ood = matching(section(md, "### OOD detection on rte"), method="lora", score="ensemble_entropy")
+    assert ood["OOD task"] == "mrpc"
+    assert ood["AUROC (%)"] == stat([s["ood"]["scores"]["ensemble_entropy"]["auroc"] for s in lora], 100, 2)
+    assert ood["FPR@95 (%)"] == stat([s["ood"]["scores"]["ensemble_entropy"]["fpr_at_95_tpr"] for s in lora], 100, 2)
+    conformal = matching(section(md, "### Conformal sets on rte"), method="lora", sets="APS", **{"pass": "ensemble"})
+    assert conformal["alpha"] == "0.1" and conformal["calibration"] == "eval_half"
+    assert conformal["coverage (%)"] == stat([s["conformal"]["ensemble"]["aps"]["coverage"] for s in lora], 100, 2)
+    assert conformal["mean set size"] == stat([s["conformal"]["ensemble"]["aps"]["mean_set_size"] for s in lora],
+                                              1, 3)
+
+
+def test_uncertainty_section_keeps_alphas_apart_and_is_absent_without_data(study, tmp_path: Path) -> None:
+    assert "## Acting on uncertainty" not in study[2]  # no run of the main fixture has the section
+    for seed in SEEDS:
+        result = make_result("rte", "lora", 1e-3, seed, MAIN[("rte", "lora")])
+        result["metrics"]["uncertainty"] = {"conformal": _uncertainty(seed, alpha=0.1 if seed else 0.3)["conformal"]}
+        _write(tmp_path / "r", result)
+    md = write_report([tmp_path / "r"], tmp_path / "R.md").read_text(encoding="utf-8")
+    text = section(md, "## Acting on uncertainty")
+    assert "### Selective prediction" not in text and "### OOD detection" not in text
+    rows = [_cells(line) for line in section(md, "### Conformal sets on rte").splitlines() if line.startswith("|")][2:]
+    assert {(r[3], r[-1]) for r in rows} == {("0.1", "2"), ("0.3", "1")}  # (alpha, n): never averaged together

@@ -4,7 +4,9 @@ Reads every ``*.json`` sweep result (schema ``loradrop.sweep.run/1``, status ok;
 selects each method's learning rate (and `ld_1x`'s local axes) by validation over the common seeds
 (`report_tables`), and writes: what was run, the selection protocol, per-task tables (final and best-epoch test
 metrics, ECE/NLL/Brier, post-hoc temperature scaling, a deep ensemble of the LoRA seeds), the sensitivity and
-strategy grids, plots (`report_plots`), the cost table, the claims table (`report_claims`) and the limitations.
+strategy grids, acting on uncertainty (`report_uncertainty`: selective prediction, OOD detection and conformal
+sets of runs trained with ``ood_task`` / ``conformal_alpha``), plots (`report_plots`), the cost table, the claims
+table (`report_claims`) and the limitations.
 The same results give the same Markdown (no timestamps; every order is sorted).
 """
 
@@ -40,6 +42,7 @@ from .report_tables import (
     sort_key,
     temperature_row,
 )
+from .report_uncertainty import uncertainty_report
 from .sweep import SCHEMA
 
 
@@ -132,7 +135,8 @@ def _hours(seconds: float) -> str:
 
 def render(study: Study, loaded: Loaded, command: str, figures: Figures, base: Path) -> str:
     parts = [*_header(study, loaded, command), *_runs(loaded), *_selection(study), *_results(study),
-             *_side_grids(study), *_plots(figures, base), *_cost(study), *_claims(study), *_limitations(study)]
+             *_side_grids(study), *uncertainty_report(study), *_plots(figures, base), *_cost(study),
+             *_claims(study), *_limitations(study)]
     return "\n".join(parts).rstrip() + "\n"
 
 
