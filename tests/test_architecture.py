@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loradrop"
 MAX_LINES = 500
 CORE = {"config", "masks", "members", "precompute", "layers", "layer_types", "model", "ensemble", "calibration",
-        "adalora", "adalora_layer", "training", "prediction", "pretrained", "errors", "uncertainty", "conformal",
+        "adalora", "adalora_layer", "dora", "training", "prediction", "pretrained", "errors", "uncertainty", "conformal",
         "serving"}
 
 

@@ -408,9 +408,10 @@ def _variant_configs():
     from peft.tuners.lora import config as lora_cfg
 
     return {
-        "dora": ({"use_dora": True}, r"DoraLinearVariant \(LoraConfig use_dora\)"),
-        "dora-embedding": ({"use_dora": True, "target_modules": ["emb"]}, r"DoraEmbeddingVariant \(LoraConfig use_"),
-        "dora-conv": ({"use_dora": True, "target_modules": ["conv"]}, r"DoraConv2dVariant \(LoraConfig use_dora\)"),
+        "dora-embedding": ({"use_dora": True, "target_modules": ["emb"]},
+                           r"DoraEmbeddingVariant \(LoraConfig use_.*lora.Linear layers only"),
+        "dora-conv": ({"use_dora": True, "target_modules": ["conv"]},
+                      r"DoraConv2dVariant \(LoraConfig use_dora\).*Linear layers only"),
         "mica": ({"init_lora_weights": "mica"}, r"MiCALinearVariant \(LoraConfig mica\)"),
         "alora": ({"alora_invocation_tokens": [1, 2]}, r"ALoraLinearVariant \(LoraConfig alora_invocation_tokens\)"),
         "velora": ({"velora_config": lora_cfg.VeloraConfig()}, r"VeloraLinearVariant \(LoraConfig velora_config\)"),
@@ -422,7 +423,7 @@ def _variant_configs():
     }
 
 
-@pytest.mark.parametrize("name", ["dora", "dora-embedding", "dora-conv", "mica", "alora", "velora", "monteclora",
+@pytest.mark.parametrize("name", ["dora-embedding", "dora-conv", "mica", "alora", "velora", "monteclora",
                                   "kasa", "target_parameters"])
 def test_other_variants_and_types_are_refused_with_the_reason(name):
     options, message = _variant_configs()[name]

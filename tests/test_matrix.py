@@ -11,7 +11,9 @@
 - save / load (``save_pretrained`` + `loradrop.from_pretrained`) keeps settings, mask stream and outputs.
 
 Adding a layer type is one row in HANDLERS: how to build a PeftModel around `Head` with that layer, and how to read
-its update as ``s * B @ A``.
+its update as ``s * B @ A``. DoRA rows (``use_dora=True``) also say how to read W0 and the magnitude m: their reference
+is DoRA's formula ``m / ||W0 + s B_m A_m||_row * (W0 + s B_m A_m) x`` (norm detached) with each member's masked
+factors, and their zero pattern is read from the update's direction part (DoRA rescales whole rows).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Handler:
     make: Callable[[], PeftModel]  # a PeftModel around base_model() whose adapter update is non-zero
     parts: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor, float]]  # layer -> (A, B, s): update s * B @ A
     base: Callable[[], nn.Module] = base_model  # a fresh base (the save/load check loads onto it)
+    dora: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> (W0 as (out, in), m)
 
 
 def make_lora() -> PeftModel:
@@ -81,6 +84,24 @@ def make_conv1d() -> PeftModel:
 
 def lora_parts(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
     return layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+
+
+def make_dora(conv1d: bool = False) -> PeftModel:
+    model = get_peft_model(base_model(conv1d), LoraConfig(r=RANK, lora_alpha=8, target_modules=["proj"], use_dora=True,
+                                                          lora_dropout=0.0, init_lora_weights=False,
+                                                          fan_in_fan_out=conv1d))
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():  # PEFT starts m at ||W0 + s B A|| (m / norm = 1): move it so the magnitude matters
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(0.5 + torch.rand(param.shape, generator=gen))
+    return model
+
+
+def dora_parts(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = layer.base_layer.weight
+    weight = weight.T if isinstance(layer.base_layer, Conv1D) else weight  # Conv1D stores (in, out)
+    return weight.detach(), layer.lora_magnitude_vector["default"].weight
 
 
 def make_adalora() -> PeftModel:
@@ -106,6 +127,8 @@ HANDLERS = [
     Handler("lora", make_lora, lora_parts),
     Handler("conv1d", make_conv1d, lora_parts, conv1d_base),
     Handler("adalora", make_adalora, adalora_parts),
+    Handler("dora", make_dora, lora_parts, dora=dora_parts),
+    Handler("dora-conv1d", lambda: make_dora(conv1d=True), lora_parts, conv1d_base, dora=dora_parts),
 ]
 
 CASES = list(itertools.product(HANDLERS, STRATEGIES, MASK_SCOPES))
@@ -155,16 +178,45 @@ def drawn_masks(model: PeftModel, rows: int, members: int, key: int) -> Keep:
     return Keep(x=keep_x, a=side(slices.a, IN), b=side(slices.b, OUT), rank=side(slices.rank, RANK))
 
 
-def reference_delta(x: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, float], keep: Keep) -> torch.Tensor:
+def all_kept(rows: int) -> Keep:
+    return Keep(x=torch.ones(rows, IN), a=torch.ones(rows, IN), b=torch.ones(rows, OUT), rank=torch.ones(rows, RANK))
+
+
+def reference_delta(x: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor, float], keep: Keep,
+                    dora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """s * B_m A_m x_m for every row, written out row by row: A_m = A * keep_a (columns) * keep_rank (rows),
-    B_m = B * keep_b (rows), x_m = x * keep_x."""
+    B_m = B * keep_b (rows), x_m = x * keep_x.
+
+    DoRA (`dora` = (W0, m)): the output minus the base output W0 x is ``m / ||V_m||_row * V_m x_m - W0 x_m`` with
+    ``V_m = W0 + s B_m A_m`` and the norm a constant (detached, DoRA paper section 4.3). For "input" (x_m = dropped
+    x, A_m = A, B_m = B) that is PEFT's DoRA with lora_dropout: the dropped input enters W0's part too."""
     a, b, s = parts
     rows = []
     for i in range(x.shape[0]):
-        a_m = a * keep.a[i][None, :] * keep.rank[i][:, None]
-        b_m = b * keep.b[i][:, None]
-        rows.append(s * ((x[i] * keep.x[i]) @ a_m.T @ b_m.T))
+        a_m, b_m = member_factors(a, b, keep, i)
+        x_m = x[i] * keep.x[i]
+        if dora is None:
+            rows.append(s * (x_m @ a_m.T @ b_m.T))
+            continue
+        weight, magnitude = dora
+        v = weight + s * (b_m @ a_m)
+        rows.append(magnitude / member_norm(weight, a, b, s, keep, i) * (v @ x_m) - weight @ x_m)
     return torch.stack(rows)
+
+
+def member_factors(a: torch.Tensor, b: torch.Tensor, keep: Keep, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return a * keep.a[i][None, :] * keep.rank[i][:, None], b * keep.b[i][:, None]
+
+
+def member_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, keep: Keep, i: int) -> torch.Tensor:
+    """DoRA's ||W0 + s B_m A_m|| per output row for row i's member, a constant (no gradient)."""
+    a_m, b_m = member_factors(a, b, keep, i)
+    v = (weight + s * (b_m @ a_m)).detach()
+    return torch.sqrt((v * v).sum(1))
+
+
+def dora_args(handler: Handler, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return handler.dora(layer) if handler.dora is not None else None
 
 
 def train_key(model: PeftModel) -> int:
@@ -203,7 +255,15 @@ def test_masked_update_and_its_zero_pattern(handler, strategy, scope):
     rows = delta.shape[0]
     keep = drawn_masks(model, rows, 2 if scope == "batch" else rows, key)
     x = eye.repeat(2, 1)
-    torch.testing.assert_close(delta, reference_delta(x, handler.parts(layer), keep))
+    dora = dora_args(handler, layer)
+    torch.testing.assert_close(delta, reference_delta(x, handler.parts(layer), keep, dora))
+    if dora is not None:  # undo DoRA's row rescaling: the zero pattern is that of s B_m A_m x
+        weight, magnitude = dora
+        a, b, s = handler.parts(layer)
+        norms = torch.stack([member_norm(weight, a, b, s, keep, i) for i in range(rows)])
+        base = (x * keep.x) @ weight.T  # W0 x_m ("input": the dropped input)
+        delta = (delta + base) * norms / magnitude.detach() - base
+        delta = torch.where(delta.abs() < 1e-5, 0.0, delta)  # (rounding of the undo)
 
     feature = torch.arange(rows) % IN  # the input feature each row carries
     rows_idx = torch.arange(rows)
@@ -226,7 +286,13 @@ def test_eval_uses_the_expected_update(handler, strategy, scope):
     a, b, s = handler.parts(layer)
     with torch.no_grad():
         delta = model(x) - layer.base_layer(x)
-        torch.testing.assert_close(delta, FACTOR[strategy] * s * (x @ a.T @ b.T))
+        if handler.dora is None:
+            torch.testing.assert_close(delta, FACTOR[strategy] * s * (x @ a.T @ b.T))
+        else:  # DoRA of the expected update f s B A: its norm ||W0 + f s B A|| too
+            want = reference_delta(x, (a, b, FACTOR[strategy] * s), all_kept(4), handler.dora(layer))
+            torch.testing.assert_close(delta, want)
+            if strategy != "input":  # the factor matters (the check is not vacuous)
+                assert not torch.allclose(delta, reference_delta(x, (a, b, s), all_kept(4), handler.dora(layer)))
         assert torch.equal(model(x), model(x))  # no masks in eval: deterministic
 
 
@@ -246,7 +312,7 @@ def test_gradients_reach_only_adapter_weights_and_follow_the_masks(handler, stra
     assert layer.base_layer.weight.grad is None and layer.base_layer.bias.grad is None
 
     keep = drawn_masks(model, 6, 2 if scope == "batch" else 6, key)
-    reference = (reference_delta(x.repeat(2, 1), handler.parts(layer), keep) * g).sum()
+    reference = (reference_delta(x.repeat(2, 1), handler.parts(layer), keep, dora_args(handler, layer)) * g).sum()
     names = sorted(adapter)
     for name, want in zip(names, torch.autograd.grad(reference, [adapter[n] for n in names])):
         torch.testing.assert_close(adapter[name].grad, want, msg=name)
@@ -299,3 +365,46 @@ def test_save_load_round_trip(handler, strategy, scope, tmp_path):
     torch.testing.assert_close(restored(x), model(x))  # the next training masks are the same
     plain = PeftModel.from_pretrained(handler.base(), str(tmp_path))  # still a standard PEFT adapter
     torch.testing.assert_close(plain.eval()(x), copy.deepcopy(model).eval()(x))  # "raw": the unscaled update
+
+
+@pytest.mark.parametrize("handler", [h for h in HANDLERS if h.name != "adalora"], ids=lambda h: h.name)
+def test_merge_and_export_serve_the_eval_forward(handler, tmp_path):
+    """merge_adapter, merge_and_unload and export_adapter (read back by plain PEFT) all give the eval forward, and that
+    is not PEFT's own forward of the unscaled adapter (AdaLoRA's merge and export are tested in test_adalora.py)."""
+    model = with_lora_dropout(handler, "ab", "batch", samples=2)
+    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(9))
+    model.eval()
+    expected = model(x).detach()
+    assert not torch.allclose(expected, handler.make().eval()(x))
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), expected)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(x), expected)
+    torch.testing.assert_close(copy.deepcopy(model).merge_and_unload()(x), expected)
+    loradrop.export_adapter(model, tmp_path / "adapter")
+    served = PeftModel.from_pretrained(handler.base(), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(served(x), expected)
+
+
+DORA_CASES = [case for case in CASES if case[0].dora is not None and case[1] != "input"]  # "input" masks x only
+
+
+@pytest.mark.parametrize(("handler", "strategy", "scope"), DORA_CASES,
+                         ids=[f"{h.name}-{s}-{c}" for h, s, c in DORA_CASES])
+def test_dora_layer_masking_equals_the_all_layer_precompute(handler, strategy, scope):
+    """A DoRA layer's own masking of A and B (the fallback) gives the outputs and gradients of the precomputed
+    copies."""
+    outputs, grads = [], []
+    for own in (False, True):
+        model = with_lora_dropout(handler, strategy, scope, samples=2)
+        if own:
+            loradrop.get_controller(model).precompute.disable()
+        model.train()
+        out = model(torch.randn(3, IN, generator=torch.Generator().manual_seed(10)))
+        out.pow(2).sum().backward()
+        outputs.append(out.detach())
+        assert (loradrop.get_controller(model).precompute.layout is None) == own  # both paths really ran
+        grads.append([p.grad for p in adapter_parameters(model).values()])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for grad, own_grad in zip(*grads):
+        torch.testing.assert_close(grad, own_grad)

@@ -209,12 +209,18 @@ register_layer_handler(LoraConvHandler())
 
 
 # ------------------------------------------------------------------------------------------------ refusals
-_NOT_YET = "not implemented in loradrop yet (issue #13)"
-_REASONS = {
-    "MultiheadAttention": ("PEFT's lora.MultiheadAttention merges the LoRA update into in_proj/out_proj for every "
-                           f"forward (no A/B matmul per member to mask); per-member weights are {_NOT_YET}"),
-    "ParamWrapper": ("target_parameters (e.g. MoE expert weights) apply the update through a parametrization of the "
-                     f"wrapped nn.Parameter, not through A/B matmuls; masking it is {_NOT_YET}"),
+_REASONS = {  # why these are refused, in full: docs/COVERAGE.md
+    "MultiheadAttention": (
+        "PEFT's lora.MultiheadAttention has no A/B matmul to mask: every forward merges s*B@A into in_proj_weight and "
+        "out_proj.weight and runs nn.MultiheadAttention on the merged weights. Per-member masks would need one merged "
+        "weight set and one attention call per member, with key/value/attn_mask/key_padding_mask split per member "
+        "along a batch dimension that is dim 1 unless batch_first=True; loradrop does not do this, so it is refused"),
+    "ParamWrapper": (
+        "target_parameters (e.g. MoE expert weights) add the update through a parametrization of the wrapped "
+        "nn.Parameter, read by the wrapped module's own forward (e.g. an experts block with its routing "
+        "arguments): one weight for the whole call, so members (samples > 1, per-example masks, ensembles) would "
+        "each need their own forward of that module on their own rows and arguments; loradrop does not split a "
+        "foreign module's arguments, so it is refused"),
 }
 _QUANTISED = ("bnb", "gptq", "awq", "aqlm", "eetq", "hqq", "torchao", "inc", "tp_layer", "te")
 

@@ -208,6 +208,12 @@ class LoraDropoutVariant(LoraVariant):
 
     def forward(self, module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
                 **kwargs) -> torch.Tensor:
+        return self.add_update(module, active_adapter, x, result)
+
+    def add_update(self, module: nn.Module, active_adapter: str, x: torch.Tensor,
+                   result: torch.Tensor | None) -> torch.Tensor:
+        """``result`` plus the adapter's update (masked per member, or the expected one), or the update alone when
+        `result` is None (PEFT's quantised layers cast the update to the base output's dtype before adding it)."""
         lora_a = module.lora_A[active_adapter]
         lora_b = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
@@ -216,11 +222,11 @@ class LoraDropoutVariant(LoraVariant):
         if not plan.masked or self.controller.config.p == 0:  # p = 0: PEFT's exact ops, bit for bit
             factor = self.controller.expected_factor
             if factor == 1.0:
-                return result + lora_b(lora_a(dropout(x))) * scaling
+                return _plus(result, lora_b(lora_a(dropout(x))) * scaling)
             if lora_b.bias is not None:  # lora_bias: the bias has its own expected factor (see expected_bias_factor)
                 bias = lora_b.bias * self.controller.expected_bias_factor
-                return result + (F.linear(lora_a(dropout(x)), lora_b.weight) * factor + bias) * scaling
-            return result + lora_b(lora_a(dropout(x))) * (scaling * factor)
+                return _plus(result, (F.linear(lora_a(dropout(x)), lora_b.weight) * factor + bias) * scaling)
+            return _plus(result, lora_b(lora_a(dropout(x))) * (scaling * factor))
         if not isinstance(dropout, nn.Identity):
             x = dropout(x)
         pre = plan.weights[self.slices.layer_index] if plan.weights is not None else None
@@ -231,6 +237,10 @@ class LoraDropoutVariant(LoraVariant):
             return member_matmuls(x, a, b, None, 1.0, plan.mask.shape[0], result)
         return masked_lora_delta(x, lora_a.weight, lora_b.weight, lora_b.bias, scaling, plan,
                                  self.controller, self.slices, result)
+
+
+def _plus(result: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
+    return update if result is None else result + update
 
 
 def refuse_variant(name: str, module: nn.Module, adapter: str) -> None:
@@ -249,6 +259,13 @@ def refuse_variant(name: str, module: nn.Module, adapter: str) -> None:
         )
     options = [keys for keys, cls in getattr(module, "lora_variants", {}).items() if type(existing) is cls]
     option = f" (LoraConfig {', '.join(options[0])})" if options else ""
+    if type(existing).__name__.startswith("Dora"):  # loradrop.dora composes DoRA on lora.Linear only
+        raise ValueError(
+            f"layer {name!r} ({type(module).__name__}) uses {type(existing).__name__}{option} for adapter "
+            f"{adapter!r}: DoRA + LoRA Dropout is composed for lora.Linear layers only; DoRA's norm on "
+            f"{type(module).__name__} layers (per embedding dimension / output channel) is not composed with "
+            "per-member masks, so it is refused rather than silently replacing DoRA (see docs/COVERAGE.md)"
+        )
     raise ValueError(
         f"layer {name!r} already uses the LoRA variant {type(existing).__name__}{option} for adapter {adapter!r}. "
         "LoRA Dropout is a LoRA variant itself and PEFT runs one variant per layer: it would replace that variant's "

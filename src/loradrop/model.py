@@ -21,11 +21,13 @@ from torch import nn
 
 from .adalora_layer import AdaLoraSVDHandler  # noqa: F401 - importing it registers the AdaLoRA layer handler
 from .config import CONFIG_FILE_NAME, EVAL_MODES, LoraDropoutConfig, read_config_file
+from .dora import DoraLinearHandler  # noqa: F401 - importing it registers the DoRA layer handler
 from .errors import UsageError
 from .layer_types import unsupported_reason
 from .layers import LAYER_HANDLERS, handler_for
 from .masks import plan_slices
 from .members import DETACHED_LAYER, MemberController
+from .quantised import LoraBnbHandler  # noqa: F401 - importing it registers the bitsandbytes (QLoRA) handler
 
 _ATTR = "_loradrop_controller"
 _DETACHED = "_loradrop_detached"  # on a PeftModel whose LoRA Dropout was detached: the reason
@@ -140,7 +142,7 @@ def apply_lora_dropout(model: PeftModel, config: LoraDropoutConfig, *, adapter_n
         detail = "; ".join(f"{n!r} is {unsupported_reason(m)}" for n, m in refused[:3])
         raise ValueError(
             f"LoRA Dropout cannot run on {len(refused)} LoRA layer(s) of adapter(s) {adapters}: {detail}. "
-            "Supported: lora.Linear (incl. GPT-2 Conv1D), lora.Embedding, lora.Conv1d/2d/3d, AdaLoRA SVDLinear "
+            "Supported: lora.Linear (incl. GPT-2 Conv1D, DoRA), lora.Embedding, lora.Conv1d/2d/3d, AdaLoRA SVDLinear "
             "(docs/COVERAGE.md); "
             "leave the other layers out of target_modules" if refused else
             f"the model has no LoRA layers for adapter(s) {adapters}"
