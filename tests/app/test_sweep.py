@@ -76,7 +76,7 @@ def test_bad_plans_are_refused_before_any_run(tmp_path: Path, text: str, fragmen
 
 def test_sweep_runs_skips_and_retries(data_root: Path, bert_dir: Path, tmp_path: Path) -> None:
     plan = SweepPlan.load(write_plan(tmp_path, str(bert_dir)))
-    plan.methods = {"lora": plan.methods["lora"]}
+    plan.methods = {"lora": {**plan.methods["lora"], "ood_task": "mrpc", "conformal_alpha": 0.2}}
     plan.grid["seed"] = [0]
     summary = run_sweep(plan, progress=False)
     assert summary == {"planned": 1, "skipped": 0, "ok": 1, "failed": []}
@@ -89,6 +89,18 @@ def test_sweep_runs_skips_and_retries(data_root: Path, bert_dir: Path, tmp_path:
     preds = result["predictions"]
     assert len(preds["test"]["label"]) == 24 and len(preds["validation"]["single_probs"]) == 12
     assert len(preds["best_epoch_test"]["single_probs"][0]) == 2
+    # the plan asked for the uncertainty section: recorded, with the OOD predictions, and reported
+    acting = metrics["uncertainty"]
+    assert acting["ood"]["task"] == "mrpc" and len(preds["ood"]["ensemble_probs"]) == 24
+    assert acting["conformal"]["alpha"] == 0.2 and acting["conformal"]["calibration"]["source"] == "validation"
+    assert set(acting["selective"]["scores"]) == {"single_max_prob", "ensemble_max_prob", "ensemble_entropy",
+                                                  "ensemble_mutual_information"}
+    from loradrop.app.report import write_report
+
+    md = write_report([tmp_path / "res"], tmp_path / "R.md").read_text(encoding="utf-8")
+    auroc = acting["ood"]["scores"]["ensemble_entropy"]["auroc"]
+    line = next(x for x in md[md.index("### OOD detection on rte"):].splitlines() if "ensemble_entropy" in x)
+    assert [c.strip() for c in line.strip("|").split("|")][3:6] == ["mrpc", "ensemble_entropy", f"{auroc * 100:.2f}"]
     assert result["wall_time_s"] > 0 and {"cuda", "rss"} <= result["peak_memory_mib"].keys()
     assert {"torch", "peft", "transformers"} <= result["versions"].keys() and "cpu_count" in result["hardware"]
     assert not list((tmp_path / ".res.runs").glob("*")), "run folders are removed after their result is written"

@@ -24,7 +24,10 @@ Each result, ``<results>/<run id>.json``, holds the plan and run id, the method 
 and hardware, wall time and peak memory, the run's ``metrics.json`` (per-epoch validation / test metrics with
 ``epoch_eval``, final single-pass and ensemble metrics with ECE/NLL/Brier), the loss history, and the per-example
 predictions on the test and validation splits (final and best epoch) for post-hoc analysis: deep ensembles
-across seeds, temperature scaling fitted on validation, reliability diagrams.
+across seeds, temperature scaling fitted on validation, reliability diagrams. A plan that sets ``ood_task`` and / or
+``conformal_alpha`` gets the ``uncertainty`` section of ``metrics.json`` (selective prediction, OOD detection,
+conformal sets; `loradrop.app.acting`) and the OOD task's predictions (``ood``), which ``loradrop report`` averages
+over seeds.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ PLAN_KEYS = {"name", "description", "results", "base", "grid", "methods", "task_
 ENGINE_OWNED = {"output", "resume", "overwrite"}
 PREDICTION_FILES = {"test": "predictions.jsonl", "validation": "validation_predictions.jsonl",
                     "best_epoch_test": "best_epoch_test_predictions.jsonl",
-                    "best_epoch_validation": "best_epoch_validation_predictions.jsonl"}
+                    "best_epoch_validation": "best_epoch_validation_predictions.jsonl", "ood": "ood_predictions.jsonl"}
 
 
 @dataclass(frozen=True)
