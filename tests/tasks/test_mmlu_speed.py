@@ -20,7 +20,7 @@ from loradrop.tasks.mmlu import (
     load_mmlu,
     load_mmlu_eval,
 )
-from loradrop.tasks.mmlu_scoring import length_batches, score_choices
+from loradrop.tasks.mmlu_scoring import estimate_line, length_batches, plan_tokens, score_choices
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,3 +129,33 @@ def test_shared_prefix_kv_cache_equals_the_scoring_before(llama, ensemble, chunk
         torch.testing.assert_close(new[1], old[1], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(new[2], old[2], atol=1e-5, rtol=1e-4)
         assert float(old[2].max()) > 1e-4
+
+
+@pytest.mark.parametrize("ensemble", [0, 2])
+def test_estimate_before_scoring_counts_the_planned_work(llama, ensemble):
+    """The line printed before MMLU scoring: its token count is exactly what `score_choices` then runs per pass, and
+    the estimate is the probe's rate x passes x those tokens."""
+    model, tokenizer = llama
+    shots = "".join(f"Example {j}: what is {j} plus {j}?\nA. 1\nB. 2\nC. {2 * j}\nD. 4\nAnswer: C\n\n"
+                    for j in range(3))
+    rows = [("math", "Is 7 prime?"), ("math", "Two?"), ("law", "Who decides?"), ("law", "Why is it so?")]
+    sets = {0: [f"About {s}.\n\n{q}\nA. a\nB. b\nC. c\nD. d\nAnswer:" for s, q in rows],
+            5: [f"About {s}.\n\n{shots}{q}\nA. a\nB. b\nC. c\nD. d\nAnswer:" for s, q in rows]}
+    token_sets = {k: tokenizer(v)["input_ids"] for k, v in sets.items()}
+    keys = {k: [s for s, _ in rows] for k in sets}
+    line, record = estimate_line(model, token_sets, keys, batch_size=4, ensemble=ensemble, max_len=2048)
+    passes = 1 + ensemble
+    assert f"4 questions x 2 shot settings x {passes} passes" in line and f"= {4 * 2 * passes} question passes" in line
+    for k, prompts in sets.items():
+        timing = {}
+        score_choices(model, tokenizer, prompts, choice_token_ids(tokenizer), batch_size=4, ensemble=ensemble,
+                      chunk_size=None, seed=0, max_len=2048, desc="x", timing=timing, prefix_keys=keys[k])
+        assert record["tokens_per_pass"][f"mmlu_{k}shot"] == timing["padded_tokens"]
+        assert record["estimated_seconds"][f"mmlu_{k}shot"] == pytest.approx(
+            record["seconds_per_token_probe"] * passes * timing["padded_tokens"], rel=1e-3, abs=0.05)
+    assert record["tokens_per_pass"]["mmlu_5shot"] < sum(map(len, token_sets[5]))  # prefixes counted once
+    assert f"{passes * sum(record['tokens_per_pass'].values()):,} tokens to run" in line
+    assert 0 < record["seconds_per_token_probe"] < 1
+    assert plan_tokens(token_sets[5], batch_size=4, max_len=2048) == sum(  # no keys: plain padded batches
+        len(b) * max(len(token_sets[5][i]) for i in b)
+        for _, b in length_batches([len(t) for t in token_sets[5]], 4, 4096))

@@ -118,6 +118,61 @@ def test_causal_lm_metrics_match_torch():
     assert 0.0 <= out["token_accuracy"] <= 1.0
 
 
+def test_sft_loss_uses_the_eval_batch_size(tiny_llama, monkeypatch):
+    """sft_loss batches by the evaluation batch size it is given (evaluate_instruct passes its own batch_size), and
+    its value is the token-level NLL of the responses whatever that size is."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq
+
+    import loradrop.tasks.instruct as instruct
+    from loradrop.errors import UsageError
+
+    model = tiny_llama()
+    rng = np.random.default_rng(0)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for n in (5, 9, 3, 12, 7):
+        ids = rng.integers(3, 96, size=n).tolist()
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * n)
+        rows["labels"].append([IGNORE_INDEX] * (n // 2) + ids[n // 2:])
+    dataset = Dataset.from_dict(rows)
+
+    class Tokenizer:  # what DataCollatorForSeq2Seq reads
+        pad_token_id, padding_side = 0, "right"
+
+        def pad(self, features, **kwargs):
+            width = max(len(f["input_ids"]) for f in features)
+            return {k: torch.tensor([f[k] + [0] * (width - len(f[k])) for f in features])
+                    for k in ("input_ids", "attention_mask")}
+
+    collator = DataCollatorForSeq2Seq(Tokenizer(), padding=True, label_pad_token_id=IGNORE_INDEX)
+    sizes = []
+    real_loader = torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader",
+                        lambda data, batch_size, **kw: sizes.append(batch_size) or real_loader(data, batch_size, **kw))
+    losses = [instruct.sft_loss(model, dataset, collator, batch_size=b) for b in (1, 2, 5)]
+    assert sizes == [1, 2, 5]
+    model.eval()
+    with torch.no_grad():
+        nll = sum(torch.nn.functional.cross_entropy(
+            model(input_ids=torch.tensor([ids])).logits[0, :-1], torch.tensor(labels[1:]), ignore_index=IGNORE_INDEX,
+            reduction="sum") for ids, labels in zip(rows["input_ids"], rows["labels"]))
+    tokens = sum(sum(t != IGNORE_INDEX for t in labels[1:]) for labels in rows["labels"])
+    for loss in losses:
+        assert loss == pytest.approx(float(nll) / tokens, rel=1e-5)
+    with pytest.raises(UsageError, match="evaluation batch size must be an integer >= 1, got 0"):
+        instruct.sft_loss(model, dataset, collator, batch_size=0)
+
+    seen = {}
+    monkeypatch.setattr(instruct, "evaluate_mmlu", lambda *a, **kw: instruct.EvalResult(single={}, ensemble=None,
+                                                                                        rows=[]))
+    monkeypatch.setattr(instruct, "sft_loss", lambda *a, batch_size: seen.setdefault("batch_size", batch_size) or 1.0)
+    data = instruct.TaskData(spec=instruct.TASK_SPECS["alpaca"], raw=None, train=None, eval_loss=dataset,
+                             eval_split="mmlu:test", collator=collator, metadata={}, extras={"mmlu": {}})
+    instruct.evaluate_instruct(model, data, None, batch_size=7, ensemble=0, chunk_size=None, seed=0)
+    assert seen == {"batch_size": 7}
+
+
 # ---------------------------------------------------------------------------------------------------- MMLU
 
 

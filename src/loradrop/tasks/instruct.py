@@ -20,7 +20,7 @@ import torch
 from datasets import DatasetDict, Features, List, Value
 
 from ..ensemble import eval_mode
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from .base import first_existing, get_metadata, make_dataset, read_text, require_data_root, split_indices
 from .classification import check_encoded, unsupported_options
 from .mmlu import evaluate_mmlu, load_mmlu_eval
@@ -232,13 +232,19 @@ def prepare_instruct(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_se
 
 @torch.no_grad()
 def sft_loss(model: torch.nn.Module, dataset: Any, collator: Any, *, batch_size: int) -> float:
-    """Token-level mean next-token NLL of the responses (single pass, eval mode) on the SFT validation split."""
+    """Token-level mean next-token NLL of the responses (single pass, eval mode) on the SFT validation split, in
+    batches of `batch_size` rows: the run's evaluation batch size (`evaluate`'s ``batch_size``: ``--batch-size``, or
+    for ``loradrop eval`` its own ``--batch-size``, else the training run's recorded ``eval_batch_size``). The rows
+    run sorted by length (less padding); the loss is a sum over tokens, so neither changes its value."""
     from torch.utils.data import DataLoader
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"the evaluation batch size must be an integer >= 1, got {batch_size!r}")
     device = next(model.parameters()).device
+    order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
     total, count = 0.0, 0
     with eval_mode(model):
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+        for batch in DataLoader(dataset.select(order.tolist()), batch_size=batch_size, collate_fn=collator):
             labels = batch["labels"][:, 1:].to(device)
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()

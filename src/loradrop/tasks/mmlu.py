@@ -23,7 +23,7 @@ from ..ensemble import entropy
 from ..errors import DataError, UsageError
 from .base import find_data_root, make_dataset, read_text, require_data_root, subsample
 from .classification import CALIBRATION_METRICS, floats
-from .mmlu_scoring import score_choices
+from .mmlu_scoring import estimate_line, score_choices
 from .spec import EvalResult, TaskSpec
 
 MMLU_CHOICES: tuple[str, ...] = ("A", "B", "C", "D")
@@ -305,10 +305,14 @@ def evaluate_mmlu(model: torch.nn.Module, sets: Mapping[int, Dataset], tokenizer
     single: dict[str, Any] = {}
     ens: dict[str, Any] | None = {"ensemble_size": ensemble} if ensemble else None
     rows: list[dict[str, Any]] = []
+    token_sets = {shots: tokenizer(list(questions["prompt"]))["input_ids"] for shots, questions in sets.items()}
+    line, info["estimate"] = estimate_line(model, token_sets, {s: list(q["subject"]) for s, q in sets.items()},
+                                           batch_size=batch_size, ensemble=ensemble, max_len=max_len)
+    sys.stderr.write(line + "\n")
     for shots, questions in sets.items():
         key = f"mmlu_{shots}shot"
         labels = torch.tensor(list(questions["answer"]))
-        token_ids = tokenizer(list(questions["prompt"]))["input_ids"]
+        token_ids = token_sets[shots]
         info["left_truncated_prompts"][key] = sum(len(ids) > max_len for ids in token_ids)
         subjects = list(questions["subject"])
         timing: dict[str, Any] = {}

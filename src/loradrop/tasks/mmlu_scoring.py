@@ -49,6 +49,70 @@ def length_batches(lengths: Sequence[int], group_size: int, max_tokens: int,
     return batches
 
 
+def plan_tokens(token_ids: Sequence[Sequence[int]], *, batch_size: int, max_len: int, max_tokens: int | None = None,
+                prefix_keys: Sequence[Any] | None = None) -> int:
+    """Tokens that one pass of `score_choices` runs over these prompts (each batch's shared prefix once plus its
+    padded questions, or its padded prompts), without running the model: the work an estimate multiplies."""
+    ids_all = [list(seq[-max_len:]) for seq in token_ids]
+    batches = length_batches([len(s) for s in ids_all], batch_size, max_tokens or MMLU_TOKENS_PER_BATCH, prefix_keys)
+    return sum(_batch_tokens([ids_all[i] for i in rows], prefix_keys is not None)[1] for _, rows in batches)
+
+
+def _batch_tokens(ids: Sequence[Sequence[int]], share: bool) -> tuple[int, int]:
+    """(shared prefix length, or 0 when the batch runs as plain padded rows; tokens the batch runs per pass)."""
+    shared = _common_prefix(ids) if share and len(ids) > 1 else 0
+    if shared >= MMLU_MIN_SHARED_PREFIX:
+        return shared, shared + len(ids) * max(len(s) - shared for s in ids)
+    return 0, len(ids) * max(len(s) for s in ids)
+
+
+@torch.no_grad()
+def probe_seconds_per_token(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], *, rows: int = 4,
+                            length: int = 128) -> float:
+    """Seconds per prompt token of one single-pass forward over ``rows x length`` real prompt tokens (after a tiny
+    warm-up call): a cheap probe (~0.5 k tokens) for the estimate printed before a long MMLU run."""
+    device = next(model.parameters()).device
+    chosen = sorted(token_ids, key=len)[-rows:]
+    length = max(1, min(length, min(len(s) for s in chosen)))
+    batch = torch.tensor([list(s[:length]) for s in chosen], device=device)
+    with eval_mode(model):
+        model(input_ids=batch[:1, :8])
+        _synchronize(device)
+        started = time.perf_counter()
+        model(input_ids=batch)
+        _synchronize(device)
+    return (time.perf_counter() - started) / batch.numel()
+
+
+def estimate_line(model: torch.nn.Module, token_sets: dict[int, Sequence[Sequence[int]]],
+                  keys: dict[int, Sequence[Any]], *, batch_size: int, ensemble: int, max_len: int
+                  ) -> tuple[str, dict[str, Any]]:
+    """The line printed before MMLU scoring starts: questions x shot settings x passes, the tokens the plan runs
+    (`plan_tokens`) and the time that takes at the rate of a probe forward (`probe_seconds_per_token`); plus the
+    same numbers for the run's metadata."""
+    passes = 1 + ensemble
+    tokens = {shots: plan_tokens(ids, batch_size=batch_size, max_len=max_len, prefix_keys=keys[shots])
+              for shots, ids in token_sets.items()}
+    rate = probe_seconds_per_token(model, next(iter(token_sets.values())))
+    seconds = {shots: rate * passes * t for shots, t in tokens.items()}
+    n = len(next(iter(token_sets.values())))
+    what = f"single pass + {ensemble} ensemble members" if ensemble else "single pass"
+    per_setting = ", ".join(f"{shots}-shot {_duration(s)}" for shots, s in seconds.items())
+    line = (f"MMLU estimate: {n} questions x {len(token_sets)} shot settings x {passes} passes ({what}) = "
+            f"{n * len(token_sets) * passes:,} question passes, {passes * sum(tokens.values()):,} tokens to run; "
+            f"probe {rate * 1e3:.2f} ms/token -> about {_duration(sum(seconds.values()))} ({per_setting}); "
+            "--max-eval-samples N or a smaller --ensemble shortens it")
+    record = {"seconds_per_token_probe": rate, "passes": passes, "tokens_per_pass": {f"mmlu_{k}shot": v
+                                                                                     for k, v in tokens.items()},
+              "estimated_seconds": {f"mmlu_{k}shot": round(v, 1) for k, v in seconds.items()}}
+    return line, record
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def score_choices(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], choice_ids: list[int], *,
                   batch_size: int, ensemble: int, chunk_size: int | None, seed: int, max_len: int,
@@ -91,10 +155,10 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str]
         for k, (group, rows) in enumerate(batches):
             ids = [ids_all[i] for i in rows]
             index = torch.tensor(rows)
-            shared = _common_prefix(ids) if prefix_keys is not None and len(ids) > 1 else 0
-            if shared >= MMLU_MIN_SHARED_PREFIX:
+            shared, tokens = _batch_tokens(ids, prefix_keys is not None)
+            padded += tokens
+            if shared:
                 prefix, suffixes = ids[0][:shared], [s[shared:] for s in ids]
-                padded += shared + len(ids) * max(len(s) for s in suffixes)
                 logits = _last_logits(model, prefix, suffixes, pad_id, device, keep_last)
                 single[index] = logits[:, choices.to(logits.device)].float().softmax(-1).cpu()
                 if ensemble:
@@ -110,7 +174,6 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str]
                     mi[index] = mutual_information.float().cpu()
             else:
                 width = max(len(s) for s in ids)
-                padded += width * len(ids)
                 input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in ids])
                 mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])
                 kwargs = {"logits_to_keep": 1} if keep_last else {}
