@@ -206,6 +206,9 @@ def test_instruct_sft_then_mmlu(data_root: Path, llama_dir: Path, tmp_path: Path
     assert metrics["registry_task"] == "alpaca" and metrics["kind"] == "causal_lm"
     assert sorted(metrics["config"]["peft"]["target_modules"]) == ["q_proj", "v_proj"]
     assert metrics["data"]["mmlu"]["questions"] == 6 and metrics["data"]["rows"]["validation"] == 6
+    mmlu = metrics["data"]["mmlu"]  # the estimate printed before scoring covers the work that then ran
+    assert mmlu["estimate"]["passes"] == 3 and all(
+        mmlu["estimate"]["tokens_per_pass"][k] == mmlu["timing"][k]["padded_tokens"] for k in mmlu["timing"])
     single, ens = metrics["eval"]["single"], metrics["eval"]["ensemble"]
     assert single["sft_validation_loss"] > 0 and ens["ensemble_size"] == 2
     rows = read_rows(out / "predictions.jsonl")
