@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loradrop"
 MAX_LINES = 500
 CORE = {"config", "masks", "members", "precompute", "layers", "layer_types", "model", "ensemble", "calibration",
         "adalora", "adalora_layer", "dora", "training", "prediction", "pretrained", "errors", "uncertainty", "conformal",
-        "serving"}
+        "serving", "distributed", "distributed_save"}
 
 
 def module_name(path: Path) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .config import LoraDropoutConfig
+from .distributed import broadcast_stream, data_parallel_rank, global_member_ids
 from .masks import STREAM_ENSEMBLE, STREAM_INPUT, STREAM_TRAIN, FeatureSlices, derive_key, keep_mask
 from .precompute import WeightPrecompute
 
@@ -54,6 +55,9 @@ class CallPlan:
     # that computes its own (see precompute.WeightPrecompute).
     weights: list[Any] | None = field(default=None, compare=False, repr=False)
     input_key: torch.Tensor | None = field(default=None, compare=False, repr=False)  # "input" strategy's key
+    # Example scope on several data-parallel ranks: (rank, world size, batch repeats); each row's member id is its
+    # index in the global batch (distributed.global_member_ids). None: member ids are the local row indices.
+    ranks: tuple[int, int, int] | None = None
 
 
 def batch_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -150,6 +154,8 @@ class MemberController:
             self.seed = config.seed
         self.num_features = num_features
         self.step = 0  # training forward calls so far: the counter in the mask key
+        self.ranks = (0, 1)  # (rank, world size) of the data-parallel group, set when the stream is synchronised
+        self._stream_synced = False  # (seed, step) broadcast from rank 0 yet (distributed.py)
         self.ensemble_calls = 0
         self.eval_mode = config.eval_mode
         self._depth = 0
@@ -208,6 +214,7 @@ class MemberController:
             if not isinstance(state.get(name), int) or state[name] < 0:
                 raise ValueError(f"loradrop state needs a non-negative integer {name!r}, got {state.get(name)!r}")
         self.seed, self.step = state["seed"], state["step"]
+        self._stream_synced = False  # several ranks: rank 0's position is broadcast again at the next training call
         self.ensemble_calls = int(state.get("ensemble_calls", 0))
 
     # ----------------------------------------------------------------------------------------------- hooks
@@ -233,8 +240,12 @@ class MemberController:
         else:
             repeats = self.config.samples
             key = self._next_train_key()
-            members = repeats if self.config.mask_scope == "batch" else None
-            plan = CallPlan(masked=True, training=True, key=key, members=members)
+            if self.config.mask_scope == "batch":  # every rank draws the same members (distributed.py)
+                plan = CallPlan(masked=True, training=True, key=key, members=repeats)
+            else:  # one member per row, keyed by the row's index in the global batch
+                rank, world = self.ranks
+                plan = CallPlan(masked=True, training=True, key=key, members=None,
+                                ranks=(rank, world, repeats) if world > 1 else None)
         batch = batch_size_of(args, kwargs)
         self._plan = self._with_masks(plan, None if batch is None else batch * repeats)
         return repeat_batch(args, kwargs, repeats) if repeats > 1 else None
@@ -284,11 +295,14 @@ class MemberController:
         mask = plan.mask
         if mask is not None and mask.shape[0] == members and mask.device == device and mask.dtype == dtype:
             return mask  # drawn by the pre-hook for this call
-        cache_key = (plan.key, plan.member_offset, members, device, dtype)
+        cache_key = (plan.key, plan.member_offset, members, plan.ranks, device, dtype)
         if self._mask_cache is not None and self._mask_cache[0] == cache_key:
             return self._mask_cache[1]
         features = self.index(self.num_features, device)
-        member_ids = self.index(members, device, offset=plan.member_offset)
+        if plan.ranks is not None:
+            member_ids = global_member_ids(members, plan.ranks[2], plan.ranks[0], plan.ranks[1], device)
+        else:
+            member_ids = self.index(members, device, offset=plan.member_offset)
         mask = keep_mask(plan.key, member_ids, features, self.config.p, keep_value=self.config.keep_scale,
                          dtype=dtype)
         self._mask_cache = (cache_key, mask)
@@ -317,6 +331,11 @@ class MemberController:
     # ----------------------------------------------------------------------------------------------- member chunks
     def _next_train_key(self) -> int:
         """The mask key of the next training step; advances the step counter (once per step, chunked or not)."""
+        if not self._stream_synced:
+            rank, world = data_parallel_rank()
+            if world > 1:  # several ranks: all continue rank 0's stream (a seed drawn per process, a partial resume)
+                self.seed, self.step = broadcast_stream(self.seed, self.step)
+                self.ranks, self._stream_synced = (rank, world), True
         key = derive_key(self.seed, STREAM_TRAIN, self.step)
         self.step += 1
         return key

@@ -8,7 +8,12 @@ calls for the whole model, and each layer only runs its two matmuls (see docs/DE
 `WeightPrecompute` is owned by a `members.MemberController` and holds its own state: the layout of the feature
 index (built on first use), the cached per-feature scaling vector and, under ``no_grad``, the last call's copies.
 It knows layers only through the controller's ``(module, adapter, handler)`` triples and `masks.FeatureSlices`; it
-imports no other loradrop module.
+imports no other loradrop module but `distributed` (to recognise sharded parameters).
+
+Sharded models (FSDP2, DeepSpeed ZeRO-3): outside a layer's own forward its weights are shards, so the pre-hook must
+not read them as full weights. Each call checks one weight, the first precomputed one: a shard means "every layer
+masks its own weights inside its forward, after FSDP / DeepSpeed gathered them" (no gather here); a different
+object than the cached layout holds (FSDP2's ``fully_shard`` replaces the parameters) rebuilds the layout.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .distributed import is_sharded
 from .masks import FeatureSlices
 
 NO_GRAD_PRECOMPUTE_ELEMENTS = 1 << 26  # 256 MiB of float32 masked copies held at once under no_grad
@@ -142,6 +148,19 @@ class WeightPrecompute:
         if layout is None:
             layout = self.layout
         if not layout or not (layout.a_layers or layout.b_layers):
+            return None
+        # one weight per call tells whether the layout is stale or the parameters are sharded (see the module doc)
+        side, layer = (0, layout.a_layers[0]) if layout.a_layers else (1, layout.b_layers[0])
+        anchor = (layout.a_weights or layout.b_weights)[0]
+        module, adapter, handler = self._layers[layer]
+        current = handler.precompute_weights(module, adapter)
+        if current is None or current[side] is not anchor:  # parameters replaced: rebuild the layout once
+            self._layout, self._weights_cache = None, None
+            layout = self.layout
+            if not layout or not (layout.a_layers or layout.b_layers):
+                return None
+            anchor = (layout.a_weights or layout.b_weights)[0]
+        if is_sharded(anchor):
             return None
         weights_all = layout.a_weights + layout.b_weights
         if any(w.device != mask.device or w.dtype != mask.dtype for w in weights_all):
