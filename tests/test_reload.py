@@ -34,7 +34,7 @@ class Two(nn.Module):
 
 def make_base(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    if kind == "custom":
+    if kind in ("custom", "dora"):
         return Two()
     from transformers import BertForSequenceClassification
 
@@ -42,14 +42,14 @@ def make_base(kind: str) -> nn.Module:
 
 
 def peft_config(kind: str):
-    if kind == "custom":
-        return lora_config(target_modules=["up", "down"])
+    if kind in ("custom", "dora"):  # "dora": DoRA + LoRA Dropout (loradrop.dora) must detach the same way
+        return lora_config(target_modules=["up", "down"], use_dora=kind == "dora")
     return lora_config(target_modules=["query", "value"], task_type="SEQ_CLS")
 
 
 def inputs(kind: str) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    if kind == "custom":
+    if kind in ("custom", "dora"):
         return {"x": torch.randn(3, 12, generator=gen)}
     return {"input_ids": torch.randint(0, 120, (3, 7), generator=gen)}
 
@@ -57,7 +57,7 @@ def inputs(kind: str) -> dict[str, torch.Tensor]:
 def run(model: nn.Module, kind: str, train: bool) -> torch.Tensor:
     model.train(train)
     with torch.no_grad():
-        return model(inputs(kind)["x"]) if kind == "custom" else model(**inputs(kind)).logits
+        return model(inputs(kind)["x"]) if kind in ("custom", "dora") else model(**inputs(kind)).logits
 
 
 def trained(kind: str, tmp_path, **config) -> tuple[nn.Module, PeftModel]:
@@ -74,7 +74,7 @@ def fresh_plain(kind: str, tmp_path) -> PeftModel:
     return PeftModel.from_pretrained(make_base(kind), str(tmp_path))
 
 
-KINDS = pytest.mark.parametrize("kind", ["custom", "bert"])
+KINDS = pytest.mark.parametrize("kind", ["custom", "bert", "dora"])
 
 
 @KINDS
