@@ -94,18 +94,18 @@ def test_exact_match_and_f1_hand_checked():
     preds = {"a": "The  Cat!", "b": "the cat sat", "c": "dog"}
     refs = {"a": ["cat"], "b": ["a cat sat down", "Cat sat."], "c": ["a cat"]}
     out = compute_metrics("squad", preds, refs)
-    assert out == {"exact_match": pytest.approx(200 / 3), "f1": pytest.approx(200 / 3)}  # max over references
+    assert out == {"exact_match": pytest.approx(2 / 3), "f1": pytest.approx(2 / 3)}  # max over references
     # sequences of answer texts, and a missing prediction scores 0
-    assert squad_metrics(["cat", "x"], [["The cat"], ["y"]]) == {"exact_match": 50.0, "f1": 50.0}
-    assert squad_metrics({"a": "cat"}, {"a": ["cat"], "b": ["dog"]})["exact_match"] == 50.0
+    assert squad_metrics(["cat", "x"], [["The cat"], ["y"]]) == {"exact_match": 0.5, "f1": 0.5}
+    assert squad_metrics({"a": "cat"}, {"a": ["cat"], "b": ["dog"]})["exact_match"] == 0.5
 
 
 def test_squad_v2_no_answer_metrics():
     preds = {"a": "", "b": "France", "c": "Paris"}
     refs = {"a": [], "b": ["France"], "c": []}
     out = compute_metrics("squad_v2", preds, refs)
-    assert out["exact_match"] == pytest.approx(200 / 3) and out["f1"] == pytest.approx(200 / 3)
-    assert out["HasAns_exact_match"] == 100.0 and out["NoAns_exact_match"] == 50.0
+    assert out["exact_match"] == pytest.approx(2 / 3) and out["f1"] == pytest.approx(2 / 3)
+    assert out["HasAns_exact_match"] == 1.0 and out["NoAns_exact_match"] == 0.5
     assert out["HasAns_total"] == 1 and out["NoAns_total"] == 2
     with pytest.raises(ValueError, match="no answer text"):
         squad_metrics(["x"], [[]])
@@ -116,7 +116,7 @@ def test_squad_v2_no_answer_metrics():
 def test_metrics_against_dataset_references(squad):
     val = squad["validation"].select(range(40))
     gold = {row["id"]: row["answers"]["text"][0] for row in val}
-    assert compute_metrics("squad", gold, val) == {"exact_match": 100.0, "f1": 100.0}
+    assert compute_metrics("squad", gold, val) == {"exact_match": 1.0, "f1": 1.0}
 
 
 # ----------------------------------------------------------------------------------- pre/post-processing
@@ -179,7 +179,7 @@ def test_eval_features_and_postprocess_recovers_gold(small, minilm_tokenizer):
                 end[i, k] = 10.0
     predictions = postprocess_squad(examples, features, start, end, n_best=20, max_answer_len=30)
     assert predictions == {ex_id: answers["text"][0] for ex_id, answers in gold.items()}
-    assert compute_metrics("squad", predictions, examples) == {"exact_match": 100.0, "f1": 100.0}
+    assert compute_metrics("squad", predictions, examples) == {"exact_match": 1.0, "f1": 1.0}
 
     def softmax(x):
         z = np.exp(x - x.max(-1, keepdims=True))

@@ -323,7 +323,8 @@ def _align(predictions: Any, references: Any) -> tuple[list[str], list[list[str]
 
 
 def squad_metrics(predictions: Any, references: Any, *, version_2: bool = False) -> dict[str, float]:
-    """Official SQuAD exact match and F1, in percent, max over the reference answers.
+    """Official SQuAD exact match and F1, max over the reference answers, as fractions in [0, 1] like every other
+    task's metrics (the official script prints percent: multiply by 100 to compare).
 
     ``predictions``: ``{id: text}`` or a sequence of texts. ``references``: ``{id: [answers]}``, a dataset or list of
     examples with ``answers``, or a sequence of answer lists. v1.1 requires at least one answer per question; v2.0
@@ -341,12 +342,12 @@ def squad_metrics(predictions: Any, references: Any, *, version_2: bool = False)
         em.append(max(exact_match_score(pred, a) for a in answers))
         f1.append(max(f1_score(pred, a, version_2=version_2) for a in answers))
     em_arr, f1_arr, has = np.asarray(em), np.asarray(f1), np.asarray(has_ans)
-    result = {"exact_match": 100.0 * float(em_arr.mean()), "f1": 100.0 * float(f1_arr.mean())}
+    result = {"exact_match": float(em_arr.mean()), "f1": float(f1_arr.mean())}
     if version_2:
         for name, mask in (("HasAns", has), ("NoAns", ~has)):
             if mask.any():
-                result[f"{name}_exact_match"] = 100.0 * float(em_arr[mask].mean())
-                result[f"{name}_f1"] = 100.0 * float(f1_arr[mask].mean())
+                result[f"{name}_exact_match"] = float(em_arr[mask].mean())
+                result[f"{name}_f1"] = float(f1_arr[mask].mean())
             result[f"{name}_total"] = float(mask.sum())
     return result
 
