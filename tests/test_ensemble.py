@@ -352,10 +352,11 @@ FACTS = [("What is the capital of France?", ["paris"]), ("What is the capital of
 @pytest.mark.skipif(not os.environ.get("LORADROP_MEASURE_SMOLLM2"),
                     reason="a measurement (about 3.5 minutes on 2 CPU cores): set LORADROP_MEASURE_SMOLLM2=1")
 def test_smollm2_measure_uncertainty_of_wrong_and_right_answers():
-    """A measurement on the real SmolLM2-135M-Instruct, reported (run with -s), not a claim: do wrong answers get
-    higher sequence uncertainty than right ones? The adapter is PiSSA-initialised (its A and B hold the top-8
-    singular directions of q_proj/v_proj, the base keeps the residual), so the unmasked model IS the pretrained one
-    and LoRA Dropout's masks (p=0.1, 8 members) perturb its principal directions. Numbers: docs/UNCERTAINTY.md."""
+    """A measurement on the real SmolLM2-135M-Instruct, reported (run with -s) and checked: do wrong answers get
+    higher sequence uncertainty than right ones (mean and AUROC, for mean token MI and max token entropy)? The
+    adapter is PiSSA-initialised (its A and B hold the top-8 singular directions of q_proj/v_proj, the base keeps the
+    residual), so the unmasked model IS the pretrained one and LoRA Dropout's masks (p=0.1, 8 members) perturb its
+    principal directions. Numbers: docs/UNCERTAINTY.md."""
     from peft import LoraConfig
 
     from loradrop.pretrained import load_model, load_tokenizer, smollm2_gguf
@@ -417,3 +418,7 @@ def test_smollm2_measure_uncertainty_of_wrong_and_right_answers():
         print(f"{'right' if ok else 'WRONG'} MI {mi:.3f} Hmax {h:.2f} | {q} -> {text!r} | single "
               f"{'right' if s_ok else 'WRONG'}: {s_text!r}")
     print(report)
+    # the finding docs/UNCERTAINTY.md reports, checked: wrong answers get higher sequence uncertainty than right ones
+    assert report["right"] and report["wrong"], report
+    for name in ("ensemble_mutual_information", "ensemble_max_entropy"):
+        assert report[name]["wrong"] > report[name]["right"] and report[name]["auroc_wrong_vs_right"] > 0.5, report
