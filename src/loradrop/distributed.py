@@ -20,7 +20,10 @@ first training forward, which every data-parallel rank executes.
 Sharded parameters: under FSDP2 (``fully_shard``) the adapter weights are DTensor shards outside their layer's
 forward, under DeepSpeed ZeRO-3 they are empty placeholders (``ds_id``). The all-layer precompute
 (`precompute.WeightPrecompute`) then steps aside and every layer masks its own weights inside its forward, after
-FSDP or DeepSpeed gathered them: nothing is gathered by loradrop, and there is no full-model gather.
+FSDP or DeepSpeed gathered them: nothing is gathered by loradrop, and there is no full-model gather. (ZeRO-3 gathers
+``lora_A`` / ``lora_B`` for the LoRA layer's forward although the variant reads their weights without calling them;
+checked on CPU with DeepSpeed 0.19.8 and gloo, docs/SCALING.md. Marking LoRA layers as ZeRO-3 "leaf" modules breaks
+their backward there: don't.)
 
 This module imports torch only (members.py and precompute.py import it).
 """
@@ -70,20 +73,3 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
     return dtensor is not None and isinstance(tensor, dtensor)
 
-
-def zero3_leaf_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Mark every adapted LoRA layer of `model` as a DeepSpeed ZeRO-3 "leaf" and return them.
-
-    LoRA Dropout reads ``lora_A.weight`` / ``lora_B.weight`` inside the LoRA layer's forward without calling
-    ``lora_A`` / ``lora_B`` as modules, so ZeRO-3's per-module gathering (which fetches a module's parameters when
-    the module itself runs) would leave them partitioned. A leaf module has all its parameters (base layer and
-    adapter) gathered when it runs, which is what DeepSpeed's ``set_z3_leaf_modules`` does for MoE blocks; this sets
-    the same ``_z3_leaf`` flag without importing deepspeed. Call it before ``deepspeed.initialize`` /
-    ``accelerator.prepare`` (the Trainer's prepare). Not tested on DeepSpeed here (docs/SCALING.md says why).
-    """
-    from peft.tuners.lora.layer import LoraLayer
-
-    leaves = [m for m in model.modules() if isinstance(m, LoraLayer) and getattr(m, "lora_variant", None)]
-    for module in leaves:
-        module._z3_leaf = True
-    return leaves
