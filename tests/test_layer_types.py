@@ -443,8 +443,8 @@ def test_other_variants_and_types_are_refused_with_the_reason(name):
 def test_quantised_and_unknown_layer_types_are_named_with_the_reason():
     from loradrop.layer_types import unsupported_reason
 
-    quantised = type("Linear4bit", (nn.Module,), {"__module__": "peft.tuners.lora.bnb"})()
-    assert unsupported_reason(quantised).startswith("peft.tuners.lora.bnb.Linear4bit is a quantised")
-    assert "QLoRA" in unsupported_reason(quantised)
+    quantised = type("QuantLinear", (nn.Module,), {"__module__": "peft.tuners.lora.gptq"})()
+    assert unsupported_reason(quantised).startswith("peft.tuners.lora.gptq.QuantLinear is a quantised")
+    assert "bitsandbytes 4-bit / 8-bit QLoRA layers are supported" in unsupported_reason(quantised)
     custom = type("MyLora", (nn.Module,), {"__module__": "mylib.layers"})()
     assert "register_layer_handler" in unsupported_reason(custom)

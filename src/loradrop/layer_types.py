@@ -231,9 +231,9 @@ def unsupported_reason(module: nn.Module) -> str:
     kind = f"{cls.__module__}.{cls.__qualname__}"
     origin = cls.__module__.rsplit(".", 1)[-1]
     if cls.__module__.startswith("peft.tuners.lora.") and origin in _QUANTISED:
-        return (f"{kind} is a quantised / backend-specific LoRA layer whose own forward never calls PEFT's LoRA "
-                "variants, so masks could not act (QLoRA and the other quantised bases are not supported yet: they "
-                "need a GPU to be tested, issue #13)")
+        return (f"{kind} is a quantised / backend-specific LoRA layer that loradrop has no handler for: its own "
+                "forward is not known to call PEFT's LoRA variants, and the backend is not installed here to test it "
+                "(bitsandbytes 4-bit / 8-bit QLoRA layers are supported; docs/COVERAGE.md)")
     reason = _REASONS.get(cls.__name__)
     if reason is not None and cls.__module__ == "peft.tuners.lora.layer":
         return f"{kind}: {reason}"
