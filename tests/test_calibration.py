@@ -7,6 +7,7 @@ from loradrop.calibration import (
     classification_calibration,
     expected_calibration_error,
     negative_log_likelihood,
+    regression_calibration,
     reliability_diagram,
 )
 
@@ -49,3 +50,25 @@ def test_perfect_and_bad_input():
         classification_calibration(probs, torch.tensor([0, 1, 3]))
     with pytest.raises(ValueError, match="at least one example"):
         classification_calibration(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+def test_regression_calibration_against_scipy():
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    mean, std = rng.normal(size=200), rng.uniform(0.2, 2.0, size=200)
+    labels = mean + std * rng.normal(size=200)
+    out = regression_calibration(torch.tensor(mean), torch.tensor(std), torch.tensor(labels))
+    assert out["gaussian_nll"] == pytest.approx(-norm.logpdf(labels, mean, std).mean(), rel=1e-9)
+    lo, hi = norm.interval(0.9, mean, std)
+    assert out["coverage_90"] == pytest.approx(((labels >= lo) & (labels <= hi)).mean())
+    assert out["interval_width_90"] == pytest.approx((hi - lo).mean())
+    assert 0.8 < out["coverage_90"] < 0.97  # calibrated by construction
+    over = regression_calibration(torch.tensor(mean), torch.tensor(std) / 10, torch.tensor(labels), level=0.5)
+    assert over["coverage_50"] < 0.1 and over["gaussian_nll"] > out["gaussian_nll"]  # overconfident spread
+    collapsed = regression_calibration(torch.zeros(2), torch.zeros(2), torch.tensor([0.0, 1.0]))
+    assert np.isfinite(collapsed["gaussian_nll"]) and collapsed["coverage_90"] == 0.5
+    with pytest.raises(ValueError, match="one length"):
+        regression_calibration(torch.zeros(2), torch.zeros(3), torch.zeros(2))
+    with pytest.raises(ValueError, match="level must be in"):
+        regression_calibration(torch.zeros(2), torch.ones(2), torch.zeros(2), level=1.0)

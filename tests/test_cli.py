@@ -159,6 +159,11 @@ def test_stsb_regression(data_root: Path, bert_dir: Path, tmp_path: Path) -> Non
         assert stored["pearson"] == pytest.approx(pearsonr(values, labels)[0], abs=1e-6)
         assert stored["spearman"] == pytest.approx(spearmanr(values, labels)[0], abs=1e-6)
     assert all(r["uncertainty"]["ensemble_std"] >= 0 for r in rows)
+    mean, std = (np.array([r[k] for r in rows]) if k == "ensemble_mean" else
+                 np.array([r["uncertainty"][k] for r in rows]) for k in ("ensemble_mean", "ensemble_std"))
+    inside = np.abs(labels - mean) <= 1.6448536269514722 * np.maximum(std, 1e-6)  # the ensemble's 90% interval
+    assert ens["coverage_90"] == pytest.approx(inside.mean()) and np.isfinite(ens["gaussian_nll"])
+    assert "coverage_90" not in single  # a single pass has no spread
 
 
 def test_squad_span(data_root: Path, bert_dir: Path, tmp_path: Path) -> None:
@@ -179,6 +184,8 @@ def test_squad_span(data_root: Path, bert_dir: Path, tmp_path: Path) -> None:
         for name in ("exact_match", "f1"):
             assert metrics["eval"][which][name] == pytest.approx(recomputed[name])
     assert metrics["eval"]["ensemble"]["ensemble_size"] == 2
+    for which in ("single", "ensemble"):  # calibration of the start/end distributions
+        assert metrics["eval"][which]["span_nll"] > 0 and 0 <= metrics["eval"][which]["span_ece"] <= 1
     assert json.loads((out / "loss_history.json").read_text())["eval"]  # eval loss on answer positions
 
 

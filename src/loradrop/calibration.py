@@ -1,5 +1,6 @@
 """Calibration metrics on predicted probabilities: top-label ECE (15 equal-width bins), NLL, Brier, and the data of
-a reliability diagram; post-hoc temperature scaling (`TemperatureScaler`). ECE uses torchmetrics' multiclass
+a reliability diagram; post-hoc temperature scaling (`TemperatureScaler`); for regression, the Gaussian NLL and
+interval coverage of a predictive mean and spread (`regression_calibration`). ECE uses torchmetrics' multiclass
 convention for every number of classes (two included)."""
 
 from __future__ import annotations
@@ -58,6 +59,27 @@ def classification_calibration(probs: torch.Tensor, labels: torch.Tensor, n_bins
         "nll": negative_log_likelihood(p, y),
         "brier": brier_score(p, y),
     }
+
+
+def regression_calibration(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, *, level: float = 0.9,
+                           min_std: float = 1e-6) -> dict:
+    """Calibration of a Gaussian predictive N(mean, std²) per example (e.g. an ensemble's mean and spread):
+    ``gaussian_nll`` (mean negative log density of the label, torch's ``gaussian_nll_loss`` with the constant),
+    ``coverage_<level%>`` (share of labels inside the central `level` interval mean ± z·std) and
+    ``interval_width_<level%>`` (its mean width). `std` is floored at `min_std` (a collapsed spread)."""
+    mean, std, labels = (torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in (mean, std, labels))
+    if not (mean.shape == std.shape == labels.shape) or mean.numel() == 0:
+        raise ValueError(f"mean, std and labels must be non-empty and of one length, got {mean.numel()}, "
+                         f"{std.numel()} and {labels.numel()}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    var = std.clamp_min(min_std) ** 2
+    nll = torch.nn.functional.gaussian_nll_loss(mean, labels, var, full=True, eps=min_std ** 2)
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2, dtype=torch.float64))
+    half = z * var.sqrt()
+    pct = f"{round(100 * level):d}"
+    return {"gaussian_nll": float(nll), f"coverage_{pct}": float(((labels - mean).abs() <= half).double().mean()),
+            f"interval_width_{pct}": float(2 * half.mean())}
 
 
 @dataclass

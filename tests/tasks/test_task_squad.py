@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from loradrop.tasks import (
     compute_metrics,
@@ -204,3 +205,28 @@ def test_eval_features_and_postprocess_recovers_gold(small, minilm_tokenizer):
 def test_preprocess_argument_errors(small, minilm_tokenizer):
     with pytest.raises(ValueError, match="doc_stride"):
         _encode(small, minilm_tokenizer, max_seq_len=64, doc_stride=64)
+
+
+def test_gold_positions_of_eval_windows_equal_the_training_features(small, minilm_tokenizer):
+    """The span calibration's gold start/end per evaluation window is what the training features would hold (CLS when
+    the window lacks the answer), and span_calibration scores distributions against it."""
+    from datasets import DatasetDict
+
+    from loradrop.tasks.span import gold_positions, span_calibration
+
+    as_train = preprocess("squad", DatasetDict({"train": small["validation"]}), minilm_tokenizer, 128, doc_stride=32)
+    features = _encode(small, minilm_tokenizer)["validation"]
+    start, end = gold_positions(small["validation"], features)
+    assert start.tolist() == as_train["train"]["start_positions"] and end.tolist() == as_train["train"]["end_positions"]
+    assert 0 < int((start > 0).sum()) < len(features)  # answers inside some windows, outside others
+
+    sharp = torch.full((len(features), 128), 1e-9)
+    sharp[torch.arange(len(features)), start] = 1.0
+    sharp_end = torch.full((len(features), 128), 1e-9)
+    sharp_end[torch.arange(len(features)), end] = 1.0
+    exact = span_calibration(sharp, sharp_end, (start, end))
+    assert exact["span_nll"] < 1e-6 and exact["span_ece"] < 1e-6 and exact["span_brier"] < 1e-6
+    uniform = span_calibration(torch.full((len(features), 128), 1 / 128), torch.full((len(features), 128), 1 / 128),
+                               (start, end))
+    at_cls = (float((start == 0).double().mean()) + float((end == 0).double().mean())) / 2  # argmax of a tie: 0
+    assert uniform["span_nll"] == pytest.approx(np.log(128)) and uniform["span_ece"] == pytest.approx(at_cls - 1 / 128)

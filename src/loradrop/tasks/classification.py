@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from datasets import DatasetDict
 
-from ..calibration import classification_calibration
+from ..calibration import classification_calibration, regression_calibration
 from ..ensemble import entropy
 from ..errors import DataError, UsageError
 from ..prediction import predict_classification
@@ -62,7 +62,8 @@ def prepare_classification(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, 
 def evaluate_classification(model: torch.nn.Module, data: TaskData, tokenizer: Any = None, *, batch_size: int,
                             ensemble: int, chunk_size: int | None, seed: int, split: str | None = None,
                             mc_dropout: bool = False, progress: bool = True) -> EvalResult:
-    """Official metrics (+ ECE/NLL/Brier for classification) of the single pass and the ensemble on `split`
+    """Official metrics (+ ECE/NLL/Brier for classification; for regression the ensemble's Gaussian NLL and 90%
+    interval coverage/width from its mean and spread) of the single pass and the ensemble on `split`
     (default: the task's evaluation split); `mc_dropout` makes the ensemble MC dropout (a baseline)."""
     spec = data.spec
     regression = spec.kind == "regression"
@@ -86,6 +87,8 @@ def evaluate_classification(model: torch.nn.Module, data: TaskData, tokenizer: A
 
     single = metrics(preds.single)
     ens = {**metrics(preds.ensemble), "ensemble_size": ensemble} if preds.ensemble is not None else None
+    if regression and ens is not None:  # the ensemble's spread is a predictive std (the single pass has none)
+        ens.update(regression_calibration(preds.ensemble, preds.ensemble_std, labels))
     rows = []
     for i in range(len(labels)):
         row: dict[str, Any] = {"index": i, "id": ids[i]}

@@ -1,5 +1,6 @@
 """Preparation and evaluation of extractive question answering (SQuAD): overlapping windows, start/end logits,
-the official EM / F1 after post-processing, and the ensemble's averaged start/end distributions."""
+the official EM / F1 after post-processing, the ensemble's averaged start/end distributions, and the calibration of
+the start/end token distributions against the gold positions (`span_calibration`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
+from ..calibration import classification_calibration
 from ..ensemble import batch_seed, ensemble_predict, entropy, eval_mode
 from ..errors import DataError
 from .classification import check_encoded, unsupported_options
@@ -108,11 +110,41 @@ def postprocess_squad(
     return predictions
 
 
+def gold_positions(examples: Dataset, features: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per evaluation window, the token positions of the first reference answer's start and end, with the training
+    features' convention (`prepare_squad_train_features`): position 0 (CLS) when the window does not hold the whole
+    answer or the question has none (SQuAD v2)."""
+    answers = {ex_id: a for ex_id, a in zip(examples["id"], examples["answers"])}
+    starts, ends = [], []
+    for ex_id, offsets in zip(features["example_id"], features["offset_mapping"]):
+        answer = answers[ex_id]
+        context = [k for k, o in enumerate(offsets) if o is not None]
+        start = end = 0
+        if len(answer["answer_start"]) and context:
+            first, last = answer["answer_start"][0], answer["answer_start"][0] + len(answer["text"][0])
+            if offsets[context[0]][0] <= first and offsets[context[-1]][1] >= last:
+                start = max(k for k in context if offsets[k][0] <= first)
+                end = min(k for k in context if offsets[k][1] >= last)
+        starts.append(start)
+        ends.append(end)
+    return torch.tensor(starts), torch.tensor(ends)
+
+
+def span_calibration(start_probs: torch.Tensor, end_probs: torch.Tensor, gold: tuple[torch.Tensor, torch.Tensor]
+                     ) -> dict[str, float]:
+    """``span_ece`` / ``span_nll`` / ``span_brier``: the calibration of the per-window start and end token
+    distributions against the gold positions (`gold_positions`), the mean of the two."""
+    start = classification_calibration(start_probs, gold[0])
+    end = classification_calibration(end_probs, gold[1])
+    return {f"span_{k}": (start[k] + end[k]) / 2 for k in ("ece", "nll", "brier")}
+
+
 @torch.no_grad()
 def evaluate_span(model: torch.nn.Module, data: TaskData, tokenizer: Any = None, *, batch_size: int, ensemble: int,
                   chunk_size: int | None, seed: int, **options: Any) -> EvalResult:
-    """EM / F1 of the single pass and of the ensemble (answers read from the averaged start/end probabilities);
-    per question, the ensemble's mutual information averaged over start and end and over its windows."""
+    """EM / F1 of the single pass and of the ensemble (answers read from the averaged start/end probabilities), each
+    with `span_calibration` of its start/end distributions per window; per question, the ensemble's mutual
+    information averaged over start and end and over its windows."""
     unsupported_options(data.spec, options)
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -141,12 +173,15 @@ def evaluate_span(model: torch.nn.Module, data: TaskData, tokenizer: Any = None,
     version_2 = spec.name == "squad_v2"
     single_text = postprocess_squad(examples, features, torch.cat(starts).numpy(), torch.cat(ends).numpy(),
                                     version_2_with_negative=version_2)
-    single = {**spec.metrics(spec, single_text, examples), "n": len(examples)}
+    gold = gold_positions(examples, features)
+    single = {**spec.metrics(spec, single_text, examples), "n": len(examples),
+              **span_calibration(torch.cat(starts).softmax(-1), torch.cat(ends).softmax(-1), gold)}
     ens_text, ens_metrics, by_example = None, None, {}
     if ensemble:
         ens_text = postprocess_squad(examples, features, torch.cat(ens_starts).numpy(), torch.cat(ens_ends).numpy(),
                                      score_type="probs", version_2_with_negative=version_2)
-        ens_metrics = {**spec.metrics(spec, ens_text, examples), "n": len(examples), "ensemble_size": ensemble}
+        ens_metrics = {**spec.metrics(spec, ens_text, examples), "n": len(examples), "ensemble_size": ensemble,
+                       **span_calibration(torch.cat(ens_starts), torch.cat(ens_ends), gold)}
         mi = (torch.cat(start_mi).clamp_min(0) + torch.cat(end_mi).clamp_min(0)) / 2
         for fi, ex_id in enumerate(features["example_id"]):
             by_example.setdefault(ex_id, []).append(float(mi[fi]))
