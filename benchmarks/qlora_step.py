@@ -11,9 +11,11 @@ PEFT QLoRA and of the same model with ``apply_lora_dropout(p=0)`` must be bit-id
 Variants: ``qlora`` (lora_dropout=0), ``qlora_peft_dropout`` (PEFT's lora_dropout=0.1), ``ld_s1`` / ``ld_s4``
 (LoRA Dropout p=0.1, samples=1 / 4; PEFT's lora_dropout=0).
 
-GPU (what docs/PERFORMANCE.md would quote), with peft, bitsandbytes and loradrop importable:
+GPU (a machine with torch, transformers and accelerate, but without peft and bitsandbytes): build the side folder
+here, carry it (8 MB with one CUDA library), run from the repository root there:
 
-    PYTHONPATH=src:<site dir with peft and bitsandbytes> python benchmarks/qlora_step.py --out qlora_step.json
+    benchmarks/qlora_gpu_site.sh 130   # 130 = torch.version.cuda 13.0 on the GPU machine; 128 for 12.8, ...
+    PYTHONPATH=src:benchmarks/runs/qlora_site python benchmarks/qlora_step.py --out $OUT/qlora_step_cuda.json
 
 Tiny CPU check (bitsandbytes' CPU backend; tests/test_qlora_benchmark.py runs it with fewer variants):
 
