@@ -58,6 +58,8 @@ def test_train_and_eval_write_plots_summary_and_print_one_table(data_root, bert_
     assert main(["eval", "--adapter", str(output), "--ensemble", "4"]) == 0
     out = capsys.readouterr().out
     assert "{" not in out  # no raw JSON
+    assert out.count("data caveat: subsampled: validation 24 of") == 1  # printed once, before the table
+    assert out.index("data caveat:") < out.index("rte, validation split:")
     table = out[out.index("rte, validation split:"):].splitlines()
     assert table[3].startswith("single pass") and table[4].startswith("ensemble of 4")
     for name in ("eval_summary.md", "eval_reliability.png", "eval_uncertainty.png", "eval_metrics.json"):

@@ -13,7 +13,7 @@ from ..config import CONFIG_FILE_NAME
 from ..errors import ModelLoadError, UsageError
 from .acting import prepare_ood, uncertainty_section
 from .integrity import verify_manifest
-from .outputs import print_metrics, write_run_outputs
+from .outputs import data_caveats, print_metrics, write_run_outputs
 from .provenance import hardware, jsonable, versions
 from .runfolder import (
     ADAPTER_DIR,
@@ -121,6 +121,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
     data = prepare_task(spec, data_dir, tokenizer, max_seq_len=max_seq_len, seed=data_seed,
                         max_eval_samples=max_eval, need_train=False, holdout_fraction=holdout,
                         max_train_samples=run_args.get("max_train_samples") if holdout else None)
+    for caveat in data_caveats(data.metadata):  # once, before the evaluation starts (as train does)
+        print(f"data caveat: {caveat}", flush=True)
     ood_data = prepare_ood(settings.ood_task, settings.data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed,
                            max_eval_samples=max_eval)
     torch.manual_seed(seed)
