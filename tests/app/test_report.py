@@ -440,3 +440,18 @@ def test_uncertainty_section_keeps_alphas_apart_and_is_absent_without_data(study
     assert "### Selective prediction" not in text and "### OOD detection" not in text
     rows = [_cells(line) for line in section(md, "### Conformal sets on rte").splitlines() if line.startswith("|")][2:]
     assert {(r[3], r[-1]) for r in rows} == {("0.1", "2"), ("0.3", "1")}  # (alpha, n): never averaged together
+
+
+def test_deep_ensemble_is_not_formed_across_different_test_splits(tmp_path: Path) -> None:
+    # QNLI / SQuAD here: the dev set is split by the run's seed, so each seed tests on other examples (and trains on
+    # some of the others' test examples): averaging them would not be a test score
+    for seed in SEEDS:
+        result = make_result("rte", "lora", 1e-3, seed, (0.7, None))
+        test = result["predictions"]["test"]
+        test["id"] = [i + 10 * seed for i in test["id"]]  # shifted ids: only part of each test set is shared
+        _write(tmp_path / "r", result)
+    md = write_report([tmp_path / "r"], tmp_path / "R.md", plots_dir=tmp_path / "figs").read_text()
+    rte = section(md, "### rte (main metric: accuracy)")
+    assert "Deep ensemble of k=3 LoRAs (seeds" not in rte
+    assert "Deep ensemble of k=3 LoRAs: not formed: the `lora` seeds were tested on different examples" in rte
+    assert f"{N_TEST - 20} examples are common" in rte

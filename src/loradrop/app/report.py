@@ -263,15 +263,16 @@ def _derived(study: Study, task: str, rows: list[Row]) -> list[str]:
             derived.append(_derived_cells(scaled.name, scaled.values, row.values["main"], str(scaled.values["T"].n),
                                           False, info.main))
     ens = deep_ensemble(study, task)
-    if ens is not None:
+    skipped = [] if ens is None or ens.skipped is None else [f"Deep ensemble of k={ens.k} LoRAs: {ens.skipped}.", ""]
+    if ens is not None and ens.skipped is None:
         one = {k: Stat.of([v]) for k, v in ens.values.items()}
         name = f"Deep ensemble of k={ens.k} LoRAs (seeds {','.join(map(str, ens.seeds))}, {ens.n} test examples)"
         derived.append(_derived_cells(name, one, one["main"], "1 ensemble", info.regression, info.main))
     if not derived:
-        return []
+        return skipped
     columns = ["derived row", "T", *([] if info.main == "accuracy" else [f"test {info.main}"]),
                *([] if info.regression else ["accuracy", "ECE (%)", "NLL", "Brier"]), "n"]
-    return [DERIVED_TEXT.format(task=task), "", _table(derived, columns), ""]
+    return [DERIVED_TEXT.format(task=task), "", _table(derived, columns), "", *skipped]
 
 
 def _results(study: Study) -> list[str]:

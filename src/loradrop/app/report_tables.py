@@ -396,6 +396,7 @@ class DeepEnsemble:
     n: int
     seeds: tuple[int, ...]
     values: dict[str, float]
+    skipped: str | None = None  # why no ensemble was formed (values then empty)
 
 
 def deep_ensemble(study: Study, task: str) -> DeepEnsemble | None:
@@ -415,8 +416,12 @@ def deep_ensemble(study: Study, task: str) -> DeepEnsemble | None:
         return None
     shared = set.intersection(*(set(m[3]) for m in members))
     order = [i for i in members[0][3] if i in shared]  # examples every member scored, in the first one's order
-    if len(order) < 2:  # e.g. max_eval_samples drew a different test subset per seed
-        return None
+    if any(len(set(m[3])) != len(shared) for m in members):
+        # a test split drawn per seed (QNLI and SQuAD here: dev split by the run's seed; or max_eval_samples): one
+        # member's training examples can be another's test examples, so their average is no fair test score
+        return DeepEnsemble(len(members), len(shared), tuple(m[0] for m in members), {}, skipped=(
+            f"not formed: the `lora` seeds were tested on different examples (the test split or subset is drawn per "
+            f"seed; {len(shared)} examples are common), so one member's training data holds another's test examples"))
     stacked, labels = [], None
     for _, values, y, ids in members:
         position = {i: n for n, i in enumerate(ids)}
