@@ -59,6 +59,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {  # name -> LoraDropoutConfig setti
     "lora": None,
     "loradrop_s1": dict(p=0.5, samples=1),
     "loradrop_s4": dict(p=0.5, samples=4),
+    "loradrop_s4_chunk1": dict(p=0.5, samples=4, member_chunk=1),  # one member's activations at a time
     "loradrop_example": dict(p=0.5, mask_scope="example"),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -125,6 +126,9 @@ def run_config(accelerator, name: str, args: argparse.Namespace) -> dict[str, An
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(1000 + accelerator.process_index)
+    chunked = bool(CONFIGS[name] and CONFIGS[name].get("member_chunk"))
+    if chunked and deepspeed is not None:
+        raise SystemExit(f"{name}: member chunks call loss.backward() per chunk; DeepSpeed needs engine.backward")
     vocab = PRESETS[args.preset]["vocab_size"]
     times, losses = [], []
     for step in range(args.warmup + args.steps):
@@ -132,8 +136,11 @@ def run_config(accelerator, name: str, args: argparse.Namespace) -> dict[str, An
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        accelerator.backward(loss)
+        if chunked:  # loradrop.chunked_backward: forward + backward per member chunk, the step's mean loss
+            loss = loradrop.chunked_backward(model, {"input_ids": ids, "labels": ids})
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
