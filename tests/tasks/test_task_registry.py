@@ -25,6 +25,9 @@ from loradrop.tasks.base import require_data_root
 EXPECTED = {
     "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte",
     "squad", "squad_v2", "alpaca", "lima", "mmlu", "tweets",
+    "arc_easy", "arc_challenge", "openbookqa", "boolq", "winogrande_s", "winogrande_m", "piqa",
+    "openbookqa_ood_arc_challenge", "openbookqa_ood_arc_easy", "openbookqa_ood_mmlu_chemistry",
+    "openbookqa_ood_mmlu_physics",
 }
 
 

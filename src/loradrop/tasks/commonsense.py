@@ -24,10 +24,14 @@ from datasets import DatasetDict, Features, List, Value
 
 from ..errors import DataError
 from .base import classification_metrics, make_dataset, read_text, require_data_root, split_indices
-from .commonsense_scoring import evaluate_choices, prepare_choices, preprocess_choices
+from .commonsense_scoring import (
+    LETTERS,
+    evaluate_choices,
+    prepare_choices,
+    preprocess_choices,
+)
 from .spec import TaskSpec
 
-LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E")
 BOOLQ_SPLIT_SEED = 0
 BOOLQ_TEST_FRACTION = 0.3
 MMLU_OOD_SUBJECTS = {"mmlu_chemistry": "college_chemistry", "mmlu_physics": "college_physics"}
@@ -35,34 +39,6 @@ CHOICE_FEATURES = Features({"idx": Value("string"), "question": Value("string"),
                             "choices": List(Value("string")), "label": Value("int64")})
 ARC_FILES = {"arc_easy": ("arc/ARC-Easy", "ARC-Easy"), "arc_challenge": ("arc/ARC-Challenge", "ARC-Challenge")}
 WINOGRANDE_TRAIN = {"winogrande_s": "train_s", "winogrande_m": "train_m"}
-STYLES = {"arc_easy": "question", "arc_challenge": "question", "openbookqa": "question", "boolq": "boolq",
-          "winogrande_s": "winogrande", "winogrande_m": "winogrande", "piqa": "piqa"}
-
-
-# ------------------------------------------------------------------------------------------------------ prompts
-def format_choice_prompt(style: str, question: str, choices: Sequence[str], context: str = "") -> str:
-    """The prompt of one example: the question (BoolQ: passage and question; WinoGrande: the sentence with its
-    blank; PIQA: the goal), the choices lettered ``A.`` ``B.`` ..., and ``"Answer:"``; the answer is the next token
-    (``" A"``...)."""
-    if not 2 <= len(choices) <= len(LETTERS):
-        raise DataError(f"a question needs 2 to {len(LETTERS)} choices, got {len(choices)}: {question[:60]!r}")
-    if style == "boolq":
-        head = [f"Passage: {context}", f"Question: {question}?"]
-    elif style == "winogrande":
-        head = [f"Sentence: {question}", "Which option fills the blank (_)?"]
-    elif style == "piqa":
-        head = [f"Goal: {question}", "Which solution reaches the goal?"]
-    elif style == "question":
-        head = [f"Question: {question}"]
-    else:
-        raise DataError(f"unknown prompt style {style!r}; allowed: ['boolq', 'piqa', 'question', 'winogrande']")
-    lines = [*head, "Choices:", *(f"{letter}. {text}" for letter, text in zip(LETTERS, choices)), "Answer:"]
-    return "\n".join(lines)
-
-
-def prompt_style(spec: TaskSpec) -> str:
-    """The prompt style of a task (the OOD tasks are prompted as their training task, OpenBookQA)."""
-    return STYLES.get(spec.name, "question")
 
 
 # ------------------------------------------------------------------------------------------------------ reading

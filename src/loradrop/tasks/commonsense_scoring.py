@@ -1,5 +1,5 @@
 """Letter scoring of multiple-choice prompts with a causal LM (the commonsense tasks, `loradrop.tasks.commonsense`):
-tokenization, the left-padding collators, the training loss (cross-entropy over the answer letters), and the
+the prompts, the left-padding collators, the training loss (cross-entropy over the answer letters), and the
 evaluation through the classification code (`evaluate_classification`: accuracy, ECE, NLL, Brier of the single pass
 and of the LoRA Dropout or MC-dropout ensemble) by wrapping the LM in `LetterScorer`, a module whose ``logits`` are
 the answer letters' next-token logits at the last prompt position (letters a question does not have masked out).
@@ -26,6 +26,34 @@ from .classification import check_encoded, evaluate_classification
 from .spec import EvalResult, TaskData, TaskSpec
 
 IGNORE_INDEX = -100
+LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E")
+STYLES = {"arc_easy": "question", "arc_challenge": "question", "openbookqa": "question", "boolq": "boolq",
+          "winogrande_s": "winogrande", "winogrande_m": "winogrande", "piqa": "piqa"}
+
+
+def format_choice_prompt(style: str, question: str, choices: Sequence[str], context: str = "") -> str:
+    """The prompt of one example: the question (BoolQ: passage and question; WinoGrande: the sentence with its
+    blank; PIQA: the goal), the choices lettered ``A.`` ``B.`` ..., and ``"Answer:"``; the answer is the next token
+    (``" A"``...)."""
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise DataError(f"a question needs 2 to {len(LETTERS)} choices, got {len(choices)}: {question[:60]!r}")
+    if style == "boolq":
+        head = [f"Passage: {context}", f"Question: {question}?"]
+    elif style == "winogrande":
+        head = [f"Sentence: {question}", "Which option fills the blank (_)?"]
+    elif style == "piqa":
+        head = [f"Goal: {question}", "Which solution reaches the goal?"]
+    elif style == "question":
+        head = [f"Question: {question}"]
+    else:
+        raise DataError(f"unknown prompt style {style!r}; allowed: ['boolq', 'piqa', 'question', 'winogrande']")
+    lines = [*head, "Choices:", *(f"{letter}. {text}" for letter, text in zip(LETTERS, choices)), "Answer:"]
+    return "\n".join(lines)
+
+
+def prompt_style(spec: TaskSpec) -> str:
+    """The prompt style of a task (the OOD tasks are prompted as their training task, OpenBookQA)."""
+    return STYLES.get(spec.name, "question")
 
 
 def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
@@ -46,8 +74,6 @@ def preprocess_choices(spec: TaskSpec, dataset_dict: DatasetDict, tokenizer: Any
                        **_: Any) -> DatasetDict:
     """Prompts (`format_choice_prompt`) tokenized and cut from the left to `max_seq_len` tokens (so the choices and
     ``"Answer:"`` survive; only long BoolQ passages are cut), with ``labels`` (the answer index) and ``n_choices``."""
-    from .commonsense import format_choice_prompt, prompt_style
-
     if not isinstance(max_seq_len, int) or max_seq_len < 8:
         raise DataError(f"max_seq_len must be an integer >= 8, got {max_seq_len!r}")
     style = prompt_style(spec)
@@ -175,7 +201,6 @@ def prepare_choices(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq
     validation, else ``validation``), the training collator and loss (`letter_loss`), and what `evaluate_choices`
     needs (the letter ids, the evaluation collator)."""
     from .base import get_metadata
-    from .commonsense import LETTERS
 
     letters = LETTERS[:spec.num_labels]
     letter_ids = letter_token_ids(tokenizer, letters)
