@@ -6,7 +6,8 @@ index in the global batch), the same loss and the same gradients up to reduction
 ranks, continuing the same mask stream.
 
 One spawn of 2 workers runs every case (process start-up is what costs time here); the single-process references
-run in the test process.
+run in the test process. ``LORADROP_DISTRIBUTED_DEVICE=cuda`` runs the same test on 2 GPUs with NCCL (one per rank;
+the single-process reference on GPU 0).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from loradrop.distributed_save import save_adapter
 from loradrop.model import get_controller
 
 WORLD, GLOBAL_BATCH, SEQ, STEPS, LR = 2, 4, 8, 3, 0.5
+DEVICE = os.environ.get("LORADROP_DISTRIBUTED_DEVICE", "cpu")  # "cuda": NCCL on 2 GPUs
 LOCAL = GLOBAL_BATCH // WORLD
 CASES = {  # name -> LoraDropoutConfig settings (seed=None: drawn per process, then rank 0's is broadcast)
     "batch-s1": dict(samples=1),
@@ -44,13 +46,18 @@ def data() -> torch.Tensor:
     return torch.randint(0, 64, (STEPS, GLOBAL_BATCH, SEQ), generator=generator)
 
 
-def build(case: str, stream_seed: int, adapter: Path | None = None):
+def device_of(rank: int) -> torch.device:
+    return torch.device(f"cuda:{rank}") if DEVICE == "cuda" else torch.device("cpu")
+
+
+def build(case: str, stream_seed: int, adapter: Path | None = None, rank: int = 0):
     """The same tiny Llama + LoRA in every process; the mask seed is drawn from torch's generator seeded with
     `stream_seed` (ranks differ on purpose: the broadcast must make them agree)."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
     base = LlamaForCausalLM(config)
+    base.to(device_of(rank))
     if adapter is not None:
         return loradrop.from_pretrained(base, adapter, is_trainable=True)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
@@ -61,7 +68,7 @@ def build(case: str, stream_seed: int, adapter: Path | None = None):
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
-    return (tensor.full_tensor() if is_sharded(tensor) else tensor).detach().clone()
+    return (tensor.full_tensor() if is_sharded(tensor) else tensor).detach().cpu().clone()
 
 
 def train(model, wrapped, rows: slice, steps: range, record: dict[str, torch.Tensor], tag: str) -> None:
@@ -72,11 +79,11 @@ def train(model, wrapped, rows: slice, steps: range, record: dict[str, torch.Ten
     batches = data()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     for step in steps:
-        ids = batches[step][rows]
+        ids = batches[step][rows].to(model.device)
         loss = wrapped(input_ids=ids, labels=ids).loss
         loss.backward()
         plan = get_controller(model)._plan
-        record[f"{tag}/mask/{step}"] = plan.mask.clone()
+        record[f"{tag}/mask/{step}"] = plan.mask.cpu().clone()
         record[f"{tag}/precomputed/{step}"] = torch.tensor(plan.weights is not None)
         if step == steps[0]:
             for name, p in params:
@@ -86,7 +93,7 @@ def train(model, wrapped, rows: slice, steps: range, record: dict[str, torch.Ten
         total = loss.detach().clone()
         if world > 1:
             torch.distributed.all_reduce(total)
-        record[f"{tag}/loss/{step}"] = total / world
+        record[f"{tag}/loss/{step}"] = total.cpu() / world
     for name, p in params:
         record[f"{tag}/weight/{name}"] = full(p)
     record[f"{tag}/step"] = torch.tensor(get_controller(model).step)
@@ -104,24 +111,26 @@ def shard(model) -> None:
 def worker(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
+    torch.distributed.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=rank, world_size=WORLD)
     rows, record, out = slice(rank * LOCAL, (rank + 1) * LOCAL), {}, Path(folder)
     try:
         for case in CASES:
-            model = build(case, stream_seed=10 + rank)
+            model = build(case, stream_seed=10 + rank, rank=rank)
             record[f"{case}/seed_before"] = torch.tensor(get_controller(model).seed)
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if DEVICE == "cuda" else None)
             train(model, ddp, rows, range(STEPS), record, f"{case}/ddp")
-            model = build(case, stream_seed=10 + rank)
+            model = build(case, stream_seed=10 + rank, rank=rank)
             shard(model)
             train(model, model, rows, range(STEPS), record, f"{case}/fsdp")
         # a checkpoint under FSDP2 after 2 steps (resumed on one rank by the test), and the test's one-rank
         # checkpoint after 2 steps resumed here on two FSDP2 ranks
-        model = build(RESUME_CASE, stream_seed=10 + rank)
+        model = build(RESUME_CASE, stream_seed=10 + rank, rank=rank)
         shard(model)
         train(model, model, rows, range(2), record, "save")
         save_adapter(model, out / "fsdp-checkpoint")
-        model = build(RESUME_CASE, stream_seed=10 + rank, adapter=out / "single-checkpoint")
+        model = build(RESUME_CASE, stream_seed=10 + rank, adapter=out / "single-checkpoint", rank=rank)
         shard(model)
         train(model, model, rows, range(2, STEPS), record, "resumed-on-2")
     finally:
@@ -137,6 +146,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict, list[dict], Path]:
+    if DEVICE == "cuda" and torch.cuda.device_count() < WORLD:
+        pytest.skip(f"LORADROP_DISTRIBUTED_DEVICE=cuda needs {WORLD} GPUs, found {torch.cuda.device_count()}")
     folder = tmp_path_factory.mktemp("distributed")
     single: dict[str, torch.Tensor] = {}
     for case in CASES:
