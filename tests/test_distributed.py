@@ -39,6 +39,15 @@ CASES = {  # name -> LoraDropoutConfig settings (seed=None: drawn per process, t
     "example-s2": dict(mask_scope="example", samples=2),
 }
 RESUME_CASE = "batch-s3"
+ENSEMBLE_CASE = "batch-s1"
+
+
+def ensemble(model, rows: slice) -> torch.Tensor:
+    """Member probabilities of a 3-member test-time ensemble on the rows `rows` of a batch (a fixed seed, and one
+    chunk: under FSDP every rank must run the same number of forward calls)."""
+    ids = data()[0][rows]
+    out = loradrop.ensemble_predict(model, {"input_ids": ids}, n=3, chunk_size=3, seed=5)
+    return out.member_probs.cpu()
 
 
 def data() -> torch.Tensor:
@@ -124,6 +133,8 @@ def worker(rank: int, port: int, folder: str) -> None:
             model = build(case, stream_seed=10 + rank, rank=rank)
             shard(model)
             train(model, model, rows, range(STEPS), record, f"{case}/fsdp")
+            if case == ENSEMBLE_CASE:
+                record["ensemble/fsdp"] = ensemble(model, rows)
         # a checkpoint under FSDP2 after 2 steps (resumed on one rank by the test), and the test's one-rank
         # checkpoint after 2 steps resumed here on two FSDP2 ranks
         model = build(RESUME_CASE, stream_seed=10 + rank, rank=rank)
@@ -153,6 +164,8 @@ def runs(tmp_path_factory) -> tuple[dict, list[dict], Path]:
     for case in CASES:
         model = build(case, stream_seed=10)
         train(model, model, slice(None), range(STEPS), single, f"{case}/single")
+        if case == ENSEMBLE_CASE:
+            single["ensemble/single"] = ensemble(model, slice(None))
     model = build(RESUME_CASE, stream_seed=10)
     train(model, model, slice(None), range(2), single, "single-save")
     model.save_pretrained(str(folder / "single-checkpoint"))
@@ -223,3 +236,11 @@ def test_fsdp_checkpoint_is_a_gathered_peft_adapter_and_resumes_on_another_rank_
     for name in [k.split("/weight/")[1] for k in resumed if "/weight/" in k]:
         final = single[f"{RESUME_CASE}/single/weight/{name}"]
         assert close(resumed[f"r/weight/{name}"], final) and close(ranks[1][f"resumed-on-2/weight/{name}"], final)
+
+
+def test_ensemble_under_fsdp_equals_one_rank(runs) -> None:
+    single, ranks, _ = runs
+    reference = single["ensemble/single"]  # (members, global batch, seq, vocab)
+    assert reference.shape[:2] == (3, GLOBAL_BATCH) and not torch.allclose(reference[0], reference[1])
+    for rank, record in enumerate(ranks):
+        assert close(record["ensemble/fsdp"], reference[:, rank * LOCAL:(rank + 1) * LOCAL])
