@@ -135,6 +135,12 @@ def worker(rank: int, port: int, folder: str) -> None:
             train(model, model, rows, range(STEPS), record, f"{case}/fsdp")
             if case == ENSEMBLE_CASE:
                 record["ensemble/fsdp"] = ensemble(model, rows)
+        # the whole model as ONE FSDP unit: FSDP gathers it before loradrop's pre-hook, which then precomputes
+        model = build(RESUME_CASE, stream_seed=10 + rank, rank=rank)
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+        train(model, model, rows, range(STEPS), record, f"{RESUME_CASE}/fsdp-root")
         # a checkpoint under FSDP2 after 2 steps (resumed on one rank by the test), and the test's one-rank
         # checkpoint after 2 steps resumed here on two FSDP2 ranks
         model = build(RESUME_CASE, stream_seed=10 + rank, rank=rank)
@@ -244,3 +250,14 @@ def test_ensemble_under_fsdp_equals_one_rank(runs) -> None:
     assert reference.shape[:2] == (3, GLOBAL_BATCH) and not torch.allclose(reference[0], reference[1])
     for rank, record in enumerate(ranks):
         assert close(record["ensemble/fsdp"], reference[:, rank * LOCAL:(rank + 1) * LOCAL])
+
+
+def test_one_fsdp_unit_precomputes_on_the_gathered_weights(runs) -> None:
+    single, ranks, _ = runs
+    tag, ref = f"{RESUME_CASE}/fsdp-root", f"{RESUME_CASE}/single"
+    for step in range(STEPS):
+        assert all(bool(record[f"{tag}/precomputed/{step}"]) for record in ranks)
+        assert all(torch.equal(record[f"{tag}/mask/{step}"], single[f"{ref}/mask/{step}"]) for record in ranks)
+        assert close(ranks[0][f"{tag}/loss/{step}"], single[f"{ref}/loss/{step}"])
+    for name in [k.split("/weight/")[1] for k in single if k.startswith(f"{ref}/weight/")]:
+        assert close(ranks[1][f"{tag}/weight/{name}"], single[f"{ref}/weight/{name}"]), name
