@@ -190,7 +190,15 @@ def main() -> None:
         args.dtype = "bf16" if accelerator.device.type == "cuda" else "fp32"
     results = []
     for name in names:
-        out = run_config(accelerator, name, args)
+        try:
+            out = run_config(accelerator, name, args)
+        except torch.OutOfMemoryError as error:  # every rank runs the same shapes, so all of them get here
+            accelerator.free_memory()
+            gc.collect()
+            torch.cuda.empty_cache()
+            out = {"n_params": None, "rank_result": {"rank": accelerator.process_index, "oom": str(error)[:300],
+                                                     "median_step_s": float("nan"), "memory": peak_memory(
+                                                         accelerator.device)}}
         gathered: list[Any] = [None] * accelerator.num_processes
         if accelerator.num_processes > 1:
             torch.distributed.all_gather_object(gathered, out["rank_result"])
