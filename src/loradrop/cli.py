@@ -89,8 +89,10 @@ def _add_lora_dropout_args(parser: argparse.ArgumentParser, *, p: float, samples
 
 def _add_acting_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("acting on uncertainty (the 'uncertainty' section of the metrics, plots)")
-    group.add_argument("--ood-task", default=None, metavar="TASK",
-                       help="a classification task scored as out-of-distribution data (OOD AUROC/AUPR/FPR@95)")
+    group.add_argument("--ood-task", default=None, metavar="TASK[,TASK...]",
+                       help="tasks scored as out-of-distribution sets (OOD AUROC/AUPR/FPR@95): classification tasks "
+                            "for a classification run; for a commonsense run other commonsense tasks, each also "
+                            "scored in full (accuracy, ECE, NLL, Brier), e.g. arc_challenge,mmlu_college_physics")
     group.add_argument("--conformal-alpha", type=float, default=None, metavar="A",
                        help="split-conformal LAC/APS sets at miscoverage A (calibrated on the run's validation "
                             "split, else on a held-out half of the evaluation split)")

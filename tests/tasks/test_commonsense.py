@@ -89,8 +89,10 @@ def test_other_formats_on_real_rows(cs_root):
     labels = (cs_root / "commonsense/piqa/valid-labels.lst").read_text().split()
     assert [str(x) for x in piqa["validation"]["label"]] == labels
     assert piqa["validation"][0]["question"].startswith("How do I ready a guinea pig cage")
-    physics = load_task_data("openbookqa_ood_mmlu_physics", cs_root)
-    assert len(physics["validation"]) == 102 and len(physics["train"]) == 4957
+    physics = load_task_data("mmlu_college_physics", cs_root)  # an evaluation set only (an OOD test set)
+    assert list(physics) == ["validation"] and len(physics["validation"]) == 102
+    assert len(physics["validation"][0]["choices"]) == 4 and not get_task("mmlu_college_physics").trainable
+    assert len(load_task_data("mmlu_college_chemistry", cs_root / "commonsense")["validation"]) == 100
 
 
 def test_winogrande_label_file_must_agree(tmp_path):
@@ -117,8 +119,9 @@ def test_prompts():
 def test_catalog_rows_and_listing(capsys):
     from loradrop.cli import main
 
-    for name in (*NAMES, "openbookqa_ood_mmlu_chemistry"):
+    for name in (*NAMES, "mmlu_college_chemistry"):
         assert CATALOG[name].family == "commonsense" and get_task(name).predicts_classes
+        assert CATALOG[name].predicts_classes
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in NAMES)

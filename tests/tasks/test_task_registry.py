@@ -26,8 +26,7 @@ EXPECTED = {
     "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte",
     "squad", "squad_v2", "alpaca", "lima", "mmlu", "tweets",
     "arc_easy", "arc_challenge", "openbookqa", "boolq", "winogrande_s", "winogrande_m", "piqa",
-    "openbookqa_ood_arc_challenge", "openbookqa_ood_arc_easy", "openbookqa_ood_mmlu_chemistry",
-    "openbookqa_ood_mmlu_physics",
+    "mmlu_college_chemistry", "mmlu_college_physics",
 }
 
 

