@@ -9,8 +9,25 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..errors import UsageError
+
 logger = logging.getLogger("loradrop.app")
 LOWER_IS_BETTER = ("loss", "nll", "ece", "brier")
+
+
+def check_task_options(settings: Any, spec: Any) -> None:
+    """Refuse the run options a task's evaluation cannot serve: a held-out validation split and per-epoch scoring
+    need an ``evaluate`` that scores any split (`TaskSpec.scores_splits`: classification, regression, span and
+    class-scoring tasks); MC dropout needs a class or regression head's evaluation."""
+    problems = []
+    needs_splits = [k for k in ("holdout_fraction", "epoch_eval") if getattr(settings, k)]
+    if needs_splits and not spec.scores_splits:
+        problems.append(f"{', '.join(needs_splits)}: supported for classification, regression and span tasks only")
+    if settings.ensemble_kind == "mc_dropout" and spec.kind not in ("classification", "regression") \
+            and not spec.predicts_classes:
+        problems.append("test_ensemble='mc_dropout': supported for classification and regression tasks only")
+    if problems:
+        raise UsageError(f"{'; '.join(problems)}, not {spec.name} ({spec.kind})")
 
 
 def better(metric: str, new: float, old: float | None) -> bool:

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import OutputError, UsageError
 from .acting import prepare_ood, uncertainty_section
+from .epochs import check_task_options
 from .integrity import verify_manifest, write_manifest
 from .outputs import data_caveats, headline, print_metrics, write_run_outputs
 from .provenance import hardware, jsonable, peak_memory, versions
@@ -185,13 +186,7 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
             raise UsageError(f"--resume with settings that differ from the run being resumed: {', '.join(changed)}")
     ld_config = settings.lora_dropout_config()
     spec = resolve_task(settings.task, settings.data_dir)
-    if spec.kind not in ("classification", "regression") and not spec.predicts_classes:
-        extras = [k for k in ("holdout_fraction", "epoch_eval") if getattr(settings, k)]
-        if settings.ensemble_kind == "mc_dropout":
-            extras.append("test_ensemble='mc_dropout'")
-        if extras:
-            raise UsageError(f"{', '.join(extras)}: supported for classification and regression tasks only, not "
-                             f"{spec.name} ({spec.kind})")
+    check_task_options(settings, spec)  # holdout_fraction / epoch_eval / MC dropout: what its evaluation serves
     check_training_controls(settings, _world_size())
     model_name = settings.model or _default_model(spec.kind)
     config = check_model_fits(model_name, spec.kind)

@@ -269,8 +269,9 @@ def load_task_data(
     ``validation_fraction``; by article for SQuAD). ``max_train_samples`` / ``max_eval_samples`` take a seeded
     random subset (original order kept) of ``train`` / every other split. ``holdout_fraction`` (for model
     selection without touching the dev set) carves a validation split out of the (subsampled) train split,
-    stratified by label, and the task's own validation split becomes ``test``, the split a run is scored on. How
-    each split was made is in ``get_metadata(result)`` (and each split's ``info.description``).
+    stratified by label (classes) or by the spec's ``group_column`` (SQuAD: whole articles), and the task's own
+    validation split becomes ``test``, the split a run is scored on. How each split was made is in
+    ``get_metadata(result)`` (and each split's ``info.description``).
     """
     spec = get_task(task)  # (loads the task modules)
     if spec.loader is None:  # pragma: no cover - every registered task has one
@@ -322,14 +323,21 @@ def _hold_out(spec: TaskSpec, data: DatasetDict, metadata: dict[str, Any], fract
                         "split out of train only for tasks scored on their validation (dev) split")
     train = data["train"]
     strata = list(train[spec.label_column]) if spec.classifies else None
-    keep, held = split_indices(len(train), fraction, seed + 17, strata=strata)
+    groups = list(train[spec.group_column]) if spec.group_column in train.column_names else None
+    keep, held = split_indices(len(train), fraction, seed + 17, strata=strata, groups=groups)
     out = DatasetDict({"train": train.select(keep.tolist()), "validation": train.select(held.tolist()),
                        "test": data["validation"]})
-    how = (f"validation: {len(held)} rows held out of train ({fraction:.0%}, "
+    by_group = ""
+    if groups is not None:  # e.g. SQuAD articles: no context in two splits
+        held_groups = len({groups[i] for i in held.tolist()})
+        by_group = (f"whole {spec.group_column}s: {len(set(groups)) - held_groups} kept, {held_groups} held out; "
+                    f"no {spec.group_column} in two splits, ")
+    how = (f"validation: {len(held)} rows held out of train ({fraction:.0%}, {by_group}"
            f"{'stratified by label, ' if strata else ''}seed {seed + 17}); test: the task's validation (dev) split")
     notes = dict(metadata.get("split_notes", {}))
     notes.update(train=f"{notes.get('train', 'train')} minus the held-out validation rows",
-                 validation=f"held out of train ({fraction:.0%})", test=notes.get("validation", "validation"))
+                 validation=f"held out of train ({fraction:.0%}{', by ' + spec.group_column if groups else ''})",
+                 test=notes.get("validation", "validation"))
     derived = "; ".join(x for x in (metadata.get("derived_splits"), how) if x)
     return out, {**metadata, "split_notes": notes, "derived_splits": derived, "holdout_fraction": fraction}
 

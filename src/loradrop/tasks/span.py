@@ -24,12 +24,15 @@ SCORE_TYPES = ("logits", "probs")
 def prepare_span(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_len: int, need_train: bool = True,
                  **_: Any) -> TaskData:
     """Train windows with answer positions, the validation questions in the same layout (the Trainer's eval loss),
-    and evaluation windows with ``example_id`` / ``offset_mapping`` for post-processing."""
+    and evaluation windows with ``example_id`` / ``offset_mapping`` (for post-processing) of every split a run
+    scores: the evaluation split (``test`` where the data has one, i.e. with ``holdout_fraction``, else
+    ``validation``) and, when training, ``validation``."""
     from transformers import default_data_collator
 
     from .base import get_metadata
 
     doc_stride = min(128, max_seq_len // 3)
+    eval_split = "test" if "test" in raw else "validation"
 
     def windows(split: str, as_split: str) -> Any:
         return spec.preprocessor(spec, DatasetDict({as_split: raw[split]}), tokenizer, max_seq_len,
@@ -38,9 +41,10 @@ def prepare_span(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_le
     train = windows("train", "train") if need_train else None
     eval_loss = windows("validation", "train") if need_train else None  # answer positions for the eval loss
     check_encoded(spec, max_seq_len, train=train, validation=eval_loss)
-    return TaskData(spec=spec, raw=raw, train=train, eval_loss=eval_loss, eval_split="validation",
+    scored = [*(["validation"] if need_train else []), eval_split]
+    return TaskData(spec=spec, raw=raw, train=train, eval_loss=eval_loss, eval_split=eval_split,
                     collator=default_data_collator, metadata=get_metadata(raw),
-                    extras={"eval_features": windows("validation", "validation")},
+                    extras={"eval_features": {split: windows(split, split) for split in dict.fromkeys(scored)}},
                     recorded={"doc_stride": doc_stride})
 
 
@@ -141,24 +145,28 @@ def span_calibration(start_probs: torch.Tensor, end_probs: torch.Tensor, gold: t
 
 @torch.no_grad()
 def evaluate_span(model: torch.nn.Module, data: TaskData, tokenizer: Any = None, *, batch_size: int, ensemble: int,
-                  chunk_size: int | None, seed: int, **options: Any) -> EvalResult:
-    """EM / F1 of the single pass and of the ensemble (answers read from the averaged start/end probabilities), each
-    with `span_calibration` of its start/end distributions per window; per question, the ensemble's mutual
-    information averaged over start and end and over its windows."""
-    unsupported_options(data.spec, options)
+                  chunk_size: int | None, seed: int, split: str | None = None, progress: bool = True,
+                  **options: Any) -> EvalResult:
+    """EM / F1 of the single pass and of the ensemble (answers read from the averaged start/end probabilities) on
+    `split` (default: the evaluation split), each with `span_calibration` of its start/end distributions per window;
+    per question, the ensemble's mutual information averaged over start and end and over its windows."""
+    unsupported_options(data.spec, options)  # e.g. mc_dropout
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import default_data_collator
 
     spec = data.spec
-    examples = data.raw["validation"]
-    features = data.extras["eval_features"]
+    split = split or data.eval_split
+    if split not in data.extras["eval_features"]:
+        raise DataError(f"{spec.name}: no prepared split {split!r}; prepared: {sorted(data.extras['eval_features'])}")
+    examples = data.raw[split]
+    features = data.extras["eval_features"][split]
     inputs_only = features.remove_columns([c for c in ("example_id", "offset_mapping") if c in features.column_names])
     loader = DataLoader(inputs_only, batch_size=batch_size, collate_fn=default_data_collator)
     device = next(model.parameters()).device
     starts, ends, ens_starts, ens_ends, start_mi, end_mi = [], [], [], [], [], []
     with eval_mode(model):
-        for i, batch in enumerate(tqdm(loader, desc="evaluate", leave=False)):
+        for i, batch in enumerate(tqdm(loader, desc=f"evaluate {split}", leave=False, disable=not progress)):
             inputs = {k: v.to(device) for k, v in batch.items()}
             out = model(**inputs)
             starts.append(out.start_logits.float().cpu())

@@ -33,6 +33,8 @@ class TaskSpec:
         predicts_classes: its ``evaluate`` scores ``num_labels`` classes like a classification task (probability
             rows, the ``split`` / ``mc_dropout`` / ``progress`` options, a label-stratified held-out validation split)
             although its model head is of another kind (multiple choice scored by a causal LM).
+        group_column: a column of the loaded data whose rows must stay on one side of a split held out of train
+            (``holdout_fraction``), e.g. SQuAD's ``title``: no article (so no context) is in two splits.
         loader: ``loader(spec, data_dir, *, seed, validation_fraction) -> (DatasetDict, metadata)``.
         preprocessor: ``preprocessor(spec, dataset_dict, tokenizer, max_seq_len, **kwargs) -> DatasetDict``.
         metrics: ``metrics(spec, predictions, references, **kwargs) -> dict``.
@@ -54,6 +56,7 @@ class TaskSpec:
     hub_name: str | None = None
     trainable: bool = True
     predicts_classes: bool = False
+    group_column: str | None = None
     description: str = ""
     loader: Callable[..., tuple[Any, dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
     preprocessor: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
@@ -73,6 +76,12 @@ class TaskSpec:
     def classifies(self) -> bool:
         """Whether its evaluation scores classes (a classification task, or `predicts_classes`)."""
         return self.kind == "classification" or self.predicts_classes
+
+    @property
+    def scores_splits(self) -> bool:
+        """Whether its ``evaluate`` scores any prepared split (``split=``), so a run can hold a validation split out
+        of train (``holdout_fraction``), score it at the end and after every epoch (``epoch_eval``)."""
+        return self.kind in ("classification", "regression", "span") or self.predicts_classes
 
     @property
     def label2id(self) -> dict[str, int]:

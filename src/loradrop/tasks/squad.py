@@ -4,7 +4,10 @@
 Loaded examples have the HF ``rajpurkar/squad`` schema: ``id, title, context, question, answers{text, answer_start}``.
 When only the dev file is present (``shared/data`` has no train file), dev is split by **article** (title), so no
 context appears in both splits: whole articles are shuffled with ``numpy.random.default_rng(seed)`` and taken for
-validation until ``validation_fraction`` of the questions is reached. The metadata records this.
+validation until ``validation_fraction`` of the questions is reached. The metadata records this. With
+``holdout_fraction`` (`loradrop.tasks.load_task_data`) that validation split becomes ``test`` and a validation split
+for model selection is carved out of train, again by article (``group_column="title"``), so no context is in two
+of the three splits.
 """
 
 from __future__ import annotations
@@ -361,7 +364,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
     name: TaskSpec(
         name=name, family="squad", kind="span", num_labels=0, label_names=(), text_columns=("question", "context"),
         metric_names=("exact_match", "f1"), main_metric="f1", label_column="answers",
-        hub_name=f"rajpurkar/{name}", description=desc,
+        hub_name=f"rajpurkar/{name}", description=desc, group_column="title",
         loader=load_squad, preprocessor=preprocess_squad, metrics=squad_task_metrics,
         prepare=prepare_span, evaluate=evaluate_span,
     )
