@@ -175,7 +175,8 @@ def _acting_checks(checks: _Checks, s: Any) -> None:
         bad = [n for n in names if n not in allowed]
         if not names or bad or "" in names:
             checks.add(f"ood_task must be one or more comma-separated out-of-distribution tasks"
-                       f"{f' of task {s.task!r}' if s.task else ''}, each one of {allowed}; got {s.ood_task!r}")
+                       f"{f' of task {s.task!r}' if s.task else ''}, each one of {allowed}; got {s.ood_task!r}"
+                       + (f" ({', '.join(map(repr, bad))} not allowed)" if bad else ""))
         elif len(set(names)) < len(names):
             checks.add(f"ood_task names a task twice: {s.ood_task!r}")
     alpha = s.conformal_alpha

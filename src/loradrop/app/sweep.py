@@ -26,8 +26,9 @@ and hardware, wall time and peak memory, the run's ``metrics.json`` (per-epoch v
 predictions on the test and validation splits (final and best epoch) for post-hoc analysis: deep ensembles
 across seeds, temperature scaling fitted on validation, reliability diagrams. A plan that sets ``ood_task`` and / or
 ``conformal_alpha`` gets the ``uncertainty`` section of ``metrics.json`` (selective prediction, OOD detection,
-conformal sets; `loradrop.app.acting`) and the OOD task's predictions (``ood``), which ``loradrop report`` averages
-over seeds.
+conformal sets; `loradrop.app.acting`) and the OOD tasks' predictions (``ood``: the first; ``ood_sets``: each by
+task name; ``ood_task`` may list several, e.g. OpenBookQA scored on ARC-C, ARC-E and two MMLU subjects in one run),
+which ``loradrop report`` averages over seeds.
 """
 
 from __future__ import annotations
@@ -243,6 +244,10 @@ def execute(run: PlannedRun, plan_name: str, results: Path, work_dir: Path, keep
             "loss_history": read_json(folder / "loss_history.json"),
             "predictions": {k: _compact(_read_rows(folder / name)) for k, name in PREDICTION_FILES.items()},
         }
+        ood_sets = ((metrics or {}).get("uncertainty") or {}).get("ood_sets") or []
+        if ood_sets:  # every OOD set's rows, by task (the first is also `ood`)
+            result["predictions"]["ood_sets"] = {part["task"]: _compact(_read_rows(folder / part["predictions"]))
+                                                 for part in ood_sets}
         write_json(result_path(results, run.run_id), result, compact=True)
         failed.unlink(missing_ok=True)
         if not keep_runs:
