@@ -7,6 +7,14 @@ single pass and ensemble, with the scoring before issue #16 (`legacy_score_choic
     python benchmarks/mmlu_speed.py --scenario per_subject --per-subject 2 --questions 6 --ensemble 2 \
         --out benchmarks/results/mmlu_speed.json
 
+Ensemble 8 (the CLI's default), where the time goes and the estimate printed before scoring:
+
+    python benchmarks/mmlu_speed.py --scenario per_subject_ensemble8 --per-subject 2 --questions 4 --ensemble 8 \
+        --variants legacy,after_prefix --out benchmarks/results/mmlu_speed.json
+
+Every run records wall and process CPU seconds (the CPU time is the steadier number on a shared machine) and the
+load average; ``estimate`` is `estimate_line`'s forecast of the single pass + ensemble against the measured sum.
+
 ``random``: a seeded random subset of all 14,042 questions (what --max-eval-samples N gives: nearly every question
 from another subject); ``per_subject``: K questions per subject in subject order (the default subset's layout, where
 questions of one subject share their few-shot prefix). Each run adds its scenario to the --out file.
@@ -90,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default_subset,
         load_mmlu,
     )
-    from loradrop.tasks.mmlu_scoring import MMLU_TOKENS_PER_BATCH, score_choices
+    from loradrop.tasks.mmlu_scoring import MMLU_TOKENS_PER_BATCH, estimate_line, score_choices
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", type=int, default=8)
@@ -105,10 +113,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--per-subject", type=int, default=None,
                         help="K questions per subject (default_subset), then the first --questions of them")
     parser.add_argument("--tokens-per-batch", type=int, default=None, help="default: MMLU_TOKENS_PER_BATCH")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--chunk-size", type=int, default=None, help="members per forward call (default: all)")
+    parser.add_argument("--variants", default="legacy,after,after_prefix",
+                        help="comma-separated subset of legacy (the code before #16), after (sorted batches), "
+                             "after_prefix (sorted + shared few-shot prefix, the default scoring)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     model, tokenizer = build_model(args.seed)
+    model.to(args.device)
     full = load_mmlu(args.data_dir, "test", k_shot=args.shots)
     if args.per_subject:
         questions = default_subset(full, args.per_subject, args.seed).select(range(args.questions))
@@ -117,55 +131,75 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts, subjects = list(questions["prompt"]), list(questions["subject"])
     choice_ids = choice_token_ids(tokenizer)
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    common = dict(batch_size=args.batch_size, ensemble=args.ensemble, chunk_size=None, seed=args.seed,
+    common = dict(batch_size=args.batch_size, ensemble=args.ensemble, chunk_size=args.chunk_size, seed=args.seed,
                   max_len=MMLU_MAX_LEN)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.skip_legacy:
+        variants = [v for v in variants if v != "legacy"]
     tokens_per_batch = args.tokens_per_batch or MMLU_TOKENS_PER_BATCH
     record: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/mmlu_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": "SmolLM2-135M-Instruct (offline GGUF, float32) + LoRA r=8 q/v + LoRA Dropout p=0.5",
         "scenario": args.scenario, "subjects": len(set(subjects)), "questions": len(prompts), "shots": args.shots,
-        "ensemble": args.ensemble, "batch_size": args.batch_size,
+        "ensemble": args.ensemble, "chunk_size": args.chunk_size, "batch_size": args.batch_size,
         "tokens_per_batch": tokens_per_batch, "prompt_tokens": {"sum": sum(lengths), "min": min(lengths),
                                                                      "max": max(lengths)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__},
-        "hardware": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "hardware": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+    line, forecast = estimate_line(model, {args.shots: tokenizer(prompts)["input_ids"]},
+                                   {args.shots: subjects}, batch_size=args.batch_size,
+                                   ensemble=0 if args.single_only else args.ensemble, max_len=MMLU_MAX_LEN)
+    print(line, flush=True)
     runs: dict[str, Any] = {}
     outputs = {}
     for label, ens in (("single", 0), ("ensemble", args.ensemble))[: 1 if args.single_only else 2]:
         kw = {**common, "ensemble": ens}
-        if not args.skip_legacy:
-            start = time.perf_counter()
+        if "legacy" in variants:
+            start, cpu = time.perf_counter(), time.process_time()
             outputs[("legacy", label)] = legacy_score_choices(model, tokenizer, prompts, choice_ids, desc="legacy",
                                                               **kw)
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             width = [max(lengths[i:i + args.batch_size]) * len(lengths[i:i + args.batch_size])
                      for i in range(0, len(lengths), args.batch_size)]
-            runs[f"before_{label}"] = {"seconds": round(seconds, 2), "s_per_question": round(seconds / len(prompts), 3),
+            runs[f"before_{label}"] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+                                       "s_per_question": round(seconds / len(prompts), 3),
                                        "padded_tokens": sum(width)}
             print(f"before {label}: {seconds:.1f} s", flush=True)
         for variant, keys in (("after", None), ("after_prefix", subjects)):
+            if variant not in variants:
+                continue
             timing: dict[str, Any] = {}
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             outputs[(variant, label)] = score_choices(model, tokenizer, prompts, choice_ids, desc=variant,
                                                       timing=timing, max_tokens=tokens_per_batch, prefix_keys=keys,
                                                       **kw)
-            seconds = time.perf_counter() - start
-            runs[f"{variant}_{label}"] = {"seconds": round(seconds, 2),
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+            runs[f"{variant}_{label}"] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
                                           "s_per_question": round(seconds / len(prompts), 3),
                                           "padded_tokens": timing["padded_tokens"],
                                           "forward_batches": timing["forward_batches"]}
             print(f"{variant} {label}: {seconds:.1f} s", flush=True)
-        if not args.skip_legacy:
-            for variant in ("after", "after_prefix"):
+        if "legacy" in variants:
+            for variant in [v for v in ("after", "after_prefix") if v in variants]:
                 old, new = outputs[("legacy", label)], outputs[(variant, label)]
                 runs[f"max_abs_diff_{variant}_{label}"] = max(float((a - b).abs().max())
                                                               for a, b in zip(old, new) if a is not None)
                 runs[f"speedup_{variant}_{label}"] = round(runs[f"before_{label}"]["seconds"]
                                                            / runs[f"{variant}_{label}"]["seconds"], 2)
     record["runs"] = runs
+    record["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if "after_prefix" in variants:
+        measured = sum(runs[f"after_prefix_{label}"]["seconds"] for label in ("single", "ensemble")
+                       if f"after_prefix_{label}" in runs)
+        estimated = sum(forecast["estimated_seconds"].values())
+        record["estimate"] = {"line": line, **forecast, "estimated_seconds_total": round(estimated, 1),
+                              "measured_seconds_after_prefix": round(measured, 1),
+                              "measured_over_estimated": round(measured / estimated, 2)}
     print(json.dumps(record, indent=2))
     if args.out:
         out = Path(args.out)
