@@ -159,7 +159,7 @@ def write_loss_plot(folder: Path, history: Mapping[str, Sequence[Mapping[str, fl
         series["evaluation loss: " + ("expected update, no masks" if masked else "eval mode")] = {
             "x": [p["step"] for p in evaluation], "y": [p["loss"] for p in evaluation], "style": "--o",
             "color": "C1"}
-    nll = [(e["step"], e["validation"]["single"].get("nll")) for e in epochs
+    nll = [(e["step"], e["validation"]["single"].get("nll", e["validation"]["single"].get("span_nll"))) for e in epochs
            if isinstance(e.get("validation"), dict) and e["validation"].get("single")]
     if nll and all(_finite(v) for _, v in nll):
         series["validation NLL after each epoch (single pass" + (", expected update)" if masked else ")")] = {

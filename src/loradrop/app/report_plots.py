@@ -56,9 +56,10 @@ def _epoch_frame(study: Study, task: str, methods: list[str]) -> pd.DataFrame:
         row = study.row(task, method, "single")
         for run in row.choice.runs if row else []:
             for e in run.metrics.get("epochs") or []:
+                val = dig(e, "validation", "single") or {}  # span tasks: span_nll, the QA training loss's quantity
                 records.append({"method": method, "name": row.name, "seed": run.seed, "epoch": number(e.get("epoch")),
                                 "train_loss": number(e.get("train_loss")),
-                                "validation_nll": number(dig(e, "validation", "single", "nll")),
+                                "validation_nll": number(val.get("nll", val.get("span_nll"))),
                                 "test_ece": number(dig(e, "test", "single", "ece"))})
     return pd.DataFrame.from_records(records, columns=["method", "name", "seed", "epoch", "train_loss",
                                                        "validation_nll", "test_ece"])
