@@ -89,14 +89,18 @@ def test_span_run_scores_validation_like_a_direct_evaluation(squad_dir: Path, be
             assert getattr(direct, which)[name] == pytest.approx(validation[which][name], abs=1e-5), (which, name)
 
 
-def test_span_runs_still_refuse_mc_dropout(bert_dir: Path, tmp_path: Path) -> None:
+def test_span_runs_still_refuse_mc_dropout_and_generation_runs_a_holdout(tmp_path: Path) -> None:
     from loradrop.app.settings import TrainSettings
     from loradrop.app.train_run import train
 
-    settings = TrainSettings(task="squad", model=str(bert_dir), output=str(tmp_path / "x"), no_lora_dropout=True,
+    settings = TrainSettings(task="squad", output=str(tmp_path / "x"), no_lora_dropout=True,
                              peft_dropout=0.1, test_ensemble="mc_dropout", holdout_fraction=0.1)
     with pytest.raises(UsageError, match=r"^test_ensemble='mc_dropout': supported for classification and regression"
                                          r" tasks only, not squad \(span\)$"):
+        train(settings)
+    settings = TrainSettings(task="instruct", output=str(tmp_path / "y"), holdout_fraction=0.1, epoch_eval=True)
+    with pytest.raises(UsageError, match=r"^holdout_fraction, epoch_eval: supported for classification, regression "
+                                         r"and span tasks only, not alpaca \(causal_lm\)$"):
         train(settings)
 
 
