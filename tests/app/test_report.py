@@ -455,3 +455,17 @@ def test_deep_ensemble_is_not_formed_across_different_test_splits(tmp_path: Path
     assert "Deep ensemble of k=3 LoRAs (seeds" not in rte
     assert "Deep ensemble of k=3 LoRAs: not formed: the `lora` seeds were tested on different examples" in rte
     assert f"{N_TEST - 20} examples are common" in rte
+
+
+def test_the_glue_average_leaves_out_other_tasks(tmp_path: Path) -> None:
+    # a task outside GLUE (SQuAD in the study; the tweets corpus here) gets its own C1 row but does not enter
+    # "LoRA Dropout beats LoRA on GLUE tasks"
+    for seed in SEEDS:
+        for task, method, main in (("rte", "lora", (0.70, 0.68)), ("rte", "ld_paper", (0.74, 0.75)),
+                                   ("tweets", "lora", (0.60, 0.58)), ("tweets", "ld_paper", (0.40, 0.40))):
+            _write(tmp_path / "r", make_result(task, method, 1e-3, seed, main))
+    claims = section(write_report([tmp_path / "r"], tmp_path / "R.md", plots_dir=tmp_path / "figs").read_text(),
+                     "## Claims")
+    average = next(line for line in claims.splitlines() if line.startswith("| C1 (average)"))
+    assert "our GLUE tasks: rte (" in average and "tweets" not in average and "+5.00" in average
+    assert "disagree" in next(line for line in claims.splitlines() if line.startswith("| C1 (tweets)"))

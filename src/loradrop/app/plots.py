@@ -20,7 +20,7 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str], *
         return "" if value is None else str(value)
 
     grid = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in grid)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(r[i]) for r in grid)]) for i, c in enumerate(columns)]  # grid may be empty
     if markdown:
         lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
                  "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
