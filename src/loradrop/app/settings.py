@@ -133,11 +133,10 @@ def _lora_dropout_checks(checks: _Checks, s: Any) -> None:
 
 
 def ood_task_choices(task: str | None) -> list[str]:
-    """The tasks that can be scored as out-of-distribution sets of a run on `task`: any classification task for a
-    classification task (detection only: its labels are not the run's classes); for a task whose evaluation
-    predicts classes through another head (`CatalogEntry.predicts_classes`: commonsense letter scoring) the other
-    such tasks of its family (scored by the same letter scorer, so with their own accuracy, ECE, NLL, Brier too).
-    With no task (``loradrop eval`` reading it from the run) both kinds; empty for any other task."""
+    """OOD sets a run on `task` can score: classification tasks for a classification task (detection only: their
+    labels are not its classes); for a task predicting classes through another head (`CatalogEntry.predicts_classes`:
+    letter scoring) the other such tasks of its family, each also with its own accuracy / ECE / NLL / Brier.
+    With no task (``loradrop eval`` reads it from the run) both kinds; empty for any other task."""
     from ..tasks import CATALOG
 
     entry = CATALOG.get(task) if task is not None else None
