@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, DatasetInfo, Features, Value
 
-from ..errors import DataError, DataUnavailableError
+from ..errors import DataError, DataUnavailableError, UsageError
 from ..pretrained import hub_offline
 from .spec import TaskSpec
 
@@ -386,3 +386,18 @@ def classification_metrics(spec: TaskSpec, predictions: Any, references: Any) ->
         else:  # pragma: no cover - guarded by the registry
             raise DataError(f"{spec.name}: unknown metric {name!r}")
     return result
+
+
+def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
+    """Token ids of ``" A"``, ``" B"``...: the answers a causal LM scores after ``"Answer:"`` (MMLU, the commonsense
+    tasks); each must be a single, distinct token."""
+    ids = []
+    for letter in letters:
+        tokens = tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise UsageError(f"the tokenizer splits the answer {letter!r} into {len(tokens)} tokens; letter scoring "
+                             "needs single-token answers (use a causal LM tokenizer such as SmolLM2's)")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"the tokenizer maps the answers {list(letters)} to repeated ids {ids}")
+    return ids

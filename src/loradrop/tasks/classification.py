@@ -31,6 +31,21 @@ def check_encoded(spec: TaskSpec, max_seq_len: int, **splits: Any) -> None:
                             "too small?)")
 
 
+def encode_splits(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, max_seq_len: int,
+                  need_train: bool) -> tuple[str, DatasetDict, Any, Any]:
+    """``(eval_split, encoded, train, eval_loss)``: the evaluation split (``test`` when the data has one, else
+    ``validation``), train and validation (the Trainer's eval loss) when training, tokenized by the task's
+    preprocessor and checked non-empty."""
+    eval_split = "test" if "test" in raw else "validation"
+    splits = [*(["train", "validation"] if need_train else []), eval_split]
+    encoded = spec.preprocessor(spec, DatasetDict({k: raw[k] for k in dict.fromkeys(splits)}), tokenizer,
+                                max_seq_len)
+    train = encoded["train"] if need_train else None
+    eval_loss = encoded["validation"] if need_train else None
+    check_encoded(spec, max_seq_len, train=train, validation=eval_loss)
+    return eval_split, encoded, train, eval_loss
+
+
 def unsupported_options(spec: TaskSpec, options: dict[str, Any]) -> None:
     """Refuse evaluation options a task family does not implement (per-split scoring, MC dropout), by name."""
     given = {k: v for k, v in options.items() if v not in (None, False) and k != "progress"}
@@ -47,13 +62,7 @@ def prepare_classification(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, 
 
     from .base import get_metadata
 
-    eval_split = "test" if "test" in raw else "validation"
-    splits = [*(["train", "validation"] if need_train else []), eval_split]
-    encoded = spec.preprocessor(spec, DatasetDict({k: raw[k] for k in dict.fromkeys(splits)}), tokenizer,
-                                max_seq_len)
-    train = encoded["train"] if need_train else None
-    eval_loss = encoded["validation"] if need_train else None
-    check_encoded(spec, max_seq_len, train=train, validation=eval_loss)
+    eval_split, encoded, train, eval_loss = encode_splits(spec, raw, tokenizer, max_seq_len, need_train)
     return TaskData(spec=spec, raw=raw, train=train, eval_loss=eval_loss, eval_split=eval_split,
                     collator=DataCollatorWithPadding(tokenizer), metadata=get_metadata(raw),
                     extras={"encoded": {k: v for k, v in encoded.items() if k != "train"}})

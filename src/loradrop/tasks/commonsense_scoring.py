@@ -22,7 +22,8 @@ from datasets import DatasetDict
 from torch import nn
 
 from ..errors import DataError, UsageError
-from .classification import check_encoded, evaluate_classification
+from .base import letter_token_ids
+from .classification import encode_splits, evaluate_classification
 from .spec import EvalResult, TaskData, TaskSpec
 
 IGNORE_INDEX = -100
@@ -54,20 +55,6 @@ def format_choice_prompt(style: str, question: str, choices: Sequence[str], cont
 def prompt_style(spec: TaskSpec) -> str:
     """The prompt style of a task (the OOD tasks are prompted as their training task, OpenBookQA)."""
     return STYLES.get(spec.name, "question")
-
-
-def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
-    """Token ids of ``" A"``, ``" B"``...: what follows ``"Answer:"``; each must be a single, distinct token."""
-    ids = []
-    for letter in letters:
-        tokens = tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
-        if len(tokens) != 1:
-            raise UsageError(f"the tokenizer splits the answer {letter!r} into {len(tokens)} tokens; letter scoring "
-                             "needs single-token answers (use a causal LM tokenizer such as SmolLM2's)")
-        ids.append(tokens[0])
-    if len(set(ids)) != len(ids):
-        raise UsageError(f"the tokenizer maps the answers {list(letters)} to repeated ids {ids}")
-    return ids
 
 
 def preprocess_choices(spec: TaskSpec, dataset_dict: DatasetDict, tokenizer: Any, max_seq_len: int,
@@ -204,13 +191,7 @@ def prepare_choices(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq
 
     letters = LETTERS[:spec.num_labels]
     letter_ids = letter_token_ids(tokenizer, letters)
-    eval_split = "test" if "test" in raw else "validation"
-    splits = [*(["train", "validation"] if need_train else []), eval_split]
-    encoded = spec.preprocessor(spec, DatasetDict({k: raw[k] for k in dict.fromkeys(splits)}), tokenizer,
-                                max_seq_len)
-    train = encoded["train"] if need_train else None
-    eval_loss = encoded["validation"] if need_train else None
-    check_encoded(spec, max_seq_len, train=train, validation=eval_loss)
+    eval_split, encoded, train, eval_loss = encode_splits(spec, raw, tokenizer, max_seq_len, need_train)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise UsageError("the tokenizer has neither a pad nor an eos token to pad with")

@@ -20,8 +20,8 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 
 from ..calibration import classification_calibration
 from ..ensemble import entropy
-from ..errors import DataError, UsageError
-from .base import find_data_root, make_dataset, read_text, require_data_root, subsample
+from ..errors import DataError
+from .base import find_data_root, letter_token_ids, make_dataset, read_text, require_data_root, subsample
 from .classification import CALIBRATION_METRICS, floats
 from .mmlu_scoring import estimate_line, score_choices
 from .spec import EvalResult, TaskSpec
@@ -280,16 +280,7 @@ def default_subset(dataset: Dataset, per_subject: int, seed: int) -> Dataset:
 
 def choice_token_ids(tokenizer: Any) -> list[int]:
     """The ids of the single tokens ``" A"`` .. ``" D"`` that the model scores."""
-    ids = []
-    for letter in MMLU_CHOICES:
-        tokens = tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
-        if len(tokens) != 1:
-            raise UsageError(f"the tokenizer splits the MMLU answer {letter!r} into {len(tokens)} tokens; MMLU "
-                             "scoring needs single-token answers (use a causal LM tokenizer such as SmolLM2's)")
-        ids.append(tokens[0])
-    if len(set(ids)) != len(ids):
-        raise UsageError(f"the tokenizer maps the MMLU answers {list(MMLU_CHOICES)} to repeated ids {ids}")
-    return ids
+    return letter_token_ids(tokenizer, MMLU_CHOICES)
 
 
 def evaluate_mmlu(model: torch.nn.Module, sets: Mapping[int, Dataset], tokenizer: Any, metadata: dict[str, Any], *,
