@@ -118,14 +118,20 @@ def evaluate(settings: EvalSettings) -> RunResult:
         raise UsageError(f"--ood-task {','.join(misfit)}: a {spec.name} model scores as out-of-distribution sets "
                          f"only {allowed}")
     # conformal sets are calibrated on the run's validation split when it carved one out of train (holdout)
-    holdout = run_args.get("holdout_fraction") if same_task and settings.conformal_alpha is not None else None
+    laplace = settings.laplace is not None  # the Laplace-LoRA baseline fits on train, tunes on a held-out split
+    holdout = run_args.get("holdout_fraction") if same_task and (settings.conformal_alpha is not None
+                                                                 or laplace) else None
     has_loradrop = (adapter_dir / CONFIG_FILE_NAME).is_file()
+    if laplace:
+        from .laplace_baseline import check_request, evaluate_laplace
+
+        check_request(settings.laplace, spec, has_loradrop=has_loradrop, acting=acting)
     ensemble = settings.ensemble if has_loradrop else 0
 
     tokenizer = load_tokenizer(model_name)
     data = prepare_task(spec, data_dir, tokenizer, max_seq_len=max_seq_len, seed=data_seed,
-                        max_eval_samples=max_eval, need_train=False, holdout_fraction=holdout,
-                        max_train_samples=run_args.get("max_train_samples") if holdout else None)
+                        max_eval_samples=max_eval, need_train=laplace, holdout_fraction=holdout,
+                        max_train_samples=run_args.get("max_train_samples") if holdout or laplace else None)
     for caveat in data_caveats(data.metadata):  # once, before the evaluation starts (as train does)
         print(f"data caveat: {caveat}", flush=True)
     ood_data = prepare_ood(settings.ood_task, settings.data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed,
@@ -135,8 +141,12 @@ def evaluate(settings: EvalSettings) -> RunResult:
     model = load_adapter(base, adapter_dir, model_name, has_loradrop)
     model.eval()
     start = time.perf_counter()
-    result = spec.evaluate(model, data, tokenizer, batch_size=batch_size, ensemble=ensemble,
-                           chunk_size=settings.chunk_size, seed=seed)
+    if laplace:
+        result, laplace_section = evaluate_laplace(model, data, prior=settings.laplace, batch_size=batch_size,
+                                                   seed=seed)
+    else:
+        result = spec.evaluate(model, data, tokenizer, batch_size=batch_size, ensemble=ensemble,
+                               chunk_size=settings.chunk_size, seed=seed)
     eval_s = time.perf_counter() - start
     out_dir = Path(settings.output).expanduser() if settings.output else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +162,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
         "eval": {"single": result.single, "ensemble": result.ensemble},
         "files": {"predictions": "eval_predictions.jsonl"},
     }
+    if laplace:
+        metrics["laplace"] = laplace_section
     if acting:
         metrics["uncertainty"] = _act_on_uncertainty(
             settings, model, data, ood_data, result.rows, out_dir, tokenizer=tokenizer, batch_size=batch_size,

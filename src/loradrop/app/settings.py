@@ -434,6 +434,7 @@ class EvalSettings(_Settings):
     output: str | Path | None = None
     ood_task: str | Sequence[str] | None = None
     conformal_alpha: float | None = None
+    laplace: str | None = None  # Laplace-LoRA baseline: its prior tuning (app/laplace_baseline.py checks it)
 
     def __post_init__(self) -> None:
         self.ood_task = split_names(self.ood_task)
