@@ -10,11 +10,11 @@ import time
 sys.path[:0] = ["tests", "tests/app"]
 
 import torch  # noqa: E402
-from helpers import lora_config, tiny_bert_config  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from test_laplace_baseline import _collate, _rows  # noqa: E402
 from transformers import BertForSequenceClassification  # noqa: E402
 
+from helpers import lora_config, tiny_bert_config  # noqa: E402
 from loradrop.app.laplace_baseline import fit_laplace, laplace_predict  # noqa: E402
 from loradrop.calibration import classification_calibration  # noqa: E402
 
