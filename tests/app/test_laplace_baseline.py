@@ -124,3 +124,12 @@ def test_eval_laplace_end_to_end(data_root: Path, bert_dir: Path, tmp_path: Path
     assert metrics["eval"]["ensemble"]["n"] == 16 and {"ece", "nll", "brier"} <= set(metrics["eval"]["ensemble"])
     rows = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and sum(rows[0]["ensemble_probs"]) == pytest.approx(1.0)
+
+
+def test_an_unknown_laplace_prior_is_a_settings_error() -> None:
+    from loradrop.app.settings import EvalSettings
+    from loradrop.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=r"laplace must be one of \['auto', 'val_nll', 'marglik'\], got 'bogus'"):
+        EvalSettings(adapter="runs/x", laplace="bogus")
+    assert EvalSettings(adapter="runs/x", laplace="marglik").laplace == "marglik"

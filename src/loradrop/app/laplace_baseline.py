@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from ..calibration import classification_calibration
 from ..errors import UsageError
+from .settings import LAPLACE_PRIORS as PRIOR_METHODS
 
-PRIOR_METHODS = ("auto", "val_nll", "marglik")
 GRID = tuple(10.0 ** (k / 2) for k in range(-8, 9))  # prior precisions 1e-4 .. 1e4, half a decade apart
 
 

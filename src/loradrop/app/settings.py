@@ -15,14 +15,13 @@ Every setting is checked in ``__post_init__`` and every problem is reported at o
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import LoraDropoutConfig
-from ..errors import SettingsError
+from .settings_base import Checks, SettingsBase
 
 METHODS = ("lora", "adalora")
 # transformers' SchedulerType values (checked against transformers by the tests; kept here so that building settings
@@ -43,6 +42,7 @@ OWNED_TRAINER_ARGS = {
     "disable_tqdm": None, "load_best_model_at_end": "--early-stopping-patience",
 }
 TEST_ENSEMBLES = ("auto", "mc_dropout", "masks", "none")
+LAPLACE_PRIORS = ("auto", "val_nll", "marglik")  # --laplace: prior precision by validation NLL or marginal likelihood
 # Settings that must not change between a run and its --resume (the result would no longer be one run).
 RESUME_KEYS = ("task", "model", "data_dir", "method", "r", "alpha", "target_modules", "no_lora_dropout",
                "peft_dropout", "p", "samples", "strategy", "mask_scope", "rescale", "epochs", "max_steps", "lr",
@@ -51,78 +51,7 @@ RESUME_KEYS = ("task", "model", "data_dir", "method", "r", "alpha", "target_modu
                "trainer_args")
 
 
-class _Checks:
-    """Collects problems so that a settings object reports all of them in one error."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def add(self, problem: str) -> None:
-        self.problems.append(problem)
-
-    def integer(self, name: str, value: Any, *, minimum: int | None = None, optional: bool = False) -> None:
-        if value is None and optional:
-            return
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.add(f"{name} must be an integer, got {value!r}")
-        elif minimum is not None and value < minimum:
-            self.add(f"{name} must be >= {minimum}, got {value}")
-
-    def number(self, name: str, value: Any, *, positive: bool = False, non_negative: bool = False) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self.add(f"{name} must be a finite number, got {value!r}")
-        elif positive and value <= 0:
-            self.add(f"{name} must be > 0, got {value}")
-        elif non_negative and value < 0:
-            self.add(f"{name} must be >= 0, got {value}")
-
-    def choice(self, name: str, value: Any, allowed: Sequence[str]) -> None:
-        if value not in allowed:
-            self.add(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-    def boolean(self, name: str, value: Any) -> None:
-        if not isinstance(value, bool):
-            self.add(f"{name} must be True or False, got {value!r}")
-
-    def text(self, name: str, value: Any, *, optional: bool = False) -> None:
-        if value is None and optional:
-            return
-        if not isinstance(value, (str, Path)) or not str(value).strip():
-            self.add(f"{name} must be a non-empty string or path, got {value!r}")
-
-    def raise_if_any(self) -> None:
-        if self.problems:
-            raise SettingsError(self.problems)
-
-
-class _Settings:
-    """Shared behaviour: a JSON-ready record of the settings, and building from a mapping (unknown keys refused)."""
-
-    command = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON values (recorded in run folders as ``config.args``)."""
-        out: dict[str, Any] = {"command": self.command}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            out[f.name] = str(value) if isinstance(value, Path) else value
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]):
-        """Settings from a mapping (a sweep plan, a stored record); ``command`` is ignored, unknown keys refused."""
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(values) - names - {"command"})
-        if unknown:
-            raise SettingsError([f"unknown {cls.__name__} setting(s) {unknown}; allowed: {sorted(names)}"])
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def replace(self, **changes: Any):
-        """A validated copy with some settings changed."""
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-
-def _lora_dropout_checks(checks: _Checks, s: Any) -> None:
+def _lora_dropout_checks(checks: Checks, s: Any) -> None:
     """The LoRA Dropout options, validated by `LoraDropoutConfig` itself (one message per problem)."""
     checks.integer("chunk_size", s.chunk_size, minimum=1, optional=True)
     checks.integer("ensemble", s.ensemble, minimum=0)
@@ -158,7 +87,7 @@ def split_names(value: str | Sequence[str] | None) -> str | None:
     return value
 
 
-def _acting_checks(checks: _Checks, s: Any) -> None:
+def _acting_checks(checks: Checks, s: Any) -> None:
     """``ood_task`` (one or more comma-separated tasks of `ood_task_choices`) and ``conformal_alpha`` (in (0, 1)),
     both optional and for a task that classifies (a classification task or one that predicts classes)."""
     from ..tasks import CATALOG, INSTRUCT_ALIAS
@@ -183,7 +112,7 @@ def _acting_checks(checks: _Checks, s: Any) -> None:
         checks.add(f"conformal_alpha must be a number in (0, 1), got {alpha!r}")
 
 
-def _trainer_checks(checks: _Checks, s: Any) -> None:
+def _trainer_checks(checks: Checks, s: Any) -> None:
     """The training controls, and ``trainer_args`` against TrainingArguments' own fields (transformers is imported
     only when there are any)."""
     checks.integer("warmup_steps", s.warmup_steps, minimum=0)
@@ -243,7 +172,7 @@ def _config_of(s: Any) -> LoraDropoutConfig:
 
 
 @dataclass
-class TrainSettings(_Settings):
+class TrainSettings(SettingsBase):
     """One fine-tuning run: the task and data, the model and adapter, LoRA Dropout, the optimisation, the run folder.
 
     ``target_modules`` accepts a comma-separated string or a list of names (default: per model);
@@ -323,7 +252,7 @@ class TrainSettings(_Settings):
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = ",".join(str(m).strip() for m in self.target_modules)
         self.ood_task = split_names(self.ood_task)
-        checks = _Checks()
+        checks = Checks()
         from ..tasks import trainable_task_names
 
         checks.choice("task", self.task, trainable_task_names())
@@ -416,7 +345,7 @@ class TrainSettings(_Settings):
 
 
 @dataclass
-class EvalSettings(_Settings):
+class EvalSettings(SettingsBase):
     """Re-evaluation of a saved adapter. Unset values come from the run that wrote it (its ``metrics.json``)."""
 
     command = "eval"
@@ -434,11 +363,11 @@ class EvalSettings(_Settings):
     output: str | Path | None = None
     ood_task: str | Sequence[str] | None = None
     conformal_alpha: float | None = None
-    laplace: str | None = None  # Laplace-LoRA baseline: its prior tuning (app/laplace_baseline.py checks it)
+    laplace: str | None = None  # Laplace-LoRA baseline (app/laplace_baseline.py): how its prior precision is tuned
 
     def __post_init__(self) -> None:
         self.ood_task = split_names(self.ood_task)
-        checks = _Checks()
+        checks = Checks()
         checks.text("adapter", self.adapter)
         _acting_checks(checks, self)
         if self.task is not None:
@@ -451,11 +380,13 @@ class EvalSettings(_Settings):
         for name in ("chunk_size", "batch_size", "max_seq_len", "max_eval_samples"):
             checks.integer(name, getattr(self, name), minimum=1, optional=True)
         checks.integer("seed", self.seed, minimum=0, optional=True)
+        if self.laplace is not None:
+            checks.choice("laplace", self.laplace, LAPLACE_PRIORS)
         checks.raise_if_any()
 
 
 @dataclass
-class DemoSettings(_Settings):
+class DemoSettings(SettingsBase):
     """The offline showcase: MiniLM on a small slice of the tweet corpus, trained long enough for plain LoRA to
     overfit, against LoRA Dropout (the same learning rate for both; ``eval_samples`` caps validation and test)."""
 
@@ -480,7 +411,7 @@ class DemoSettings(_Settings):
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        checks = _Checks()
+        checks = Checks()
         checks.text("output", self.output)
         for name in ("train_samples", "eval_samples", "batch_size", "max_seq_len", "r"):
             checks.integer(name, getattr(self, name), minimum=1)
