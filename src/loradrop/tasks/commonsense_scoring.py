@@ -22,7 +22,7 @@ from datasets import DatasetDict
 from torch import nn
 
 from ..errors import DataError, UsageError
-from .base import letter_token_ids
+from .base import letter_token_ids, require_columns
 from .classification import encode_splits, evaluate_classification
 from .spec import EvalResult, TaskData, TaskSpec
 
@@ -73,10 +73,8 @@ def preprocess_choices(spec: TaskSpec, dataset_dict: DatasetDict, tokenizer: Any
 
     out = {}
     for split, dataset in dataset_dict.items():
-        missing = [c for c in ("question", "choices", "context", "label") if c not in dataset.column_names]
-        if missing:
-            raise DataError(f"{spec.name} split {split!r}: missing column(s) {missing}; "
-                            f"available: {dataset.column_names}")
+        require_columns(dataset.column_names, ("question", "choices", "context", "label"),
+                        f"{spec.name} split {split!r}")
         out[split] = dataset.map(encode, batched=True, remove_columns=dataset.column_names,
                                  desc=f"tokenize {spec.name}/{split}")
     return DatasetDict(out)

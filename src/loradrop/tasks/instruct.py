@@ -21,7 +21,15 @@ from datasets import DatasetDict, Features, List, Value
 
 from ..ensemble import eval_mode
 from ..errors import DataError, UsageError
-from .base import first_existing, get_metadata, make_dataset, read_text, require_data_root, split_indices
+from .base import (
+    first_existing,
+    get_metadata,
+    make_dataset,
+    read_text,
+    require_columns,
+    require_data_root,
+    split_indices,
+)
 from .classification import check_encoded, unsupported_options
 from .mmlu import evaluate_mmlu, load_mmlu_eval
 from .spec import EvalResult, TaskData, TaskSpec
@@ -176,10 +184,7 @@ def preprocess_instruct(
         raise DataError(f"max_seq_len must be an integer >= 8, got {max_seq_len!r}")
     out = {}
     for split, dataset in dataset_dict.items():
-        missing = [c for c in ("instruction", "output") if c not in dataset.column_names]
-        if missing:
-            raise DataError(f"{spec.name} split {split!r}: missing column(s) {missing}; "
-                             f"available: {dataset.column_names}")
+        require_columns(dataset.column_names, ("instruction", "output"), f"{spec.name} split {split!r}")
         mapped = dataset.map(tokenize_sft, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
                              fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len},
                              desc=f"tokenize {spec.name}/{split}")

@@ -21,7 +21,15 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from ..calibration import classification_calibration
 from ..ensemble import entropy
 from ..errors import DataError
-from .base import find_data_root, letter_token_ids, make_dataset, read_text, require_data_root, subsample
+from .base import (
+    find_data_root,
+    letter_token_ids,
+    make_dataset,
+    read_text,
+    require_columns,
+    require_data_root,
+    subsample,
+)
 from .classification import CALIBRATION_METRICS, floats
 from .mmlu_scoring import estimate_line, score_choices
 from .spec import EvalResult, TaskSpec
@@ -163,9 +171,7 @@ def preprocess_mmlu(spec: TaskSpec, dataset_dict: DatasetDict, tokenizer: Any, m
 
     out = {}
     for split, dataset in dataset_dict.items():
-        missing = [c for c in ("prompt", "answer", "subject") if c not in dataset.column_names]
-        if missing:
-            raise DataError(f"mmlu split {split!r}: missing column(s) {missing}; available: {dataset.column_names}")
+        require_columns(dataset.column_names, ("prompt", "answer", "subject"), f"mmlu split {split!r}")
         drop = [c for c in dataset.column_names if c not in ("answer", "subject")]
         out[split] = dataset.map(encode, batched=True, remove_columns=drop, desc=f"tokenize mmlu/{split}")
     return DatasetDict(out)

@@ -29,6 +29,7 @@ from .base import (
     first_existing,
     make_dataset,
     read_text,
+    require_columns,
     require_data_root,
     split_indices,
 )
@@ -239,10 +240,7 @@ def preprocess_squad(
     _check_tokenizer(tokenizer, max_seq_len, doc_stride)
     out = {}
     for split, dataset in dataset_dict.items():
-        missing = [c for c in ("id", "question", "context", "answers") if c not in dataset.column_names]
-        if missing:
-            raise DataError(f"{spec.name} split {split!r}: missing column(s) {missing}; "
-                             f"available: {dataset.column_names}")
+        require_columns(dataset.column_names, ("id", "question", "context", "answers"), f"{spec.name} split {split!r}")
         fn = prepare_squad_train_features if split == "train" else prepare_squad_eval_features
         out[split] = dataset.map(fn, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
                                  fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len,
