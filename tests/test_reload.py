@@ -60,6 +60,12 @@ def run(model: nn.Module, kind: str, train: bool) -> torch.Tensor:
         return model(inputs(kind)["x"]) if kind in ("custom", "dora") else model(**inputs(kind)).logits
 
 
+def assert_same_outputs(model: nn.Module, reference: nn.Module, kind: str) -> None:
+    """Bit-identical outputs in eval and in train mode (where LoRA Dropout, if still attached, would mask)."""
+    for train in (False, True):
+        assert torch.equal(run(model, kind, train), run(reference, kind, train)), f"train={train}"
+
+
 def trained(kind: str, tmp_path, **config) -> tuple[nn.Module, PeftModel]:
     """(base, loradrop model on it) after one training step, saved to tmp_path."""
     base = make_base(kind)
@@ -82,8 +88,7 @@ def test_plain_peft_reload_on_the_same_base_is_plain_peft(kind, tmp_path):
     base, _ = trained(kind, tmp_path)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path))  # no loradrop
     reference = fresh_plain(kind, tmp_path)
-    for train in (False, True):
-        assert torch.equal(run(reloaded, kind, train), run(reference, kind, train)), f"train={train}"
+    assert_same_outputs(reloaded, reference, kind)
 
 
 @KINDS
@@ -110,8 +115,7 @@ def test_get_peft_model_twice_on_one_base(kind, tmp_path):
     torch.manual_seed(0)
     reference = get_peft_model(make_base(kind), peft_config(kind))
     reference.load_state_dict(again.state_dict())
-    for train in (False, True):
-        assert torch.equal(run(again, kind, train), run(reference, kind, train)), f"train={train}"
+    assert_same_outputs(again, reference, kind)
 
 
 @KINDS
@@ -119,11 +123,9 @@ def test_remove_then_reload_is_plain_peft(kind, tmp_path):
     base, model = trained(kind, tmp_path)
     loradrop.remove_lora_dropout(model)
     reference = fresh_plain(kind, tmp_path)
-    for train in (False, True):
-        assert torch.equal(run(model, kind, train), run(reference, kind, train)), f"train={train}"
+    assert_same_outputs(model, reference, kind)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path))
-    for train in (False, True):
-        assert torch.equal(run(reloaded, kind, train), run(reference, kind, train)), f"train={train}"
+    assert_same_outputs(reloaded, reference, kind)
 
 
 @KINDS
@@ -131,8 +133,7 @@ def test_unload_leaves_the_plain_base_model(kind, tmp_path):
     _, model = trained(kind, tmp_path)
     unloaded = model.unload()
     reference = make_base(kind)
-    for train in (False, True):
-        assert torch.equal(run(unloaded, kind, train), run(reference, kind, train)), f"train={train}"
+    assert_same_outputs(unloaded, reference, kind)
 
 
 @KINDS
@@ -179,5 +180,4 @@ def test_adalora_reload_on_the_same_base(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path))
     reference = fresh_plain("custom", tmp_path)
-    for train in (False, True):
-        assert torch.equal(run(reloaded, "custom", train), run(reference, "custom", train)), f"train={train}"
+    assert_same_outputs(reloaded, reference, "custom")
