@@ -23,6 +23,18 @@ def floats(values: Any) -> list[float]:
     return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
 
 
+def class_prediction_fields(single: torch.Tensor, ensemble: torch.Tensor | None = None,
+                            mutual_information: Any = None) -> dict[str, Any]:
+    """A prediction row's class fields: the single pass's prediction and probabilities and, with an ensemble, its
+    prediction, probabilities and uncertainty (entropy of the averaged probabilities, mutual information)."""
+    fields: dict[str, Any] = {"single_pred": int(single.argmax()), "single_probs": floats(single)}
+    if ensemble is not None:
+        fields.update(ensemble_pred=int(ensemble.argmax()), ensemble_probs=floats(ensemble),
+                      uncertainty={"entropy": float(entropy(ensemble.double())),
+                                   "mutual_information": float(mutual_information)})
+    return fields
+
+
 def check_encoded(spec: TaskSpec, max_seq_len: int, **splits: Any) -> None:
     """Refuse a split that tokenization left empty."""
     for name, dataset in splits.items():
@@ -107,11 +119,7 @@ def evaluate_classification(model: torch.nn.Module, data: TaskData, tokenizer: A
                 row.update(ensemble_mean=float(preds.ensemble[i]),
                            uncertainty={"ensemble_std": float(preds.ensemble_std[i])})
         else:
-            row.update(label=int(labels[i]), single_pred=int(preds.single[i].argmax()),
-                       single_probs=floats(preds.single[i]))
-            if ens is not None:
-                row.update(ensemble_pred=int(preds.ensemble[i].argmax()), ensemble_probs=floats(preds.ensemble[i]),
-                           uncertainty={"entropy": float(entropy(preds.ensemble[i].double())),
-                                        "mutual_information": float(preds.mutual_information[i])})
+            row.update(label=int(labels[i]), **class_prediction_fields(
+                preds.single[i], *((preds.ensemble[i], preds.mutual_information[i]) if ens is not None else ())))
         rows.append(row)
     return EvalResult(single=single, ensemble=ens, rows=rows)

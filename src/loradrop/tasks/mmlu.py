@@ -19,7 +19,6 @@ import torch
 from datasets import Dataset, DatasetDict, Features, List, Value
 
 from ..calibration import classification_calibration
-from ..ensemble import entropy
 from ..errors import DataError
 from .base import (
     find_data_root,
@@ -30,7 +29,7 @@ from .base import (
     require_data_root,
     subsample,
 )
-from .classification import CALIBRATION_METRICS, floats
+from .classification import CALIBRATION_METRICS, class_prediction_fields
 from .mmlu_scoring import estimate_line, score_choices
 from .spec import EvalResult, TaskSpec
 
@@ -330,14 +329,9 @@ def evaluate_mmlu(model: torch.nn.Module, sets: Mapping[int, Dataset], tokenizer
         if ens is not None:
             ens[key] = metrics(ens_probs)
         for i in range(len(labels)):
-            row: dict[str, Any] = {"index": i, "setting": key, "subject": subjects[i], "label": int(labels[i]),
-                                   "label_letter": MMLU_CHOICES[int(labels[i])], "single_pred": int(probs[i].argmax()),
-                                   "single_probs": floats(probs[i])}
-            if ens_probs is not None:
-                row.update(ensemble_pred=int(ens_probs[i].argmax()), ensemble_probs=floats(ens_probs[i]),
-                           uncertainty={"entropy": float(entropy(ens_probs[i].double())),
-                                        "mutual_information": float(mi[i])})
-            rows.append(row)
+            rows.append({"index": i, "setting": key, "subject": subjects[i], "label": int(labels[i]),
+                         "label_letter": MMLU_CHOICES[int(labels[i])], **class_prediction_fields(
+                             probs[i], *((ens_probs[i], mi[i]) if ens_probs is not None else ()))})
     for target in (single, ens):
         if target is not None:
             keys = [f"mmlu_{s}shot" for s in sets]
