@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..calibration import classification_calibration
 from ..errors import UsageError
 from .settings import LAPLACE_PRIORS as PRIOR_METHODS
 
@@ -167,6 +166,7 @@ def evaluate_laplace(model: torch.nn.Module, data: Any, *, prior: str = "auto", 
     task's metrics plus ECE / NLL / Brier, and per-example rows) and the ``laplace`` section (prior, sizes, seconds)."""
     import time
 
+    from ..tasks.classification import classification_metrics
     from ..tasks.spec import EvalResult
 
     spec = data.spec
@@ -181,11 +181,6 @@ def evaluate_laplace(model: torch.nn.Module, data: Any, *, prior: str = "auto", 
                                           batch_size=batch_size, n_samples=n_samples, seed=seed)
     predict_s = time.perf_counter() - start
 
-    def metrics(values: torch.Tensor) -> dict[str, Any]:
-        out = dict(spec.metrics(spec, values.numpy(), labels.numpy()))
-        out.update({k: v for k, v in classification_calibration(values, labels).items() if k != "accuracy"})
-        return {**out, "n": len(labels)}
-
     rows = [{"index": i, "label": int(labels[i]), "single_pred": int(maps[i].argmax()),
              "single_probs": [float(v) for v in maps[i]], "ensemble_pred": int(probs[i].argmax()),
              "ensemble_probs": [float(v) for v in probs[i]]} for i in range(len(labels))]
@@ -193,5 +188,6 @@ def evaluate_laplace(model: torch.nn.Module, data: Any, *, prior: str = "auto", 
                "n_samples": n_samples, "prior_method": fit.prior_method, "prior_precision": fit.prior_precision,
                "n_params": fit.n_params, "n_train": len(data.train), "fit_s": fit.fit_s, "tune_s": fit.tune_s,
                "predict_s": predict_s}
-    return EvalResult(single=metrics(maps), ensemble={**metrics(probs), "ensemble_size": n_samples},
+    return EvalResult(single=classification_metrics(spec, maps, labels),
+                      ensemble={**classification_metrics(spec, probs, labels), "ensemble_size": n_samples},
                       rows=rows), section

@@ -23,6 +23,15 @@ def floats(values: Any) -> list[float]:
     return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
 
 
+def classification_metrics(spec: TaskSpec, probs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """The task's official metrics of one set of class probabilities, its ECE / NLL / Brier, and ``n``."""
+    out: dict[str, Any] = dict(spec.metrics(spec, probs.numpy(), labels.numpy()))
+    calibration = classification_calibration(probs, labels)
+    out.update({k: calibration[k] for k in CALIBRATION_METRICS})
+    out["n"] = len(labels)
+    return out
+
+
 def class_prediction_fields(single: torch.Tensor, ensemble: torch.Tensor | None = None,
                             mutual_information: Any = None) -> dict[str, Any]:
     """A prediction row's class fields: the single pass's prediction and probabilities and, with an ensemble, its
@@ -99,12 +108,9 @@ def evaluate_classification(model: torch.nn.Module, data: TaskData, tokenizer: A
     ids = list(raw["idx"]) if "idx" in raw.column_names else list(range(len(raw)))
 
     def metrics(values: torch.Tensor) -> dict[str, Any]:
-        out: dict[str, Any] = dict(spec.metrics(spec, values.numpy(), labels.numpy()))
         if not regression:
-            calibration = classification_calibration(values, labels)
-            out.update({k: calibration[k] for k in CALIBRATION_METRICS})
-        out["n"] = len(labels)
-        return out
+            return classification_metrics(spec, values, labels)
+        return {**spec.metrics(spec, values.numpy(), labels.numpy()), "n": len(labels)}
 
     single = metrics(preds.single)
     ens = {**metrics(preds.ensemble), "ensemble_size": ensemble} if preds.ensemble is not None else None
