@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-eval-samples", type=_positive_int, default=None)
     ev.add_argument("--seed", type=int, default=None, help="ensemble seed (default: the run's seed)")
     ev.add_argument("--output", default=None, help="where to write eval_metrics.json (default: beside the adapter)")
-    ev.add_argument("--laplace", nargs="?", const="auto", default=None, choices=("auto", "val_nll", "marglik"),
+    from .app.settings import LAPLACE_PRIORS
+
+    ev.add_argument("--laplace", nargs="?", const="auto", default=None, choices=LAPLACE_PRIORS,
                     help="score the Laplace-LoRA baseline instead (needs laplace-torch): KFAC Laplace over a plain "
                          "LoRA run's factors, prior tuned by validation NLL (auto: when a validation split exists) "
                          "or marginal likelihood; the ensemble row is its linearised predictive")
