@@ -469,3 +469,27 @@ def test_the_glue_average_leaves_out_other_tasks(tmp_path: Path) -> None:
     average = next(line for line in claims.splitlines() if line.startswith("| C1 (average)"))
     assert "our GLUE tasks: rte (" in average and "tweets" not in average and "+5.00" in average
     assert "disagree" in next(line for line in claims.splitlines() if line.startswith("| C1 (tweets)"))
+
+
+def test_a_plans_select_from_takes_the_reports_choice(study, tmp_path: Path) -> None:
+    """Phase 2 of a study (`select_from`) trains each task/method at the lr (and ld_1x's local axes) the report
+    chooses in the phase-1 results; an explicit task/method setting still wins; a missing task/method is one line."""
+    from loradrop.app.sweep import SweepPlan
+    from loradrop.errors import SettingsError
+
+    folder, _, _ = study
+    plan_file = tmp_path / "main.yaml"
+    plan_file.write_text(
+        f"name: phase2\nselect_from: {folder}\nbase: {{model: minilm, epochs: 3}}\n"
+        "grid: {task: [rte], seed: [3, 4]}\n"
+        "methods: {adalora: {}, ld_1x: {samples: 1}, lora: {no_lora_dropout: true}}\n"
+        "task_settings: {rte/lora: {lr: 0.05}}\n", encoding="utf-8")
+    runs = {(r.method, r.axes["seed"]): r.settings for r in SweepPlan.load(plan_file).runs()}
+    assert runs[("adalora", 3)]["lr"] == 0.001  # the common-seed rule's choice (test_lr_is_chosen_on_the_common_seeds)
+    assert runs[("ld_1x", 4)]["lr"] == 0.0001 and runs[("ld_1x", 4)]["p"] == 0.3  # lr and p chosen jointly
+    assert runs[("lora", 3)]["lr"] == 0.05  # explicit task/method setting beats the selection
+    plan_file.write_text(plan_file.read_text(encoding="utf-8").replace("task: [rte]", "task: [rte, cola]"),
+                         encoding="utf-8")
+    with pytest.raises(SettingsError) as info:
+        SweepPlan.load(plan_file)
+    assert str(info.value).count("no results") == 3 and "task 'cola', method 'adalora'" in str(info.value)

@@ -14,6 +14,12 @@ A plan::
     task_settings:                      # per task, or per task and method ("task/method"), before the method's
       sst2: {max_train_samples: 10000}
       mrpc/lora_dropout: {lr: 2.0e-3}
+    select_from: results/glue-tune      # optional: each task/method's lr from a tuning sweep's results
+
+``select_from`` makes a two-phase study one command per phase: every run takes the learning rate (and, for the
+methods whose local axes the report selects, those axes) that `loradrop report` chooses for its task and method in
+that folder, by validation over the seeds common to all candidates (`report_tables.select`); an explicit
+``task/method`` setting still wins. A task/method without results there is reported when its runs are planned.
 
 expands to one `TrainSettings` per combination, every one validated before the first run starts. A run whose
 result exists is skipped, so a killed sweep continues where it stopped when started again; a run that fails
@@ -51,7 +57,7 @@ from .runfolder import read_json, write_json
 from .settings import TrainSettings
 
 SCHEMA = "loradrop.sweep.run/1"
-PLAN_KEYS = {"name", "description", "results", "base", "grid", "methods", "task_settings"}
+PLAN_KEYS = {"name", "description", "results", "base", "grid", "methods", "task_settings", "select_from"}
 ENGINE_OWNED = {"output", "resume", "overwrite"}
 PREDICTION_FILES = {"test": "predictions.jsonl", "validation": "validation_predictions.jsonl",
                     "best_epoch_test": "best_epoch_test_predictions.jsonl",
@@ -84,6 +90,8 @@ class SweepPlan:
     description: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)  # applied last, e.g. a local model path on a machine
     only: list[str] = field(default_factory=list)  # glob patterns of run ids to keep (all when empty)
+    select_from: Path | None = None  # a tuning sweep's results: lr per task/method chosen there by validation
+    _selected: dict[tuple[str, str], dict[str, Any]] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, path: str | Path) -> SweepPlan:
@@ -102,10 +110,11 @@ class SweepPlan:
         unknown = sorted(set(raw) - PLAN_KEYS)
         if unknown:
             raise UsageError(f"sweep plan {str(path)!r}: unknown key(s) {unknown}; allowed: {sorted(PLAN_KEYS)}")
-        results = raw.get("results")
+        results, select_from = raw.get("results"), raw.get("select_from")
         plan = cls(name=str(raw.get("name") or path.stem), methods=raw.get("methods") or {},
                    base=raw.get("base") or {}, grid=raw.get("grid") or {}, task_settings=raw.get("task_settings") or {},
-                   results=(path.parent / results) if results else None, description=str(raw.get("description", "")))
+                   results=(path.parent / results) if results else None, description=str(raw.get("description", "")),
+                   select_from=(path.parent / str(select_from)) if select_from else None)
         plan.runs()  # validate every run now
         return plan
 
@@ -136,7 +145,15 @@ class SweepPlan:
             for values in itertools.product(*axes_lists.values()):
                 axes = dict(zip(axes_lists, values))
                 task = axes.get("task", self.base.get("task"))
-                settings = {**self.base, **self.task_settings.get(task, {}),
+                run_id = _run_id(method, axes)
+                if self.only and not any(fnmatch.fnmatchcase(run_id, pattern) for pattern in self.only):
+                    continue
+                try:
+                    selected = self._selection(str(task), method)
+                except SettingsError as err:
+                    problems.extend(err.problems)
+                    continue
+                settings = {**self.base, **self.task_settings.get(task, {}), **selected,
                             **self.task_settings.get(f"{task}/{method}", {}), **fixed, **axes, **self.overrides,
                             "output": "-"}
                 try:
@@ -144,17 +161,33 @@ class SweepPlan:
                 except SettingsError as err:
                     problems.append(f"method {method!r} {axes}: {err}")
                     continue
-                run_id = _run_id(method, axes)
                 if run_id in seen:
                     problems.append(f"two runs share the id {run_id!r}")
                 seen.add(run_id)
                 settings.pop("output")
                 out.append(PlannedRun(run_id, method, axes, settings))
         if problems:
-            raise SettingsError(problems)
-        if self.only:
-            out = [r for r in out if any(fnmatch.fnmatchcase(r.run_id, pattern) for pattern in self.only)]
+            raise SettingsError(list(dict.fromkeys(problems)))  # one line per problem, not one per seed
         return out
+
+    def _selection(self, task: str, method: str) -> dict[str, Any]:
+        """The settings `select_from` chose for (task, method): {} without `select_from`."""
+        if self.select_from is None:
+            return {}
+        if self._selected is None:
+            from .report import load_results
+            from .report_tables import Study
+
+            if not self.select_from.is_dir():
+                raise SettingsError([f"select_from {str(self.select_from)!r} is not a folder of sweep results"])
+            study = Study(load_results([self.select_from]).runs)
+            self._selected = {key: {"lr": c[0].lr, **dict(c[0].local)}
+                              for key, c in study.choices.items() if len(c) == 1}
+        chosen = self._selected.get((task, method))
+        if chosen is None:
+            raise SettingsError([f"select_from {str(self.select_from)!r} has no results (or several settings to "
+                                 f"choose among) for task {task!r}, method {method!r}"])
+        return dict(chosen)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
