@@ -29,6 +29,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _gpu_list(text: str) -> list[int]:
+    """``0,1,3`` -> [0, 1, 3]: GPU indices for `sweep --gpus`."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1,2, got {text!r}")
+    return [int(p) for p in parts]
+
+
 def _key_value(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with the value parsed as YAML (``true``, ``0.1``, ``1e-3``, ``[a, b]``, ``{k: v}``)."""
     key, sep, raw = text.partition("=")
@@ -182,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--results", default=None, help="results folder (default: the plan's 'results')")
     sweep.add_argument("--workers", type=_positive_int, default=1,
                        help="runs trained at once in separate processes (several small runs can share one GPU)")
+    sweep.add_argument("--gpus", type=_gpu_list, default=None, metavar="0,1,...",
+                       help="spread the workers over these GPUs, round robin (default: every worker sees all)")
     sweep.add_argument("--work-dir", default=None, help="where run folders are built (default: beside --results)")
     sweep.add_argument("--keep-runs", action="store_true", help="keep each run folder (adapters, logs)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
@@ -217,7 +227,8 @@ def _sweep(args: argparse.Namespace) -> int:
             print(run.run_id)
         print(f"{len(todo)} to run, {done} done already", flush=True)
         return 0
-    summary = run_sweep(plan, results, workers=args.workers, work_dir=args.work_dir, keep_runs=args.keep_runs)
+    summary = run_sweep(plan, results, workers=args.workers, work_dir=args.work_dir, keep_runs=args.keep_runs,
+                        gpus=args.gpus)
     print(f"sweep {plan.name}: {summary['ok']} ran, {summary['skipped']} done already, {len(summary['failed'])} "
           f"failed (of {summary['planned']})", flush=True)
     for failure in summary["failed"]:

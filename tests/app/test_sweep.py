@@ -139,3 +139,22 @@ def test_killed_sweep_continues_where_it_stopped(data_root: Path, bert_dir: Path
     assert not list(results.glob(".*.tmp"))
     dry = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert "0 to run, 6 done already" in dry.stdout
+
+
+def test_workers_are_spread_over_the_gpus(tmp_path: Path) -> None:
+    """`--gpus`: pool worker k sees GPU gpus[(k-1) mod n] as its only CUDA device (set before torch is imported)."""
+    import multiprocessing
+
+    from loradrop.app.sweep import _worker_init, worker_gpu
+
+    assert [worker_gpu([2, 5], k) for k in (1, 2, 3, 4)] == [2, 5, 2, 5]
+    with multiprocessing.get_context("spawn").Pool(2, initializer=_worker_init, initargs=([2, 5],)) as pool:
+        seen = set(pool.map(os.getenv, ["CUDA_VISIBLE_DEVICES"] * 8, chunksize=1))
+    assert seen and seen <= {"2", "5"}
+    with pytest.raises(UsageError, match="gpus must be"):
+        run_sweep(SweepPlan.load(write_plan(tmp_path, "minilm")), tmp_path / "r", workers=2, gpus=[-1])
+    from loradrop.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["sweep", str(write_plan(tmp_path, "minilm")), "--gpus", "0,x"])
+    assert info.value.code == 2

@@ -294,8 +294,19 @@ def execute(run: PlannedRun, plan_name: str, results: Path, work_dir: Path, keep
                 "seconds": time.perf_counter() - start}
 
 
-def _worker_init() -> None:
-    """A worker process: quiet, one compute thread each (many runs share the machine)."""
+def worker_gpu(gpus: list[int], worker: int) -> int:
+    """The GPU of worker number `worker` (1-based, as multiprocessing numbers pool workers): round robin."""
+    return gpus[(worker - 1) % len(gpus)]
+
+
+def _worker_init(gpus: list[int] | None = None) -> None:
+    """A worker process: quiet, one compute thread each (many runs share the machine), and with `gpus` its own
+    GPU (set before torch is imported, so every run of this worker sees that one card as cuda:0)."""
+    import multiprocessing
+
+    if gpus:
+        identity = multiprocessing.current_process()._identity  # (k,) for the k-th worker of a pool
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(worker_gpu(gpus, identity[0] if identity else 1))
     os.environ["TQDM_DISABLE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -320,8 +331,10 @@ def _execute_quietly(args: tuple) -> dict:
 
 
 def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: int = 1,
-              work_dir: str | Path | None = None, keep_runs: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run every pending run of `plan` (`workers` at a time); returns counts and the failures."""
+              work_dir: str | Path | None = None, keep_runs: bool = False, progress: bool = True,
+              gpus: list[int] | None = None) -> dict[str, Any]:
+    """Run every pending run of `plan` (`workers` at a time; with `gpus`, worker k trains on GPU gpus[k mod n],
+    so one sweep fills a machine with several cards); returns counts and the failures."""
     from tqdm.auto import tqdm
 
     results = Path(results) if results is not None else plan.results
@@ -329,13 +342,17 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
         raise UsageError("no results folder: give --results or a 'results' key in the plan")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
+    if gpus is not None and (not gpus or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus)):
+        raise UsageError(f"gpus must be a non-empty list of GPU indices >= 0, got {gpus!r}")
+    if gpus and workers == 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])  # in-process: set before this process touches CUDA
     results.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir is not None else results.parent / f".{results.name}.runs"
     todo, done = pending(plan, results)
     summary: dict[str, Any] = {"planned": len(todo) + done, "skipped": done, "ok": 0, "failed": []}
     jobs = [(run, plan.name, results, work, keep_runs) for run in todo]
     bar = tqdm(total=len(jobs), desc=f"sweep {plan.name}", unit="run", disable=not progress)
-    for status in _statuses(jobs, workers):
+    for status in _statuses(jobs, workers, gpus):
         if status["status"] == "ok":
             summary["ok"] += 1
         else:
@@ -346,7 +363,7 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     return summary
 
 
-def _statuses(jobs: list[tuple], workers: int) -> Iterator[dict]:
+def _statuses(jobs: list[tuple], workers: int, gpus: list[int] | None = None) -> Iterator[dict]:
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
             yield execute(*job)
@@ -357,7 +374,8 @@ def _statuses(jobs: list[tuple], workers: int) -> Iterator[dict]:
     # Progress bars read TQDM_DISABLE when tqdm is imported, so the children get it in their environment.
     saved = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init)
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init,
+                                                     initargs=(gpus,))
     try:
         yield from pool.imap_unordered(_execute_quietly, jobs)
         pool.close()
@@ -372,4 +390,4 @@ def _statuses(jobs: list[tuple], workers: int) -> Iterator[dict]:
             os.environ["TQDM_DISABLE"] = saved
 
 
-__all__ = ["SCHEMA", "PlannedRun", "SweepPlan", "execute", "pending", "result_path", "run_sweep"]
+__all__ = ["SCHEMA", "PlannedRun", "SweepPlan", "execute", "pending", "result_path", "run_sweep", "worker_gpu"]
