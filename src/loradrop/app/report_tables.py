@@ -153,6 +153,8 @@ def validation_score(run: Run, main: str) -> float:
         value = best.get("value")
     if value is None:
         value = dig(run.metrics, "eval", "validation", "single", main)
+    if value is None and main == "loss":  # SFT runs (scored on MMLU): the loss on their held-out responses
+        value = dig(run.metrics, "eval", "single", "sft_validation_loss")
     return number(value)
 
 
