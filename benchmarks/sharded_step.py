@@ -102,6 +102,27 @@ def manual_fsdp(accelerator) -> bool:
             and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
 
 
+def deepspeed_chunked_step(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One optimizer step of a DeepSpeed engine (gradient_accumulation_steps 1) whose ``samples=N`` run in member
+    chunks: what `loradrop.chunked_backward` does, with DeepSpeed's ``engine.backward`` (its loss scaling and ZeRO
+    gradient reduction) per chunk, only the last chunk marked as the accumulation boundary (DeepSpeed's documented
+    pattern for several backward passes per step), then ``engine.step()``. accelerate's ``backward`` cannot be used
+    here: under DeepSpeed it steps the engine after every call. Returns the step's loss (the chunks' weighted sum)."""
+    if engine.gradient_accumulation_steps() != 1:
+        raise ValueError(f"member chunks under DeepSpeed expect gradient_accumulation_steps 1, got "
+                         f"{engine.gradient_accumulation_steps()}")
+    controller = loradrop.get_controller(engine)
+    samples, last = controller.config.samples, len(controller.config.chunks) - 1
+    total = None
+    for index, (_, size) in enumerate(controller.member_chunks()):
+        loss = engine(**batch).loss * (size / samples)
+        engine.set_gradient_accumulation_boundary(index == last)
+        engine.backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+    engine.step()
+    return total
+
+
 def run_config(accelerator, name: str, args: argparse.Namespace) -> dict[str, Any]:
     device = accelerator.device
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -127,8 +148,6 @@ def run_config(accelerator, name: str, args: argparse.Namespace) -> dict[str, An
         model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(1000 + accelerator.process_index)
     chunked = bool(CONFIGS[name] and CONFIGS[name].get("member_chunk"))
-    if chunked and deepspeed is not None:
-        raise SystemExit(f"{name}: member chunks call loss.backward() per chunk; DeepSpeed needs engine.backward")
     vocab = PRESETS[args.preset]["vocab_size"]
     times, losses = [], []
     for step in range(args.warmup + args.steps):
@@ -136,7 +155,9 @@ def run_config(accelerator, name: str, args: argparse.Namespace) -> dict[str, An
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        if chunked:  # loradrop.chunked_backward: forward + backward per member chunk, the step's mean loss
+        if chunked and deepspeed is not None:  # engine.backward per chunk, then the engine's one step
+            loss = deepspeed_chunked_step(model, {"input_ids": ids, "labels": ids})
+        elif chunked:  # loradrop.chunked_backward: forward + backward per member chunk, the step's mean loss
             loss = loradrop.chunked_backward(model, {"input_ids": ids, "labels": ids})
         else:
             loss = model(input_ids=ids, labels=ids).loss

@@ -59,9 +59,10 @@ def device_of(rank: int) -> torch.device:
     return torch.device(f"cuda:{rank}") if DEVICE == "cuda" else torch.device("cpu")
 
 
-def build(case: str, stream_seed: int, adapter: Path | None = None, rank: int = 0):
+def build(case: str, stream_seed: int, adapter: Path | None = None, rank: int = 0, **settings):
     """The same tiny Llama + LoRA in every process; the mask seed is drawn from torch's generator seeded with
-    `stream_seed` (ranks differ on purpose: the broadcast must make them agree)."""
+    `stream_seed` (ranks differ on purpose: the broadcast must make them agree). `settings`: LoraDropoutConfig
+    fields on top of the case's."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
@@ -73,7 +74,7 @@ def build(case: str, stream_seed: int, adapter: Path | None = None, rank: int = 
                       target_modules=["q_proj", "v_proj", "up_proj"])
     model = get_peft_model(base, lora)
     torch.manual_seed(stream_seed)
-    return apply_lora_dropout(model, LoraDropoutConfig(p=0.5, **CASES[case]))
+    return apply_lora_dropout(model, LoraDropoutConfig(p=0.5, **{**CASES[case], **settings}))
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
