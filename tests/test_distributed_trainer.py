@@ -54,11 +54,12 @@ def main(output_dir: str) -> None:
 
 
 def test_trainer_under_accelerate_fsdp2_config(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    if accelerate is None:
-        pytest.skip("the accelerate command is not installed next to this Python")
+    # the command next to this Python, else the module (a system Python's scripts may live elsewhere)
+    launch = [accelerate, "launch"] if accelerate else [sys.executable, "-m", "accelerate.commands.launch"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [accelerate, "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp2.yaml"), "--num_processes",
+    cmd = [*launch, "--config_file", str(ROOT / "configs/accelerate/fsdp2.yaml"), "--num_processes",
            "2", "--main_process_port", "0", "--mixed_precision", "bf16" if _gpus() >= 2 else "no", __file__,
            str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
