@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from peft import get_peft_model
@@ -33,13 +34,13 @@ def test_missing_laplace_torch_is_one_clear_error(monkeypatch) -> None:
 def test_requests_the_baseline_cannot_serve_are_refused(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "laplace", None)
     with pytest.raises(UsageError, match=r"laplace='mcmc': allowed \['auto', 'val_nll', 'marglik'\]"):
-        check_request("mcmc", CLASSIFIER, has_loradrop=False, acting=False)
-    with pytest.raises(UsageError, match="sequence-classification tasks; squad is span"):
-        check_request("auto", SimpleNamespace(name="squad", kind="span"), has_loradrop=False, acting=False)
+        check_request("mcmc", CLASSIFIER, has_loradrop=False)
+    with pytest.raises(UsageError, match="letter-scored multiple-choice .commonsense. tasks; squad is span"):
+        check_request("auto", SimpleNamespace(name="squad", kind="span"), has_loradrop=False)
     with pytest.raises(UsageError, match="plain LoRA run's adapter"):
-        check_request("auto", CLASSIFIER, has_loradrop=True, acting=False)
+        check_request("auto", CLASSIFIER, has_loradrop=True)
     with pytest.raises(UsageError, match="needs laplace-torch"):
-        check_request("auto", CLASSIFIER, has_loradrop=False, acting=False)
+        check_request("auto", CLASSIFIER, has_loradrop=False)
 
 
 def test_cli_choices_are_the_prior_methods() -> None:
@@ -91,7 +92,8 @@ def test_laplace_predictive_is_less_overconfident_than_the_map(overfit) -> None:
     fit = fit_laplace(model, train, validation, _collate, batch_size=12, n_samples=200)
     assert fit.prior_method == "val_nll"
     assert fit.n_params == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    maps, probs, labels = laplace_predict(fit, test, _collate, batch_size=12, n_samples=200)
+    out = laplace_predict(fit, test, _collate, batch_size=12, n_samples=200)
+    maps, probs, labels = out.maps, out.probs, out.labels
     with torch.no_grad():
         logits = model(**{k: v for k, v in _collate(test).items() if k != "labels"}).logits
     torch.testing.assert_close(maps, logits.softmax(-1))  # the "single" row is the MAP itself
@@ -133,3 +135,93 @@ def test_an_unknown_laplace_prior_is_a_settings_error() -> None:
     with pytest.raises(SettingsError, match=r"laplace must be one of \['auto', 'val_nll', 'marglik'\], got 'bogus'"):
         EvalSettings(adapter="runs/x", laplace="bogus")
     assert EvalSettings(adapter="runs/x", laplace="marglik").laplace == "marglik"
+
+
+# ------------------------------------------------------------------ letter-scored (causal LM) commonsense tasks
+def test_predictive_gives_absent_choices_exactly_zero() -> None:
+    from loradrop.app.laplace_baseline import _predictive
+
+    generator = torch.Generator().manual_seed(0)
+    f_mu = torch.tensor([[1.0, 0.5, -0.2, -1e4], [0.3, -0.1, -1e4, -1e4]])
+    f_var = 1e8 * torch.eye(4).expand(2, 4, 4)  # so wide that a -1e4 logit would often win without the mask
+    present = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    probs, information = _predictive(f_mu, f_var, 500, generator, present)
+    assert probs[0, 3] == 0 and (probs[1, 2:] == 0).all() and probs[1, 1] > 0
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    assert (information >= 0).all() and information[0] > 0.1  # draws that disagree: positive mutual information
+
+
+def test_letter_tasks_refuse_what_stays_unsupported(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "laplace", None)
+    letters = SimpleNamespace(name="arc_easy", kind="causal_lm", predicts_classes=True, trainable=True)
+    with pytest.raises(UsageError, match="needs laplace-torch"):  # a letter task with OOD sets passes the checks
+        check_request("auto", letters, has_loradrop=False, ood=True)
+    with pytest.raises(UsageError, match="mmlu_college_chemistry is an evaluation set only"):
+        check_request("auto", SimpleNamespace(name="mmlu_college_chemistry", kind="causal_lm", predicts_classes=True,
+                                              trainable=False), has_loradrop=False)
+    with pytest.raises(UsageError, match="does not combine with --conformal-alpha"):
+        check_request("auto", letters, has_loradrop=False, conformal=True)
+    with pytest.raises(UsageError, match="--ood-task only on letter-scored tasks.*rte is classification"):
+        check_request("auto", CLASSIFIER, has_loradrop=False, ood=True)
+    with pytest.raises(UsageError, match="alpaca is instruct"):
+        check_request("auto", SimpleNamespace(name="alpaca", kind="instruct"), has_loradrop=False)
+
+
+@needs_laplace
+@pytest.mark.slow
+def test_eval_laplace_on_letter_scored_choices(data_root: Path, llama_dir: Path, tmp_path: Path) -> None:
+    """A tiny random Llama trained on an ARC-Easy slice (five letters; most questions have four choices), scored
+    with --laplace and OpenBookQA (four letters) as OOD set: the MAP is the letter scorer's own single pass, absent
+    choices get probability 0 and present ones sum to 1, and the predictive differs from the MAP."""
+    root = data_root / "commonsense"
+    if not root.is_dir():
+        pytest.skip(f"no commonsense data in {root}")
+    run = tmp_path / "arc"
+    assert main(["train", "--task", "arc_easy", "--model", str(llama_dir), "--data-dir", str(data_root),
+                 "--max-train-samples", "32", "--max-eval-samples", "12", "--holdout-fraction", "0.25",
+                 "--max-steps", "4", "--batch-size", "8", "--lr", "0.01", "--max-seq-len", "96",
+                 "--no-lora-dropout", "--output", str(run)]) == 0
+    assert main(["eval", "--adapter", str(run), "--output", str(tmp_path / "map")]) == 0
+    out = tmp_path / "laplace"
+    assert main(["eval", "--adapter", str(run), "--laplace", "--ood-task", "openbookqa", "--data-dir",
+                 str(data_root), "--output", str(out)]) == 0
+    metrics = json.loads((out / "eval_metrics.json").read_text())
+    section = metrics["laplace"]
+    trained = json.loads((run / "metrics.json").read_text())["data"]["rows"]  # the run's own train rows
+    assert section["prior_method"] == "val_nll" and section["n_train"] == trained["train"] == 32 - trained["validation"]
+    assert "letters" in section["scored_by"]
+    assert section["n_params"] > 0
+    ensemble, single = metrics["eval"]["ensemble"], metrics["eval"]["single"]
+    assert ensemble["n"] == 12 and all(np.isfinite(ensemble[k]) for k in ("nll", "ece", "brier"))
+
+    def rows(folder: Path, name: str = "eval_predictions.jsonl") -> list[dict]:
+        return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+    choices = {}  # the official ARC-Easy dev file (the test split of a holdout run): each question's choice count
+    for line in (root / "arc" / "ARC-Easy" / "ARC-Easy-Dev.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        choices[row["id"]] = len(row["question"]["choices"])
+    laplace_rows, map_rows = rows(out), {r["id"]: r for r in rows(tmp_path / "map")}
+    assert any(choices[r["id"]] < 5 for r in laplace_rows)
+    for r in laplace_rows:
+        n = choices[r["id"]]
+        for key in ("single_probs", "ensemble_probs"):
+            assert len(r[key]) == 5 and all(p == 0 for p in r[key][n:]) and all(p > 0 for p in r[key][:n])
+            assert sum(r[key]) == pytest.approx(1.0, abs=1e-5)
+        # the Laplace fit's MAP is the letter scorer's own single pass (same model, same letters)
+        assert r["single_probs"] == pytest.approx(map_rows[r["id"]]["single_probs"], abs=1e-5)
+    assert single["nll"] == pytest.approx(json.loads((tmp_path / "map" / "eval_metrics.json").read_text())
+                                          ["eval"]["single"]["nll"], abs=1e-5)
+    # the predictive is not the MAP: the sampled logits disagree (a near-uniform tiny model and val_nll's prior at
+    # the grid's top keep the difference small, but a zero posterior variance would give exactly 0 for both)
+    assert max(abs(a - b) for r in laplace_rows for a, b in zip(r["ensemble_probs"], r["single_probs"])) > 1e-6
+    assert all(r["uncertainty"]["mutual_information"] > 0 for r in laplace_rows)
+    assert ensemble["nll"] != single["nll"]
+
+    ood = metrics["uncertainty"]["ood"]
+    assert ood["task"] == "openbookqa" and ood["metrics"]["ensemble"]["n"] == 12
+    assert np.isfinite(ood["metrics"]["ensemble"]["nll"]) and 0.0 <= ood["scores"]["ensemble_max_prob"]["auroc"] <= 1
+    ood_rows = rows(out, ood["predictions"])
+    assert all(len(r["ensemble_probs"]) == 4 and sum(r["ensemble_probs"]) == pytest.approx(1.0, abs=1e-5)
+               for r in ood_rows)
+    assert "ensemble_mutual_information" in metrics["uncertainty"]["selective"]["scores"]

@@ -188,19 +188,21 @@ def uncertainty_section(model: Any, rows: list[dict[str, Any]], folder: Path, *,
                         ood_task: str | None = None, alpha: float | None = None,
                         calibration_rows: list[dict[str, Any]] | None = None, batch_size: int, ensemble: int,
                         chunk_size: int | None, seed: int, mc_dropout: bool = False,
-                        prefix: str = "eval_") -> dict[str, Any]:
+                        prefix: str = "eval_", score: Any = None) -> dict[str, Any]:
     """The whole ``uncertainty`` section of a run: selective prediction always; OOD detection (and, for OOD tasks
     that predict classes, their metrics) for each of `ood_data` (`prepare_ood` of `ood_task`; rows written to
     ``<prefix>ood_predictions[_<task>].jsonl`` in `folder`: `ood_file`); conformal sets at `alpha`, calibrated on
-    `calibration_rows` (the run's validation split) when given, else on a seeded half of `rows`."""
+    `calibration_rows` (the run's validation split) when given, else on a seeded half of `rows`. `score`, when
+    given, scores an OOD set in place of `score_ood` (``data -> (rows, metrics)``: the Laplace-LoRA predictive)."""
     from .runfolder import write_jsonl
 
     section: dict[str, Any] = {"selective": selective_section(rows, folder, prefix=prefix)}
     if ood_data:
         sets = []
         for index, (task, data) in enumerate(zip(ood_names(ood_task), ood_data, strict=True)):
-            scored, metrics = score_ood(model, data, batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size,
-                                        seed=seed, mc_dropout=mc_dropout)
+            scored, metrics = score(data) if score is not None else score_ood(
+                model, data, batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size, seed=seed,
+                mc_dropout=mc_dropout)
             predictions = ood_file(OOD_PREDICTIONS, task, index, prefix)
             write_jsonl(folder / predictions, scored)
             sets.append({**ood_section(rows, scored, task=task, folder=folder, prefix=prefix, index=index),

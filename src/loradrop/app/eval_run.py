@@ -125,7 +125,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
     if laplace:
         from .laplace_baseline import check_request, evaluate_laplace
 
-        check_request(settings.laplace, spec, has_loradrop=has_loradrop, acting=acting)
+        check_request(settings.laplace, spec, has_loradrop=has_loradrop, ood=settings.ood_task is not None,
+                      conformal=settings.conformal_alpha is not None)
     ensemble = settings.ensemble if has_loradrop else 0
 
     tokenizer = load_tokenizer(model_name)
@@ -141,9 +142,16 @@ def evaluate(settings: EvalSettings) -> RunResult:
     model = load_adapter(base, adapter_dir, model_name, has_loradrop)
     model.eval()
     start = time.perf_counter()
+    score_ood_set = None  # OOD sets are scored by the Laplace predictive too under --laplace
     if laplace:
-        result, laplace_section = evaluate_laplace(model, data, prior=settings.laplace, batch_size=batch_size,
-                                                   seed=seed)
+        from .laplace_baseline import score_laplace
+
+        result, laplace_section, fit = evaluate_laplace(model, data, prior=settings.laplace, batch_size=batch_size,
+                                                        seed=seed)
+
+        def score_ood_set(ood: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            scored = score_laplace(fit, ood, batch_size=batch_size, seed=seed)
+            return scored.rows, {"single": scored.single, "ensemble": scored.ensemble}
     else:
         result = spec.evaluate(model, data, tokenizer, batch_size=batch_size, ensemble=ensemble,
                                chunk_size=settings.chunk_size, seed=seed)
@@ -167,7 +175,7 @@ def evaluate(settings: EvalSettings) -> RunResult:
     if acting:
         metrics["uncertainty"] = _act_on_uncertainty(
             settings, model, data, ood_data, result.rows, out_dir, tokenizer=tokenizer, batch_size=batch_size,
-            ensemble=ensemble, seed=seed, holdout=holdout, max_seq_len=max_seq_len)
+            ensemble=ensemble, seed=seed, holdout=holdout, max_seq_len=max_seq_len, score=score_ood_set)
         if ood_data is not None:
             metrics["files"]["ood_predictions"] = metrics["uncertainty"]["ood"]["predictions"]
     write_json(out_dir / EVAL_METRICS_FILE, metrics)
@@ -183,7 +191,7 @@ def evaluate(settings: EvalSettings) -> RunResult:
 
 def _act_on_uncertainty(settings: EvalSettings, model: Any, data: Any, ood_data: Any, rows: list[dict[str, Any]],
                         out_dir: Path, *, tokenizer: Any, batch_size: int, ensemble: int, seed: int,
-                        holdout: float | None, max_seq_len: int) -> dict[str, Any]:
+                        holdout: float | None, max_seq_len: int, score: Any = None) -> dict[str, Any]:
     """The ``uncertainty`` section (`loradrop.app.acting.uncertainty_section`); with --conformal-alpha on a run that
     carved a validation split out of train, that split is scored again to calibrate the conformal sets (its rows in
     ``eval_calibration_predictions.jsonl``)."""
@@ -199,7 +207,8 @@ def _act_on_uncertainty(settings: EvalSettings, model: Any, data: Any, ood_data:
         write_jsonl(out_dir / "eval_calibration_predictions.jsonl", calibration_rows)
     section = uncertainty_section(model, rows, out_dir, ood_data=ood_data, ood_task=settings.ood_task,
                                   alpha=settings.conformal_alpha, calibration_rows=calibration_rows,
-                                  batch_size=batch_size, ensemble=ensemble, chunk_size=settings.chunk_size, seed=seed)
+                                  batch_size=batch_size, ensemble=ensemble, chunk_size=settings.chunk_size, seed=seed,
+                                  score=score)
     if calibration_rows:
         section["conformal"]["calibration"]["predictions"] = "eval_calibration_predictions.jsonl"
     return section

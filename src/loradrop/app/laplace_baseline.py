@@ -9,6 +9,13 @@ data has a validation split distinct from the one scored) or laplace-torch's pos
 (``"marglik"``). Predictive: the linearised (GLM) predictive, logits ~ N(f_MAP, J Σ Jᵀ), with the softmax averaged
 over Monte-Carlo samples of the logits (as Laplace-LoRA's code does).
 
+Tasks: sequence classification (the classifier's logits) and the letter-scored commonsense tasks (causal LM,
+``loradrop.tasks.commonsense_scoring``): there the "classifier" is `_LetterLogits`, the answer letters' next-token
+logits at the last prompt position, with a letter the question does not have held at the finite constant
+`ABSENT_LOGIT` (``-inf``, as `LetterScorer` masks it, would make laplace-torch's loss and Jacobians NaN): a constant
+has a zero Jacobian, so it adds nothing to the curvature or the predictive variance, and the predictive's softmax is
+taken over the question's own letters only, so an absent choice gets probability exactly 0.
+
 Only the app layer imports this module; the core never imports laplace-torch."""
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from ..errors import UsageError
 from .settings import LAPLACE_PRIORS as PRIOR_METHODS
 
 GRID = tuple(10.0 ** (k / 2) for k in range(-8, 9))  # prior precisions 1e-4 .. 1e4, half a decade apart
+ABSENT_LOGIT = -1e4  # the finite logit of a letter a question does not have (see the module docs)
 
 
 def require_laplace() -> Any:
@@ -35,29 +43,72 @@ def require_laplace() -> Any:
     return Laplace
 
 
-def check_request(prior: Any, spec: Any, *, has_loradrop: bool, acting: bool) -> None:
+def letter_scored(spec: Any) -> bool:
+    """Whether a task is scored by its answer letters' next-token logits (the commonsense multiple-choice tasks)."""
+    return getattr(spec, "kind", None) == "causal_lm" and bool(getattr(spec, "predicts_classes", False))
+
+
+def check_request(prior: Any, spec: Any, *, has_loradrop: bool, ood: bool = False, conformal: bool = False) -> None:
     """Refuse, before any model is loaded, what the baseline cannot do (one clear line each)."""
     if prior not in PRIOR_METHODS:
         raise UsageError(f"laplace={prior!r}: allowed {list(PRIOR_METHODS)}")
-    if spec.kind != "classification":
-        raise UsageError(f"--laplace supports sequence-classification tasks; {spec.name} is {spec.kind}")
+    if spec.kind != "classification" and not letter_scored(spec):
+        raise UsageError(f"--laplace supports sequence-classification and letter-scored multiple-choice "
+                         f"(commonsense) tasks; {spec.name} is {spec.kind}")
+    if not getattr(spec, "trainable", True):
+        raise UsageError(f"--laplace fits its posterior on the task's train split; {spec.name} is an evaluation "
+                         "set only (score it as --ood-task of a run on a trainable task)")
     if has_loradrop:
         raise UsageError("--laplace is a baseline on a plain LoRA run's adapter (trained with --no-lora-dropout); "
                          "this adapter has LoRA Dropout")
-    if acting:
-        raise UsageError("--laplace does not combine with --ood-task / --conformal-alpha")
+    if conformal:
+        raise UsageError("--laplace does not combine with --conformal-alpha")
+    if ood and not letter_scored(spec):
+        raise UsageError(f"--laplace combines with --ood-task only on letter-scored tasks (whose OOD sets the "
+                         f"Laplace predictive scores); {spec.name} is {spec.kind}")
     require_laplace()
 
 
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 class _Logits(torch.nn.Module):
-    """A sequence classifier as laplace-torch wants it: a dict batch in, (batch, classes) logits out."""
+    """A sequence classifier as laplace-torch wants it: a dict batch in, (batch, classes) logits out. The batch is
+    moved to the model's device here (laplace-torch moves only the labels of a dict batch)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, batch: Any) -> torch.Tensor:
-        return self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        device = _device(self.model)
+        return self.model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float()
+
+
+class _LetterLogits(torch.nn.Module):
+    """A causal LM as a multiple-choice classifier laplace-torch can differentiate: a letter-scoring batch
+    (`ChoiceCollator(train=False)`: ``input_ids``, ``attention_mask``, ``position_ids``, ``choice_mask``) in,
+    ``(batch, letters)`` logits out, finite everywhere (absent letters at `ABSENT_LOGIT`).
+
+    The scoring itself is `LetterScorer`'s, built per call around the LM (cheap) rather than once: its letter ids
+    are a buffer, and laplace-torch's Jacobians (``functional_call``) pass the buffers it saw at fit time, so an OOD
+    set with another number of letters (ARC's five after OpenBookQA's four) could not swap them. Here the ids are a
+    plain attribute (`letters`), and the LM's parameters are the ones ``functional_call`` substitutes."""
+
+    def __init__(self, model: torch.nn.Module, letter_ids: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.letter_ids = tuple(int(i) for i in letter_ids)
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        from ..tasks.commonsense_scoring import LetterScorer
+
+        device = _device(self.model)
+        scorer = LetterScorer(self.model, self.letter_ids)
+        logits = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                        batch["position_ids"].to(device)).logits.float()
+        return logits.masked_fill(~batch["choice_mask"].to(device).bool(), ABSENT_LOGIT)
 
 
 @dataclass
@@ -70,6 +121,17 @@ class LaplaceFit:
     n_params: int
     fit_s: float
     tune_s: float
+
+
+@dataclass
+class LaplacePredictions:
+    """Per-example MAP and Laplace predictive probabilities ``(n, classes)``, the predictive's mutual information
+    (between the prediction and the sampled logits: entropy of the mean minus mean entropy), and the labels."""
+
+    maps: torch.Tensor
+    probs: torch.Tensor
+    mutual_information: torch.Tensor
+    labels: torch.Tensor
 
 
 def lora_parameters_only(model: torch.nn.Module) -> int:
@@ -87,28 +149,46 @@ def _loader(dataset: Any, collator: Any, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
 
 
-def _moments(la: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Jacobians, MAP logits) of one batch: computed once and reused for every prior precision (laplace-torch's
-    gridsearch would recompute the Jacobians at every grid point)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    return la.backend.jacobians(batch)
+def _moments(la: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(Jacobians, MAP logits, present classes or None) of one batch: computed once and reused for every prior
+    precision (laplace-torch's gridsearch would recompute the Jacobians at every grid point). ``present`` is the
+    letter-scoring batch's ``choice_mask``."""
+    js, f_mu = la.backend.jacobians(batch)
+    present = batch.get("choice_mask")
+    return js, f_mu, (present.to(f_mu.device).bool() if present is not None else None)
 
 
-def _predictive(f_mu: torch.Tensor, f_var: torch.Tensor, n_samples: int, generator: torch.Generator) -> torch.Tensor:
-    """The GLM predictive's class probabilities: the softmax averaged over `n_samples` draws of the logits from
+def _map_probs(f_mu: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    return (f_mu if present is None else f_mu.masked_fill(~present, float("-inf"))).softmax(-1)
+
+
+def _predictive(f_mu: torch.Tensor, f_var: torch.Tensor, n_samples: int, generator: torch.Generator,
+                present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GLM predictive's class probabilities and mutual information: the softmax (over the `present` classes
+    only, when given: an absent choice gets exactly 0) averaged over `n_samples` draws of the logits from
     N(f_mu, f_var) (f_var: (batch, C, C)). Hand-written (a few lines) so the draws are seeded and reused across the
     grid; laplace-torch's own MC link draws from the global generator."""
+    from ..ensemble import entropy
+
     jitter = 1e-6 * torch.eye(f_var.shape[-1], dtype=f_var.dtype, device=f_var.device)
     scale = torch.linalg.cholesky(f_var + jitter)
     eps = torch.randn((n_samples, *f_mu.shape), generator=generator, dtype=f_mu.dtype).to(f_mu.device)
     logits = f_mu + torch.einsum("bij,sbj->sbi", scale, eps)
-    return logits.softmax(-1).mean(0)
+    if present is not None:
+        logits = logits.masked_fill(~present, float("-inf"))
+    samples = logits.softmax(-1)
+    probs = samples.mean(0)
+    information = entropy(probs.double()) - entropy(samples.double()).mean(0)
+    return probs, information.clamp_min(0.0)
 
 
 def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, collator: Any, *, batch_size: int = 16,
-                prior: str = "auto", n_samples: int = 1000, seed: int = 0) -> LaplaceFit:
+                prior: str = "auto", n_samples: int = 1000, seed: int = 0,
+                letter_ids: Any = None) -> LaplaceFit:
     """Fit KFAC Laplace over `model`'s LoRA factors on `train` and tune its prior precision (`prior`: ``"val_nll"``
-    on `validation`, ``"marglik"``, or ``"auto"``: val_nll when `validation` is given, else marglik)."""
+    on `validation`, ``"marglik"``, or ``"auto"``: val_nll when `validation` is given, else marglik). With
+    `letter_ids`, `model` is a causal LM scored by those answer letters (`_LetterLogits`; `collator`: the
+    evaluation `ChoiceCollator`), else a sequence classifier."""
     import time
 
     Laplace = require_laplace()
@@ -119,7 +199,8 @@ def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, coll
         raise UsageError("prior 'val_nll' needs a validation split distinct from the evaluation split")
     model.eval()
     n_params = lora_parameters_only(model)
-    la = Laplace(_Logits(model), "classification", subset_of_weights="all", hessian_structure="kron")
+    net = _LetterLogits(model, letter_ids) if letter_ids is not None else _Logits(model)
+    la = Laplace(net, "classification", subset_of_weights="all", hessian_structure="kron")
     start = time.perf_counter()
     la.fit(_loader(train, collator, batch_size))
     fit_s = time.perf_counter() - start
@@ -128,15 +209,14 @@ def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, coll
         la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar")
         chosen = float(la.prior_precision)
     else:
-        device = next(model.parameters()).device
         nll = torch.zeros(len(GRID), dtype=torch.float64)
         for i, batch in enumerate(_loader(validation, collator, batch_size)):
-            js, f_mu = _moments(la, batch, device)
-            labels = batch["labels"].to(device)
+            js, f_mu, present = _moments(la, batch)
+            labels = batch["labels"].to(f_mu.device)
             for g, precision in enumerate(GRID):
                 la.prior_precision = precision
-                probs = _predictive(f_mu, la.functional_variance(js), n_samples,
-                                    torch.Generator().manual_seed(seed + i))
+                probs, _ = _predictive(f_mu, la.functional_variance(js), n_samples,
+                                       torch.Generator().manual_seed(seed + i), present)
                 nll[g] += -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum().item()
         chosen = GRID[int(nll.argmin())]
         la.prior_precision = chosen
@@ -145,49 +225,78 @@ def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, coll
 
 
 def laplace_predict(fit: LaplaceFit, dataset: Any, collator: Any, *, batch_size: int = 16, n_samples: int = 1000,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(MAP probabilities, Laplace predictive probabilities, labels) over a tokenized split."""
+                    seed: int = 0, letter_ids: Any = None) -> LaplacePredictions:
+    """MAP and Laplace predictive probabilities over a tokenized split. `letter_ids` (letter-scored fits only):
+    the split's own answer letters, when they differ from the fitted task's (an OOD set)."""
     la = fit.la
-    device = next(la.model.parameters()).device
-    maps, probs, labels = [], [], []
-    for i, batch in enumerate(_loader(dataset, collator, batch_size)):
-        js, f_mu = _moments(la, batch, device)
-        maps.append(f_mu.softmax(-1).cpu())
-        probs.append(_predictive(f_mu, la.functional_variance(js), n_samples,
-                                 torch.Generator().manual_seed(10_007 + seed + i)).cpu())
-        labels.append(batch["labels"])
-    return torch.cat(maps), torch.cat(probs), torch.cat(labels)
+    net = la.model
+    fitted_letters = getattr(net, "letter_ids", None)
+    if letter_ids is not None and fitted_letters is None:
+        raise UsageError("letter ids are for a Laplace fit of a letter-scored (causal LM) task")
+    maps, probs, information, labels = [], [], [], []
+    try:
+        if letter_ids is not None:
+            net.letter_ids = tuple(int(i) for i in letter_ids)
+        for i, batch in enumerate(_loader(dataset, collator, batch_size)):
+            js, f_mu, present = _moments(la, batch)
+            maps.append(_map_probs(f_mu, present).cpu())
+            mean, mi = _predictive(f_mu, la.functional_variance(js), n_samples,
+                                   torch.Generator().manual_seed(10_007 + seed + i), present)
+            probs.append(mean.cpu())
+            information.append(mi.cpu())
+            labels.append(batch["labels"])
+    finally:
+        if fitted_letters is not None:
+            net.letter_ids = fitted_letters
+    return LaplacePredictions(torch.cat(maps), torch.cat(probs), torch.cat(information), torch.cat(labels))
 
 
-def evaluate_laplace(model: torch.nn.Module, data: Any, *, prior: str = "auto", batch_size: int = 16,
-                     n_samples: int = 1000, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """Fit on `data.train`, tune on its validation split (when distinct from the evaluation split), score the
-    evaluation split: an `EvalResult` (``single``: the MAP, ``ensemble``: the Laplace predictive, both with the
-    task's metrics plus ECE / NLL / Brier, and per-example rows) and the ``laplace`` section (prior, sizes, seconds)."""
-    import time
-
-    from ..tasks.classification import classification_metrics
+def score_laplace(fit: LaplaceFit, data: Any, *, batch_size: int = 16, n_samples: int = 1000, seed: int = 0,
+                  ) -> Any:
+    """An `EvalResult` of `data`'s evaluation split (the fitted task's, or an OOD set's prepared the same way):
+    ``single`` the MAP, ``ensemble`` the Laplace predictive, each with the task's metrics plus ECE / NLL / Brier,
+    and one prediction row per example in the rows' usual layout (ids, probabilities, entropy, mutual
+    information), so selective prediction and OOD detection read them as any ensemble's."""
+    from ..tasks.classification import class_prediction_fields, classification_metrics
     from ..tasks.spec import EvalResult
 
     spec = data.spec
-    if spec.kind != "classification" or data.train is None:
-        raise UsageError(f"the Laplace-LoRA baseline supports sequence-classification tasks; {spec.name} is "
-                         f"{spec.kind}")
-    validation = data.eval_loss if data.eval_split != "validation" else None  # never tune on the scored split
-    fit = fit_laplace(model, data.train, validation, data.collator, batch_size=batch_size, prior=prior,
-                      n_samples=n_samples, seed=seed)
-    start = time.perf_counter()
-    maps, probs, labels = laplace_predict(fit, data.extras["encoded"][data.eval_split], data.collator,
-                                          batch_size=batch_size, n_samples=n_samples, seed=seed)
-    predict_s = time.perf_counter() - start
+    letters = letter_scored(spec)
+    collator = data.extras["eval_collator"] if letters else data.collator
+    out = laplace_predict(fit, data.extras["encoded"][data.eval_split], collator, batch_size=batch_size,
+                          n_samples=n_samples, seed=seed, letter_ids=data.extras["letter_ids"] if letters else None)
+    raw = data.raw[data.eval_split]
+    ids = list(raw["idx"]) if "idx" in raw.column_names else list(range(len(raw)))
+    rows = [{"index": i, "id": ids[i], "label": int(out.labels[i]),
+             **class_prediction_fields(out.maps[i], out.probs[i], out.mutual_information[i])}
+            for i in range(len(out.labels))]
+    return EvalResult(single=classification_metrics(spec, out.maps, out.labels),
+                      ensemble={**classification_metrics(spec, out.probs, out.labels), "ensemble_size": n_samples},
+                      rows=rows)
 
-    rows = [{"index": i, "label": int(labels[i]), "single_pred": int(maps[i].argmax()),
-             "single_probs": [float(v) for v in maps[i]], "ensemble_pred": int(probs[i].argmax()),
-             "ensemble_probs": [float(v) for v in probs[i]]} for i in range(len(labels))]
+
+def evaluate_laplace(model: torch.nn.Module, data: Any, *, prior: str = "auto", batch_size: int = 16,
+                     n_samples: int = 1000, seed: int = 0) -> tuple[Any, dict[str, Any], LaplaceFit]:
+    """Fit on `data.train`, tune on its validation split (when distinct from the evaluation split), score the
+    evaluation split (`score_laplace`): the `EvalResult`, the ``laplace`` section (prior, sizes, seconds) and the
+    fit (to score OOD sets with `score_laplace`)."""
+    import time
+
+    spec = data.spec
+    letters = letter_scored(spec)
+    if (spec.kind != "classification" and not letters) or data.train is None:
+        raise UsageError(f"the Laplace-LoRA baseline supports sequence-classification and letter-scored tasks "
+                         f"with a train split; {spec.name} is {spec.kind}")
+    validation = data.eval_loss if data.eval_split != "validation" else None  # never tune on the scored split
+    collator = data.extras["eval_collator"] if letters else data.collator
+    fit = fit_laplace(model, data.train, validation, collator, batch_size=batch_size, prior=prior,
+                      n_samples=n_samples, seed=seed, letter_ids=data.extras["letter_ids"] if letters else None)
+    start = time.perf_counter()
+    result = score_laplace(fit, data, batch_size=batch_size, n_samples=n_samples, seed=seed)
     section = {"structure": "kron", "weights": "lora_A and lora_B only", "predictive": "glm, mc softmax",
+               "scored_by": ("answer letters' next-token logits (absent letters: probability 0)" if letters
+                             else "the classifier's logits"),
                "n_samples": n_samples, "prior_method": fit.prior_method, "prior_precision": fit.prior_precision,
                "n_params": fit.n_params, "n_train": len(data.train), "fit_s": fit.fit_s, "tune_s": fit.tune_s,
-               "predict_s": predict_s}
-    return EvalResult(single=classification_metrics(spec, maps, labels),
-                      ensemble={**classification_metrics(spec, probs, labels), "ensemble_size": n_samples},
-                      rows=rows), section
+               "predict_s": time.perf_counter() - start}
+    return result, section, fit
