@@ -5,8 +5,9 @@ selects each method's learning rate (and `ld_1x`'s local axes) by validation ove
 (`report_tables`), and writes: what was run, the selection protocol, per-task tables (final and best-epoch test
 metrics, ECE/NLL/Brier, post-hoc temperature scaling, a deep ensemble of the LoRA seeds), the sensitivity and
 strategy grids, acting on uncertainty (`report_uncertainty`: selective prediction, OOD detection and conformal
-sets of runs trained with ``ood_task`` / ``conformal_alpha``), plots (`report_plots`), the cost table, the claims
-table (`report_claims`) and the limitations.
+sets of runs trained with ``ood_task`` / ``conformal_alpha``), the commonsense (LLM) tables in the published
+layout with the OOD tables, the published numbers in shape and risk-coverage (`report_commonsense`,
+`report_risk`), plots (`report_plots`), the cost table, the claims table (`report_claims`) and the limitations.
 The same results give the same Markdown (no timestamps; every order is sorted).
 """
 
@@ -24,6 +25,8 @@ from typing import Any
 from ..errors import UsageError
 from .plots import format_table
 from .report_claims import claims
+from .report_commonsense import commonsense_report
+from .report_mmlu import is_mmlu_task, mmlu_report
 from .report_plots import Figures, make_plots
 from .report_tables import (
     METHOD_ORDER,
@@ -110,7 +113,8 @@ def write_report(results: Sequence[str | Path], output: str | Path, *,
     command = ["loradrop", "report", *map(str, results), "-o", str(output)]
     if plots_dir is not None:
         command += ["--plots", str(plots_dir)]
-    text = render(study, loaded, " ".join(shlex.quote(c) for c in command), figures, output.parent)
+    commonsense = commonsense_report(study, plots, output.parent)  # empty without letter-scored commonsense tasks
+    text = render(study, loaded, " ".join(shlex.quote(c) for c in command), figures, output.parent, commonsense)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -133,8 +137,9 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds:.0f} s"
 
 
-def render(study: Study, loaded: Loaded, command: str, figures: Figures, base: Path) -> str:
-    parts = [*_header(study, loaded, command), *_runs(loaded), *_selection(study), *_results(study),
+def render(study: Study, loaded: Loaded, command: str, figures: Figures, base: Path,
+           commonsense: Sequence[str] = ()) -> str:
+    parts = [*_header(study, loaded, command), *_runs(loaded), *_selection(study), *commonsense, *_results(study),
              *_side_grids(study), *uncertainty_report(study), *_plots(figures, base), *_cost(study),
              *_claims(study), *_limitations(study)]
     return "\n".join(parts).rstrip() + "\n"
@@ -214,7 +219,8 @@ def _selection(study: Study) -> list[str]:
             for c in study.choices[(task, method)]:
                 candidates = "; ".join(
                     f"{local_text(local) + ', ' if local and method in SELECT_LOCAL else ''}lr {lr:g}: "
-                    + (f"{score * 100:.2f}" if score == score else "–") for local, lr, score in c.candidates)
+                    + ("–" if score != score else f"{score:.4f}" if study.info[task].main == "loss"  # SFT loss
+                       else f"{score * 100:.2f}") for local, lr, score in c.candidates)
                 chosen = f"lr {c.lr:g}" + (f", {local_text(c.local)}" if c.local else "")
                 rows.append({"task": task, "method": method, "validation score per candidate": candidates,
                              "chosen": chosen, "common seeds": ",".join(map(str, c.common_seeds)) or "none",
@@ -280,11 +286,13 @@ def _results(study: Study) -> list[str]:
            "Rows: each method's single pass and its test-time ensemble at the chosen setting. Final: the model at the "
            "end of training; best-val epoch: the test score of the epoch with the best validation main metric.", ""]
     for task in study.tasks:
+        if is_mmlu_task(study, task):  # SFT runs: no test loss; their MMLU scores have their own section
+            continue
         info = study.info[task]
         rows = [row for m in study.methods(task) for row in study.rows(task, m)]
         table = _table([_row_cells(r, info.main, info.regression) for r in rows], _columns(info.main, info.regression))
         out += [f"### {task} (main metric: {info.main})", "", table, "", *_derived(study, task, rows)]
-    return out
+    return [*out, *mmlu_report(study)]
 
 
 def _side_grids(study: Study) -> list[str]:
