@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .plots import format_table
+from .report_risk import aligned_mean, risk_section, row_predictions
 from .report_tables import (
     Stat,
     Study,
@@ -190,21 +191,6 @@ def auroc(in_probs: np.ndarray, out_probs: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.zeros(len(in_probs)), np.ones(len(out_probs))], scores))
 
 
-def aligned_mean(parts: Sequence[tuple[np.ndarray, np.ndarray, list]]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Members' probabilities on the examples all of them scored, stacked (k, n, C), and the labels; None when
-    they scored different examples (a test set drawn per seed: no fair ensemble)."""
-    if len(parts) < 2:
-        return None
-    ids = [p[2] or list(range(len(p[1]))) for p in parts]
-    if any(set(i) != set(ids[0]) for i in ids[1:]):
-        return None
-    stacked = []
-    for (probs, _, _), own in zip(parts, ids):
-        position = {x: n for n, x in enumerate(own)}
-        stacked.append(probs[[position[x] for x in ids[0]]])
-    return np.stack(stacked), parts[0][1]
-
-
 @functools.cache
 def ood_values(study: Study, source: str, task: str, row: MethodRow) -> dict[str, Stat] | None:
     """Accuracy, ECE, NLL and detection AUROC on OOD set `task` of the row's `source` runs, over seeds."""
@@ -359,7 +345,6 @@ def cost_lines(study: Study, tasks: Sequence[str]) -> list[str]:
 
 def commonsense_report(study: Study, plots: Path, base: Path) -> list[str]:
     """The section (Markdown lines), empty when the study has no commonsense task."""
-    from .report_risk import row_predictions
 
     tasks = commonsense_tasks(study)
     if not tasks:
@@ -372,8 +357,6 @@ def commonsense_report(study: Study, plots: Path, base: Path) -> list[str]:
 
 
 def _section(study: Study, tasks: list[str], plots: Path, base: Path) -> list[str]:
-    from .report_risk import risk_section
-
     cols = columns(study)
     out = ["## Commonsense multiple choice (published layout)", "",
            "Rows: MLE LoRA (single pass), MC dropout (PEFT dropout kept on at test, M passes), a deep ensemble of "
@@ -402,7 +385,9 @@ def _section(study: Study, tasks: list[str], plots: Path, base: Path) -> list[st
         for metric in ("accuracy", "ece", "nll", "auroc"):
             table = layout_table(study, metric, ood_cols, lambda t, r, s=source: ood_values(study, s, t, r))
             out += [f"#### {METRICS[metric][0]} on the OOD sets", "", table, ""] if table else []
-    return out + published_section(study) + risk_section(study, tasks, plots, base) + cost_lines(study, tasks)
+    risk = risk_section(study, [c for c in cols if c[0] in tasks], [(row_label(study, r), r) for r in ROWS], plots,
+                        base)
+    return out + published_section(study) + risk + cost_lines(study, tasks)
 
 
 __all__ = ["commonsense_report", "commonsense_tasks"]

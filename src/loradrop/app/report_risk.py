@@ -15,6 +15,7 @@ import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,21 @@ from .report_tables import Stat, Study, apply_temperature, arrays, fit_temperatu
 
 RISK_SCORES = (("max_prob", "1 − max p"), ("entropy", "entropy"), ("mutual_information", "mutual information"))
 
+def aligned_mean(parts: Sequence[tuple[np.ndarray, np.ndarray, list]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Members' probabilities on the examples all of them scored, stacked (k, n, C), and the labels; None when
+    they scored different examples (a test set drawn per seed: no fair ensemble)."""
+    if len(parts) < 2:
+        return None
+    ids = [p[2] or list(range(len(p[1]))) for p in parts]
+    if any(set(i) != set(ids[0]) for i in ids[1:]):
+        return None
+    stacked = []
+    for (probs, _, _), own in zip(parts, ids):
+        position = {x: n for n, x in enumerate(own)}
+        stacked.append(probs[[position[x] for x in ids[0]]])
+    return np.stack(stacked), parts[0][1]
+
+
 # one run's test predictions: probabilities (n, C), labels (n,), mutual information (n,) or None
 Predictions = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
@@ -33,8 +49,6 @@ Predictions = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 def row_predictions(study: Study, task: str, row) -> list[Predictions]:
     """The test predictions of a `report_commonsense.MethodRow` on `task`, one entry per seed (the deep ensemble:
     one entry, its mutual information computed from the seeds)."""
-    from .report_commonsense import aligned_mean
-
     choices = study.choices.get((task, row.method), [])
     if len(choices) != 1:
         return []
@@ -104,29 +118,28 @@ def _plot(task: str, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
     return _save(fig, path)
 
 
-def risk_section(study: Study, tasks: Sequence[str], plots: Path, base: Path) -> list[str]:
-    """The AURC table (rows = method x score, columns = tasks) and one risk-coverage PNG per task."""
-    from .report_commonsense import ROWS, columns, row_label
-
-    cols = [(t, label) for t, label in columns(study) if t in tasks]
+def risk_section(study: Study, cols: Sequence[tuple[str, str]], rows: Sequence[tuple[str, Any]], plots: Path,
+                 base: Path) -> list[str]:
+    """The AURC table (rows = method x score, columns = the (task, label) `cols`) and one risk-coverage PNG per
+    task; `rows` are (label, `report_commonsense.MethodRow`)."""
     table, images = [], []
     for task, _ in cols:
         curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        for row in ROWS:
+        for label, row in rows:
             preds = row_predictions(study, task, row)
             for score, _ in RISK_SCORES:
                 curve = curve_of(preds, score)
                 if curve is not None:
-                    curves.setdefault(row_label(study, row), {})[score] = (curve.coverage.numpy(),
+                    curves.setdefault(label, {})[score] = (curve.coverage.numpy(),
                                                                            curve.accuracy.numpy())
         if curves:
             path = _plot(task, curves, plots / f"{task}_risk_coverage.png")
             images.append((task, Path(os.path.relpath(path, base)).as_posix()))
-    for row in ROWS:
+    for label_, row in rows:
         for score, title in RISK_SCORES:
             stats = {label: aurc_stat(row_predictions(study, task, row), score) for task, label in cols}
             if any(s.n for s in stats.values()):
-                table.append({"method": row_label(study, row), "abstain by": title,
+                table.append({"method": label_, "abstain by": title,
                               **{label: s.fmt(100.0, 2) if s.n else "–" for label, s in stats.items()}})
     if not table:
         return []
