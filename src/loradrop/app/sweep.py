@@ -53,10 +53,10 @@ from typing import Any
 
 from ..errors import SettingsError, UsageError
 from .provenance import hardware, versions
+from .results import SCHEMA
 from .runfolder import read_json, write_json
 from .settings import TrainSettings
 
-SCHEMA = "loradrop.sweep.run/1"
 PLAN_KEYS = {"name", "description", "results", "base", "grid", "methods", "task_settings", "select_from"}
 ENGINE_OWNED = {"output", "resume", "overwrite"}
 PREDICTION_FILES = {"test": "predictions.jsonl", "validation": "validation_predictions.jsonl",
@@ -175,8 +175,8 @@ class SweepPlan:
         if self.select_from is None:
             return {}
         if self._selected is None:
-            from .report import load_results
             from .report_tables import Study
+            from .results import load_results
 
             if not self.select_from.is_dir():
                 raise SettingsError([f"select_from {str(self.select_from)!r} is not a folder of sweep results"])
