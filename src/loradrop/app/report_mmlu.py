@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .plots import format_table
-from .report_tables import PASSES, Choice, Run, Stat, Study, dig, row_name
+from .report_tables import PASSES, Run, Stat, Study, dig, row_name
 
 SHOTS = ("mmlu_0shot", "mmlu_5shot")
 COLUMNS = (("accuracy", "acc. (%)", 100.0, 2), ("ece", "ECE (%)", 100.0, 2), ("nll", "NLL", 1.0, 4))
@@ -54,7 +54,6 @@ def _rows(study: Study, task: str) -> list[dict[str, str]]:
     baseline = {r.seed: r for r in lora[0].runs} if len(lora) == 1 else {}
     rows = []
     for method in study.methods(task, side=None):
-        choice: Choice
         for choice in study.choices[(task, method)]:
             for pass_ in PASSES:
                 runs = [r for r in choice.runs if dig(r.metrics, "eval", pass_, SHOTS[0]) is not None]
