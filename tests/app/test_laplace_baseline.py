@@ -103,6 +103,22 @@ def test_laplace_predictive_is_less_overconfident_than_the_map(overfit) -> None:
 
 
 @needs_laplace
+def test_jacobians_one_example_at_a_time_equal_the_whole_batch(overfit) -> None:
+    from loradrop.app.laplace_baseline import _moments
+
+    model, train, _, test, _ = overfit
+    fit = fit_laplace(model, train, None, _collate, batch_size=12)
+    batch = _collate(test[:6])
+    batch["attention_mask"][:3, 7:] = 0  # padding no row of the first three uses: cut off for their Jacobians
+    batch["input_ids"][:3, 7:] = 0
+    whole_js, whole_f = fit.la.backend.jacobians({k: v for k, v in batch.items()})
+    js, f_mu, present = _moments(fit.la, batch)
+    assert present is None and js.shape == whole_js.shape == (6, 3, fit.n_params)
+    torch.testing.assert_close(js, whole_js, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(f_mu, whole_f, atol=1e-5, rtol=1e-4)
+
+
+@needs_laplace
 def test_marglik_prior_needs_no_validation(overfit) -> None:
     model, train, _, test, _ = overfit
     fit = fit_laplace(model, train, None, _collate, batch_size=12)

@@ -149,11 +149,33 @@ def _loader(dataset: Any, collator: Any, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
 
 
+JACOBIAN_ROWS = 1  # examples per Jacobian call (see `_moments`)
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def _rows(batch: Any, start: int, stop: int) -> dict[str, Any]:
+    """Rows `start:stop` of a collated batch, without the padding columns no row of them uses."""
+    part = {k: v[start:stop] for k, v in batch.items()}
+    mask = part.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and not bool(mask.bool().all()):
+        used = mask.bool().any(0)
+        part.update({k: part[k][:, used] for k in SEQUENCE_KEYS
+                     if k in part and part[k].dim() == 2 and part[k].shape[1] == used.shape[0]})
+    return part
+
+
 def _moments(la: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(Jacobians, MAP logits, present classes or None) of one batch: computed once and reused for every prior
     precision (laplace-torch's gridsearch would recompute the Jacobians at every grid point). ``present`` is the
-    letter-scoring batch's ``choice_mask``."""
-    js, f_mu = la.backend.jacobians(batch)
+    letter-scoring batch's ``choice_mask``.
+
+    The Jacobians are taken `JACOBIAN_ROWS` examples at a time: laplace-torch's ``jacrev`` differentiates the whole
+    ``(batch, C)`` output, i.e. batch·C backward passes each through the whole batch, so its work and memory grow
+    with the square of the batch (a batch of 8 SmolLM2 prompts ran a 23 GB CPU machine out of memory); one example
+    at a time is C passes through that example alone (the Jacobians are the same: examples are independent)."""
+    n = len(batch["labels"])
+    parts = [la.backend.jacobians(_rows(batch, i, i + JACOBIAN_ROWS)) for i in range(0, n, JACOBIAN_ROWS)]
+    js, f_mu = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     present = batch.get("choice_mask")
     return js, f_mu, (present.to(f_mu.device).bool() if present is not None else None)
 
