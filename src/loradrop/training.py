@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import CONFIG_FILE_NAME, read_config_file
@@ -143,16 +144,26 @@ class LoraDropoutTrainer(Trainer):
         controller = _find_controller(model)
         if controller is None or len(controller.config.chunks) == 1:
             return super().training_step(model, inputs, num_items_in_batch)
-        samples = controller.config.samples
+        samples, last = controller.config.samples, len(controller.config.chunks) - 1
+        # Under DeepSpeed, accelerate's backward is the engine's backward AND, when sync_gradients is set, its step
+        # (accelerate's DeepSpeedEngineWrapper): every chunk would update the weights. So only the last chunk of a
+        # step may see sync_gradients; the others run as gradient-accumulation micro-steps of the engine (not its
+        # boundary, no step), DeepSpeed's pattern for several backward passes per optimizer step.
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        sync = self.accelerator.sync_gradients
         total = None
-        for _, size in controller.member_chunks():
+        for index, (_, size) in enumerate(controller.member_chunks()):
             # Every chunk's loss is the mean over its members; weighted by size / N the chunks add up to the mean
             # over all N, in value and in gradient (compute_loss applies the weight before the backward).
             self._loradrop_chunk_weight = size / samples
+            if deepspeed:
+                self.accelerator.gradient_state._set_sync_gradients(sync and index == last)
             try:
                 loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 self._loradrop_chunk_weight = None
+                if deepspeed:
+                    self.accelerator.gradient_state._set_sync_gradients(sync)
             total = loss if total is None else total + loss
         return total
 
