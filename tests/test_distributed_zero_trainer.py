@@ -7,8 +7,9 @@ Why: under DeepSpeed, accelerate's ``backward`` steps the engine whenever ``sync
 calling it once per member chunk updated the weights once per chunk (3 engine steps per Trainer step here). The
 Trainer now marks only the step's last chunk as the accumulation boundary.
 
-On CPU, accelerate would run a DeepSpeed config as MULTI_CPU (DDP) when told ``use_cpu``; here the state is built
-with ``use_cpu=False`` and the gloo backend, and the test asserts that DeepSpeed is engaged (the Trainer's model is a
+On CPU, accelerate engages DeepSpeed only without ``use_cpu`` (its state.py: ``ACCELERATE_USE_DEEPSPEED ... and not
+cpu``); here the state is built with ``use_cpu=False`` and the gloo backend, and the test asserts that DeepSpeed is
+engaged (the Trainer's model is a
 ``DeepSpeedEngine``, accelerate's distributed type is DEEPSPEED, 2 processes). Skipped where deepspeed is not
 installed (it is no dependency of loradrop; docs/SCALING.md says how it was run here)."""
 
