@@ -33,7 +33,8 @@ def parse(text: str) -> dict:
         base = strategy["configs"].get("lora")
         for config in strategy["configs"].values():
             if base:
-                config["step_time_vs_lora"] = config["median_step_s_max_over_ranks"] / base["median_step_s_max_over_ranks"]
+                key = "median_step_s_max_over_ranks"
+                config["step_time_vs_lora"] = config[key] / base[key]
     return out
 
 
