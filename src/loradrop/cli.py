@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _sweep(args: argparse.Namespace) -> int:
     from .app.sweep import SweepPlan, parse_overrides, pending, run_sweep
 
-    plan = SweepPlan.load(args.plan)
+    plan = SweepPlan.load(args.plan, only=args.only)  # --only first: a phase 2 can run the tasks phase 1 finished
     if args.set:
         plan.overrides = parse_overrides(args.set)
         plan.runs()  # validate the overridden settings before anything runs

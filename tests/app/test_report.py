@@ -493,3 +493,5 @@ def test_a_plans_select_from_takes_the_reports_choice(study, tmp_path: Path) -> 
     with pytest.raises(SettingsError) as info:
         SweepPlan.load(plan_file)
     assert str(info.value).count("no results") == 3 and "task 'cola', method 'adalora'" in str(info.value)
+    kept = SweepPlan.load(plan_file, only=["rte__*"]).runs()  # --only: the tasks phase 1 finished still run
+    assert {r.axes["task"] for r in kept} == {"rte"} and len(kept) == 6

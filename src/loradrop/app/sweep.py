@@ -94,8 +94,9 @@ class SweepPlan:
     _selected: dict[tuple[str, str], dict[str, Any]] | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> SweepPlan:
-        """Read a YAML (or JSON) plan; every problem is reported in one `SettingsError`."""
+    def load(cls, path: str | Path, *, only: list[str] | None = None) -> SweepPlan:
+        """Read a YAML (or JSON) plan; every problem of the runs kept by `only` (glob patterns of run ids; all runs
+        when empty) is reported in one `SettingsError`."""
         import yaml
 
         path = Path(path)
@@ -114,7 +115,7 @@ class SweepPlan:
         plan = cls(name=str(raw.get("name") or path.stem), methods=raw.get("methods") or {},
                    base=raw.get("base") or {}, grid=raw.get("grid") or {}, task_settings=raw.get("task_settings") or {},
                    results=(path.parent / results) if results else None, description=str(raw.get("description", "")),
-                   select_from=(path.parent / str(select_from)) if select_from else None)
+                   select_from=(path.parent / str(select_from)) if select_from else None, only=list(only or []))
         plan.runs()  # validate every run now
         return plan
 
