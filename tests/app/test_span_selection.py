@@ -107,7 +107,8 @@ def test_span_runs_still_refuse_mc_dropout_and_generation_runs_a_holdout(tmp_pat
 def _span_result(method: str, lr: float, seed: int, val_f1: float, test_f1: float) -> dict:
     """A sweep result of a span run without per-epoch evaluation: the final model's validation score only."""
     def scores(f1: float) -> dict:
-        return {"exact_match": f1 - 0.1, "f1": f1, "n": 50, "span_ece": 0.1, "span_nll": 2.0, "span_brier": 0.5}
+        return {"exact_match": f1 - 0.1, "f1": f1, "n": 50, "span_ece": 0.1 + seed / 100, "span_nll": 2.0,
+                "span_brier": 0.5}
 
     run_id = f"squad__{method}__lr-{lr}_seed-{seed}"
     return {
@@ -152,3 +153,8 @@ def test_report_selects_the_span_lr_from_validation_scores(tmp_path: Path) -> No
     squad = md[md.index("### squad (main metric: f1)"):md.index("## Plots")]
     lora = next(line for line in squad.splitlines() if line.startswith("| LoRA "))
     assert "| 0.0015 |" in lora and "31.00 ± 1.00" in lora  # seeds 0-2 at lr 1.5e-3: test F1 0.30, 0.31, 0.32
+    header = next(line for line in squad.splitlines() if line.startswith("| row"))
+    names = [c.strip() for c in header.strip("|").split("|")]
+    cells = dict(zip(names, [c.strip() for c in lora.strip("|").split("|")]))
+    assert cells["test exact_match (final)"] == "21.00 ± 1.00"  # EM = F1 - 0.1 per seed
+    assert cells["ECE (%)"] == "11.00 ± 1.00" and cells["NLL"] == "2.0000 ± 0.0000"  # the span_* calibration

@@ -188,15 +188,19 @@ def _row_cells(row: Row, main: str, regression: bool) -> dict[str, str]:
     cells = {"row": row.name, "lr": f"{row.choice.lr:g}", "setting": local_text(row.choice.local) or "–",
              f"test {main} (final)": fmt(row.values["main"], "main"),
              f"test {main} (best-val epoch)": fmt(row.values["best"], "best"), "n seeds": str(row.values["main"].n)}
+    if "em" in row.values:
+        cells["test exact_match (final)"] = fmt(row.values["em"], "main")
     if not regression:
         cells.update({"ECE (%)": fmt(row.values["ece"], "ece"), "NLL": fmt(row.values["nll"], "nll"),
                       "Brier": fmt(row.values["brier"], "brier")})
     return cells
 
 
-def _columns(main: str, regression: bool) -> list[str]:
+def _columns(main: str, regression: bool, rows: Sequence[Row] = ()) -> list[str]:
     calibration = [] if regression else ["ECE (%)", "NLL", "Brier"]
-    return ["row", "lr", "setting", f"test {main} (final)", f"test {main} (best-val epoch)", *calibration, "n seeds"]
+    em = ["test exact_match (final)"] if any("em" in r.values for r in rows) else []
+    return ["row", "lr", "setting", f"test {main} (final)", f"test {main} (best-val epoch)", *em, *calibration,
+            "n seeds"]
 
 
 DERIVED_TEXT = (
@@ -245,7 +249,8 @@ def _results(study: Study) -> list[str]:
             continue
         info = study.info[task]
         rows = [row for m in study.methods(task) for row in study.rows(task, m)]
-        table = _table([_row_cells(r, info.main, info.regression) for r in rows], _columns(info.main, info.regression))
+        table = _table([_row_cells(r, info.main, info.regression) for r in rows],
+                       _columns(info.main, info.regression, rows))
         out += [f"### {task} (main metric: {info.main})", "", table, "", *_derived(study, task, rows)]
     return [*out, *mmlu_report(study)]
 

@@ -277,7 +277,11 @@ def row_name(method: str, pass_: str, kind: str, settings: dict[str, Any]) -> st
 def run_values(run: Run, pass_: str, main: str) -> dict[str, float]:
     m = run.metrics
     out = {"main": number(dig(m, "eval", pass_, main)), "best": number(dig(m, "best_epoch", "test", pass_, main))}
-    out.update({k: number(dig(m, "eval", pass_, k)) for k in CALIBRATION})
+    for k in CALIBRATION:  # span tasks (SQuAD) report the calibration of their start/end distributions: span_*
+        value = dig(m, "eval", pass_, k)
+        out[k] = number(value if value is not None else dig(m, "eval", pass_, f"span_{k}"))
+    if dig(m, "eval", pass_, "exact_match") is not None:  # SQuAD's second official metric
+        out["em"] = number(dig(m, "eval", pass_, "exact_match"))
     if pass_ == "single":  # the train/validation loss gap of the final model
         out["gap"] = number(dig(m, "eval", "validation", "single", "nll")) - number(run.last_epoch().get("train_loss"))
     return out
