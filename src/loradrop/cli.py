@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only the runs whose id matches this glob (e.g. 'mrpc__*'); repeatable")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every run (e.g. --set model=/path/to/minilm); repeatable")
+    sweep.add_argument("--laplace", nargs="?", const="auto", default=None, choices=LAPLACE_PRIORS,
+                       help="after training, score Laplace-LoRA on every kept run of method 'lora' (implies "
+                            "--keep-runs; needs laplace-torch): one result of method 'laplace' each, existing ones "
+                            "skipped (loradrop.app.laplace_sweep)")
 
     tasks_cmd = sub.add_parser("tasks", help="list the registered tasks, their metrics and whether their data is here")
     tasks_cmd.add_argument("--data-dir", default=None,
@@ -226,14 +230,45 @@ def _sweep(args: argparse.Namespace) -> int:
         for run in todo:
             print(run.run_id)
         print(f"{len(todo)} to run, {done} done already", flush=True)
+        if args.laplace is not None and results is not None and results.is_dir():
+            from .app.laplace_sweep import plan_laplace
+
+            lap = plan_laplace(results, args.work_dir, only=args.only)
+            for job in lap.todo:
+                print(job.run_id)
+            print(f"laplace: {len(lap.todo)} to run, {len(lap.done)} done already, {len(lap.missing)} without a "
+                  "kept run folder (runs still to train are scored after training)", flush=True)
         return 0
-    summary = run_sweep(plan, results, workers=args.workers, work_dir=args.work_dir, keep_runs=args.keep_runs,
-                        gpus=args.gpus)
+    if args.laplace is not None:
+        from .app.laplace_baseline import require_laplace
+        from .app.laplace_sweep import SOURCE_METHOD
+        from .errors import UsageError
+
+        if SOURCE_METHOD not in plan.methods:
+            raise UsageError(f"--laplace scores the plan's plain-LoRA runs: plan {plan.name!r} has no method "
+                             f"{SOURCE_METHOD!r} (its methods: {sorted(plan.methods)})")
+        require_laplace()  # before any training
+    summary = run_sweep(plan, results, workers=args.workers, work_dir=args.work_dir,
+                        keep_runs=args.keep_runs or args.laplace is not None, gpus=args.gpus)
     print(f"sweep {plan.name}: {summary['ok']} ran, {summary['skipped']} done already, {len(summary['failed'])} "
           f"failed (of {summary['planned']})", flush=True)
     for failure in summary["failed"]:
         print(f"  failed: {failure['run_id']}: {failure['error']}", file=sys.stderr)
-    return 1 if summary["failed"] else 0
+    failed = bool(summary["failed"])
+    if args.laplace is not None:
+        from .app.laplace_sweep import laplace_sweep
+
+        done = laplace_sweep(results or plan.results, args.work_dir, prior=args.laplace, only=args.only,
+                             overrides=plan.overrides)
+        print(f"laplace {plan.name}: {done['ok']} ran, {done['skipped']} done already, {len(done['failed'])} failed, "
+              f"{len(done['missing'])} without a kept run folder (of {done['planned'] + len(done['missing'])})",
+              flush=True)
+        for failure in done["failed"]:
+            print(f"  failed: {failure['run_id']}: {failure['error']}", file=sys.stderr)
+        for run_id in done["missing"]:
+            print(f"  no run folder (trained without --keep-runs): {run_id}", file=sys.stderr)
+        failed = failed or bool(done["failed"] or done["missing"])
+    return 1 if failed else 0
 
 
 def _tasks(args: argparse.Namespace) -> int:
