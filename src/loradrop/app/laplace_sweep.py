@@ -13,8 +13,9 @@ results: same plan, task, lr and seed as the source run (so the report's selecti
   pass, recomputed) and ``eval.ensemble`` the Laplace predictive (accuracy, ECE, NLL, Brier), the ``laplace`` section
   (prior, sizes, seconds), and ``uncertainty`` (selective prediction, OOD sets: MAP and Laplace metrics, AUROC).
   This is the layout of ``loradrop eval --laplace``, which the report reads (its Laplace-LoRA row is the
-  ``ensemble`` pass, the OOD tables read ``ood_sets[*].metrics.ensemble``). ``best_epoch`` holds the source run's
-  validation score (without its test numbers): a Laplace fit is chosen at the setting its LoRA run was chosen at;
+  ``ensemble`` pass, the OOD tables read ``ood_sets[*].metrics.ensemble``). ``best_epoch`` (without its test
+  numbers) and ``eval.validation.single`` are the source run's validation scores (the MAP is that run's model), so
+  the report's selection chooses a Laplace fit's lr by its LoRA run's validation score, as it chose LoRA's;
 - ``predictions``: ``test`` and, with OOD sets, ``ood`` / ``ood_sets`` in `sweep._compact`'s column layout
   (``single_probs`` the MAP, ``ensemble_probs`` the Laplace predictive);
 - ``settings`` / ``axes``: the source run's; ``laplace_settings``: the evaluation's; ``source``: the run it came
@@ -133,9 +134,13 @@ def laplace_result(job: LaplaceJob, output: Path, *, prior: str = "auto",
     metrics = dict(evaluate(eval_settings).metrics)
     wall = time.perf_counter() - start
     metrics["config"] = {**metrics.get("config", {}), "ensemble_kind": METHOD}
-    selection = _selection_score(job.source.get("metrics") or {})
+    source_metrics = job.source.get("metrics") or {}
+    selection = _selection_score(source_metrics)
     if selection is not None:
         metrics["best_epoch"] = {**selection, "source": "the source LoRA run's selection score"}
+    validation = ((source_metrics.get("eval") or {}).get("validation") or {}).get("single")
+    if validation is not None:  # the MAP is the source run's model: its validation score is the MAP's
+        metrics["eval"] = {**metrics["eval"], "validation": {"single": validation}}
     predictions: dict[str, Any] = {"test": _compact(_read_rows(output / metrics["files"]["predictions"]))}
     ood_sets = (metrics.get("uncertainty") or {}).get("ood_sets") or []
     if ood_sets:  # as sweep.execute: the first set is also `ood`

@@ -1,0 +1,133 @@
+"""``loradrop sweep PLAN --laplace`` (`loradrop.app.laplace_sweep`): the kept plain-LoRA runs of a sweep become
+results of method ``laplace`` that ``loradrop report`` shows as the Laplace-LoRA row (issue #14). The end-to-end test
+needs laplace-torch (optional) and the commonsense data; the checks that load no model always run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loradrop.app.laplace_sweep import laplace_run_id, plan_laplace
+from loradrop.cli import main
+from loradrop.errors import UsageError
+
+needs_laplace = pytest.mark.skipif(importlib.util.find_spec("laplace") is None,
+                                   reason="laplace-torch is not installed (optional: pip install 'loradrop[laplace]')")
+SEEDS = (0, 1)
+
+
+def _direct(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, top-label ECE (15 equal-width bins, right-closed), NLL and Brier, computed here."""
+    conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(float)
+    bins = np.clip(np.searchsorted(np.linspace(0, 1, 16)[1:-1], conf, side="left"), 0, 14)
+    ece = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
+              for b in range(15) if (bins == b).any())
+    onehot = np.eye(probs.shape[1])[labels]
+    return {"accuracy": correct.mean(), "ece": ece, "nll": -np.log(probs[np.arange(len(labels)), labels]).mean(),
+            "brier": ((probs - onehot) ** 2).sum(1).mean()}
+
+
+def _table(md: str, heading: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    blocks = md[md.index(heading + "\n"):].split("\n\n")
+    lines = next(b for b in blocks if b.startswith("|")).splitlines()
+    split = lambda line: [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]  # noqa: E731
+    header = split(lines[0])
+    return header, {cells[0]: dict(zip(header, cells)) for cells in map(split, lines[2:])}
+
+
+def _stat(values: list[float], scale: float, digits: int) -> str:
+    values = np.asarray(values, dtype=float) * scale
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def _plan(folder: Path, base: str, methods: str = "  lora: {no_lora_dropout: true}\n") -> Path:
+    path = folder / "plan.yaml"
+    path.write_text(f"name: lap\nresults: res\nbase: {{{base}}}\ngrid: {{task: [openbookqa], seed: {list(SEEDS)}}}\n"
+                    f"methods:\n{methods}")
+    return path
+
+
+def test_refusals_and_missing_run_folders(tmp_path: Path, capsys) -> None:
+    plan = _plan(tmp_path, "lr: 0.01", "  ld: {p: 0.5}\n")
+    assert main(["sweep", str(plan), "--laplace"]) == 2
+    assert "plan 'lap' has no method 'lora' (its methods: ['ld'])" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["sweep", str(plan), "--laplace", "mcmc"])
+    assert exited.value.code == 2 and "invalid choice: 'mcmc' (choose from 'auto', 'val_nll', 'marglik')" in \
+        capsys.readouterr().err
+    with pytest.raises(UsageError, match="results folder .* does not exist"):
+        plan_laplace(tmp_path / "nowhere")
+    # a lora result whose run folder was not kept is reported, not scored; other methods and failures are ignored
+    res = tmp_path / "res"
+    res.mkdir()
+    source = {"schema": "loradrop.sweep.run/1", "run_id": "openbookqa__lora__seed-3", "method": "lora",
+              "status": "ok", "axes": {"task": "openbookqa", "seed": 3}, "settings": {}, "metrics": {}}
+    (res / "openbookqa__lora__seed-3.json").write_text(json.dumps(source))
+    (res / "openbookqa__ld__seed-3.json").write_text(json.dumps({**source, "method": "ld"}))
+    (res / "x.failed.json").write_text(json.dumps({**source, "status": "failed"}))
+    found = plan_laplace(res)
+    assert (found.todo, found.done, found.missing) == ([], [], ["openbookqa__lora__seed-3"])
+    assert laplace_run_id(source) == "openbookqa__laplace__seed-3"
+    assert plan_laplace(res, only=["arc_easy__*"]).missing == []
+
+
+@needs_laplace
+@pytest.mark.slow
+def test_sweep_laplace_feeds_the_report(data_root: Path, llama_dir: Path, tmp_path: Path, capsys) -> None:
+    """Two tiny plain-LoRA runs on an OpenBookQA slice with ARC-Easy as OOD set, then their Laplace results: MAP =
+    the LoRA run's single pass, Laplace metrics = what the written predictions give, the report's Laplace-LoRA row
+    (in-distribution and OOD) = those numbers over the seeds, and a second invocation redoes nothing."""
+    if not (data_root / "commonsense").is_dir():
+        pytest.skip(f"no commonsense data in {data_root}")
+    from loradrop.app.report import write_report
+
+    plan = _plan(tmp_path, f"model: {llama_dir}, data_dir: {data_root}, max_train_samples: 16, max_eval_samples: 12, "
+                           "holdout_fraction: 0.25, max_steps: 1, batch_size: 8, lr: 0.01, max_seq_len: 160, "
+                           "ood_task: [arc_easy]")
+    assert main(["sweep", str(plan), "--laplace"]) == 0
+    assert "laplace lap: 2 ran, 0 done already, 0 failed, 0 without a kept run folder (of 2)" in capsys.readouterr().out
+    res = tmp_path / "res"
+    lap = {s: json.loads((res / f"openbookqa__laplace__seed-{s}.json").read_text()) for s in SEEDS}
+    lora = {s: json.loads((res / f"openbookqa__lora__seed-{s}.json").read_text()) for s in SEEDS}
+    accuracy, ood_accuracy = [], []
+    for s in SEEDS:
+        got, src = lap[s], lora[s]
+        assert got["method"] == "laplace" and got["axes"] == src["axes"] and got["settings"] == src["settings"]
+        assert got["source"]["run_id"] == src["run_id"] and got["metrics"]["laplace"]["prior_method"] == "val_nll"
+        assert got["wall_time_s"] > 0 and got["versions"] and got["hardware"]
+        test = got["predictions"]["test"]
+        # the MAP is the trained run's own single pass on the same test rows
+        assert test["id"] == src["predictions"]["test"]["id"]
+        np.testing.assert_allclose(test["single_probs"], src["predictions"]["test"]["single_probs"], atol=1e-5)
+        assert got["metrics"]["eval"]["single"]["accuracy"] == src["metrics"]["eval"]["single"]["accuracy"]
+        # the Laplace predictive's metrics are those of the written predictions, and differ from the MAP's
+        direct = _direct(np.array(test["ensemble_probs"]), np.array(test["label"]))
+        for k in ("accuracy", "ece", "nll", "brier"):
+            assert got["metrics"]["eval"]["ensemble"][k] == pytest.approx(direct[k], abs=1e-5), k
+        assert got["metrics"]["eval"]["ensemble"]["nll"] != got["metrics"]["eval"]["single"]["nll"]
+        accuracy.append(direct["accuracy"])
+        ood = got["predictions"]["ood_sets"]["arc_easy"]
+        assert got["predictions"]["ood"] == ood and len(ood["label"]) == 12
+        ood_accuracy.append(_direct(np.array(ood["ensemble_probs"]), np.array(ood["label"]))["accuracy"])
+        part = got["metrics"]["uncertainty"]["ood_sets"][0]
+        assert part["task"] == "arc_easy" and part["metrics"]["ensemble"]["accuracy"] == pytest.approx(ood_accuracy[-1])
+    assert not list(tmp_path.glob(".res.runs/*laplace*"))  # the evaluations' own folders are not kept
+
+    md = write_report([res], tmp_path / "R.md").read_text(encoding="utf-8")
+    # the selection table: Laplace's lr is chosen by its LoRA run's validation score, as LoRA's was
+    selection = md[md.index("| openbookqa | laplace"):].splitlines()[0]
+    assert "no validation score" not in selection and "| lr 0.01: " in selection
+    assert selection.split("|")[3] == md[md.index("| openbookqa | lora"):].splitlines()[0].split("|")[3]
+    _, rows = _table(md, "### ACC (%)")
+    assert rows["Laplace-LoRA"]["OBQA"] == _stat(accuracy, 100, 2)
+    _, rows = _table(md, "#### ACC (%) on the OOD sets")
+    assert rows["Laplace-LoRA"]["ARC-E"] == _stat(ood_accuracy, 100, 2)
+
+    stamps = {p: p.stat().st_mtime_ns for p in res.glob("*.json")}
+    assert main(["sweep", str(plan), "--laplace"]) == 0
+    assert "laplace lap: 0 ran, 2 done already" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in res.glob("*.json")} == stamps
