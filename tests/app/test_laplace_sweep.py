@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from loradrop.app.laplace_sweep import laplace_run_id, plan_laplace
+from loradrop.app.runfolder import ADAPTER_DIR
 from loradrop.cli import main
 from loradrop.errors import UsageError
 
@@ -73,6 +74,16 @@ def test_refusals_and_missing_run_folders(tmp_path: Path, capsys) -> None:
     assert (found.todo, found.done, found.missing) == ([], [], ["openbookqa__lora__seed-3"])
     assert laplace_run_id(source) == "openbookqa__laplace__seed-3"
     assert plan_laplace(res, only=["arc_easy__*"]).missing == []
+    # with the run folder kept, it is to do; --dry-run lists it (the plan itself has two lora runs still to train)
+    lora_plan = _plan(tmp_path, "lr: 0.01")
+    kept = tmp_path / ".res.runs" / "openbookqa__lora__seed-3" / ADAPTER_DIR
+    kept.mkdir(parents=True)
+    (kept / "adapter_config.json").write_text("{}")
+    assert [job.run_id for job in plan_laplace(res).todo] == ["openbookqa__laplace__seed-3"]
+    assert main(["sweep", str(lora_plan), "--dry-run", "--laplace"]) == 0
+    out = capsys.readouterr().out
+    assert "openbookqa__laplace__seed-3\nlaplace: 1 to run, 0 done already, 0 without a kept run folder" in out
+    assert "2 to run, 0 done already" in out
 
 
 @needs_laplace
