@@ -495,3 +495,41 @@ def test_a_plans_select_from_takes_the_reports_choice(study, tmp_path: Path) -> 
     assert str(info.value).count("no results") == 3 and "task 'cola', method 'adalora'" in str(info.value)
     kept = SweepPlan.load(plan_file, only=["rte__*"]).runs()  # --only: the tasks phase 1 finished still run
     assert {r.axes["task"] for r in kept} == {"rte"} and len(kept) == 6
+
+
+def test_select_from_refuses_an_unfinished_or_failed_phase_one_and_a_changed_choice(tmp_path: Path) -> None:
+    """Phase 1 named by its plan: a task/method with a phase-1 run still missing (or failed) is refused instead of
+    choosing from the runs that happen to be there; a finished phase-2 run trained at another lr is refused too."""
+    import shutil
+
+    from loradrop.app.sweep import SweepPlan, pending
+    from loradrop.errors import SettingsError, UsageError
+
+    tune = tmp_path / "tune"
+    for lr in LRS:
+        _write(tune, make_result("rte", "lora", lr, 0, (0.7, 0.72)))
+    (tmp_path / "tune.yaml").write_text(
+        "name: p1\nresults: tune\nbase: {model: minilm}\ngrid: {task: [rte], lr: [0.0001, 0.001, 0.01], seed: [0]}\n"
+        "methods: {lora: {no_lora_dropout: true}}\n", encoding="utf-8")
+    main = tmp_path / "main.yaml"
+    main.write_text("name: p2\nresults: main\nselect_from: tune.yaml\nbase: {model: minilm}\n"
+                    "grid: {task: [rte], seed: [1]}\nmethods: {lora: {no_lora_dropout: true}}\n", encoding="utf-8")
+    with pytest.raises(SettingsError, match=r"phase 1 is not finished for task 'rte', method 'lora' \(1 of its runs "
+                                            r"have no result, e\.g\. 'rte__lora__lr-0\.01_seed-0'\)"):
+        SweepPlan.load(main)
+    _write(tune, make_result("rte", "lora", 0.01, 0, (0.7, 0.72), validation=0.99))
+    plan = SweepPlan.load(main)
+    assert [r.settings["lr"] for r in plan.runs()] == [0.01]  # the best validation, now that all three finished
+    # a phase-2 result trained at another lr (phase 1 changed since) is refused, not mixed with the new choice
+    _write(tmp_path / "main", {**make_result("rte", "lora", 0.001, 1, (0.7, 0.72)), "run_id": "rte__lora__seed-1"})
+    with pytest.raises(UsageError, match=r"rte__lora__seed-1 \(lr 0\.001 -> 0\.01\)"):
+        pending(plan, tmp_path / "main")
+    shutil.rmtree(tmp_path / "main")
+    (tune / "rte__lora__lr-0.0001_seed-0.json").rename(tune / "rte__lora__lr-0.0001_seed-0.failed.json")
+    (tmp_path / "tune.yaml").write_text((tmp_path / "tune.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    failed = tmp_path / "main2.yaml"
+    failed.write_text(main.read_text(encoding="utf-8").replace("select_from: tune.yaml", "select_from: tune"),
+                      encoding="utf-8")
+    with pytest.raises(SettingsError, match=r"not finished for task 'rte', method 'lora' \(rte__lora__lr-0\.0001_"
+                                            r"seed-0\.failed\.json failed\)"):
+        SweepPlan.load(failed)  # a results folder: the failed run is seen

@@ -148,9 +148,27 @@ def test_workers_are_spread_over_the_gpus(tmp_path: Path) -> None:
     from loradrop.app.sweep import _worker_init, worker_gpu
 
     assert [worker_gpu([2, 5], k) for k in (1, 2, 3, 4)] == [2, 5, 2, 5]
+    import torch
+
+    process = multiprocessing.current_process()
+    saved = (process._identity, os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("TQDM_DISABLE"),
+             torch.get_num_threads())
+    try:
+        for identity, gpu in (((3,), "2"), ((4,), "5")):  # consecutive pool workers land on different GPUs
+            process._identity = identity
+            _worker_init([2, 5])
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == gpu
+    finally:  # _worker_init also sets this process's threads and TQDM_DISABLE: put everything back
+        process._identity = saved[0]
+        for name, value in (("CUDA_VISIBLE_DEVICES", saved[1]), ("TQDM_DISABLE", saved[2])):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        torch.set_num_threads(saved[3])
     with multiprocessing.get_context("spawn").Pool(2, initializer=_worker_init, initargs=([2, 5],)) as pool:
         seen = set(pool.map(os.getenv, ["CUDA_VISIBLE_DEVICES"] * 8, chunksize=1))
-    assert seen and seen <= {"2", "5"}
+    assert seen and seen <= {"2", "5"}  # in real worker processes too
     with pytest.raises(UsageError, match="gpus must be"):
         run_sweep(SweepPlan.load(write_plan(tmp_path, "minilm")), tmp_path / "r", workers=2, gpus=[-1])
     from loradrop.cli import main

@@ -14,12 +14,15 @@ A plan::
     task_settings:                      # per task, or per task and method ("task/method"), before the method's
       sst2: {max_train_samples: 10000}
       mrpc/lora_dropout: {lr: 2.0e-3}
-    select_from: results/glue-tune      # optional: each task/method's lr from a tuning sweep's results
+    select_from: tune.yaml              # optional: each task/method's lr from a tuning sweep (plan or results)
 
 ``select_from`` makes a two-phase study one command per phase: every run takes the learning rate (and, for the
 methods whose local axes the report selects, those axes) that `loradrop report` chooses for its task and method in
-that folder, by validation over the seeds common to all candidates (`report_tables.select`); an explicit
-``task/method`` setting still wins. A task/method without results there is reported when its runs are planned.
+that folder, by validation over the seeds common to all candidates (`report_tables.select`); explicit settings
+(``task/method`` and the method's own) still win. ``select_from`` may name phase 1's plan file instead of its results
+folder: then a task/method whose phase-1 runs are not all finished is refused (an unfinished phase 1 would otherwise
+be chosen from in silence). A failed phase-1 run, a task/method without results, and a finished phase-2 run trained at
+another setting than the one chosen now are refused too, one line each.
 
 expands to one `TrainSettings` per combination, every one validated before the first run starts. A run whose
 result exists is skipped, so a killed sweep continues where it stopped when started again; a run that fails
@@ -92,6 +95,7 @@ class SweepPlan:
     only: list[str] = field(default_factory=list)  # glob patterns of run ids to keep (all when empty)
     select_from: Path | None = None  # a tuning sweep's results: lr per task/method chosen there by validation
     _selected: dict[tuple[str, str], dict[str, Any]] | None = field(default=None, init=False, repr=False)
+    _unfinished: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def load(cls, path: str | Path, *, only: list[str] | None = None) -> SweepPlan:
@@ -172,23 +176,59 @@ class SweepPlan:
         return out
 
     def _selection(self, task: str, method: str) -> dict[str, Any]:
-        """The settings `select_from` chose for (task, method): {} without `select_from`."""
+        """The settings `select_from` chose for (task, method): {} without `select_from`.
+
+        `select_from` names phase 1's plan file (then every run phase 1 plans for this task and method must have its
+        result: an unfinished or partly failed phase 1 is refused, not silently chosen from) or its results folder
+        (then a failed phase-1 run of this task and method is refused; runs still missing cannot be seen)."""
         if self.select_from is None:
             return {}
         if self._selected is None:
-            from .report_tables import Study
-            from .results import load_results
-
-            if not self.select_from.is_dir():
-                raise SettingsError([f"select_from {str(self.select_from)!r} is not a folder of sweep results"])
-            study = Study(load_results([self.select_from]).runs)
-            self._selected = {key: {"lr": c[0].lr, **dict(c[0].local)}
-                              for key, c in study.choices.items() if len(c) == 1}
+            self._selected, self._unfinished = _phase_one_choices(self.select_from)
+        where = str(self.select_from)
+        if (task, method) in self._unfinished:
+            raise SettingsError([f"select_from {where!r}: phase 1 is not finished for task {task!r}, method "
+                                 f"{method!r} ({self._unfinished[(task, method)]}); finish it first"])
         chosen = self._selected.get((task, method))
         if chosen is None:
-            raise SettingsError([f"select_from {str(self.select_from)!r} has no results (or several settings to "
-                                 f"choose among) for task {task!r}, method {method!r}"])
+            raise SettingsError([f"select_from {where!r} has no results (or several settings to choose among) for "
+                                 f"task {task!r}, method {method!r}"])
         return dict(chosen)
+
+
+def _phase_one_choices(source: Path) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], str]]:
+    """(choices, unfinished) of a phase-1 plan file or results folder: the lr (and local axes) the report's rule picks
+    per (task, method), and the (task, method) groups that cannot be chosen from yet, with the reason."""
+    from .report_tables import Study
+    from .results import load_results
+
+    unfinished: dict[tuple[str, str], str] = {}
+    if source.is_file():
+        phase_one = SweepPlan.load(source)
+        if phase_one.results is None:
+            raise SettingsError([f"select_from {str(source)!r}: that plan has no 'results' folder"])
+        folder = phase_one.results
+        missing: dict[tuple[str, str], list[str]] = {}
+        for run in phase_one.runs():
+            key = (str(run.settings.get("task")), run.method)
+            missing.setdefault(key, [])
+            if not result_path(folder, run.run_id).is_file():
+                missing[key].append(run.run_id)
+        unfinished = {key: f"{len(ids)} of its runs have no result, e.g. {ids[0]!r}"
+                      for key, ids in missing.items() if ids}
+    elif source.is_dir():
+        folder = source
+    else:
+        raise SettingsError([f"select_from {str(source)!r} is neither a phase-1 plan file nor a folder of results"])
+    for path in sorted(folder.glob("*.failed.json")):
+        data = read_json(path) or {}
+        key = (str((data.get("axes") or {}).get("task", (data.get("settings") or {}).get("task"))),
+               str(data.get("method")))
+        unfinished.setdefault(key, f"{path.name} failed")
+    study = Study(load_results([folder]).runs) if folder.is_dir() else None
+    choices = {key: {"lr": c[0].lr, **dict(c[0].local)}
+               for key, c in (study.choices.items() if study else ()) if len(c) == 1}
+    return choices, unfinished
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -226,9 +266,25 @@ def result_path(results: Path, run_id: str) -> Path:
 
 
 def pending(plan: SweepPlan, results: Path) -> tuple[list[PlannedRun], int]:
-    """Runs without a result file yet, and how many are already done."""
+    """Runs without a result file yet, and how many are already done. With `select_from`, a finished run must have
+    been trained at the setting chosen now (the run id does not hold the lr): a changed choice is refused, not
+    mixed."""
     runs = plan.runs()
     todo = [r for r in runs if not result_path(results, r.run_id).is_file()]
+    if plan.select_from is not None:
+        changed = []
+        for run in runs:
+            path = result_path(results, run.run_id)
+            stored = ((read_json(path) or {}).get("settings") or {}) if path.is_file() else {}
+            keys = sorted({"lr", *plan._selection(str(run.settings.get("task")), run.method)})
+            diffs = [f"{k} {stored.get(k)} -> {run.settings.get(k)}" for k in keys
+                     if stored and stored.get(k) != run.settings.get(k)]
+            if diffs:
+                changed.append(f"{run.run_id} ({', '.join(diffs)})")
+        if changed:
+            raise UsageError(f"select_from now chooses other settings than {len(changed)} finished run(s) of "
+                             f"{str(results)!r} were trained with: {'; '.join(changed[:3])}; move those results "
+                             "away or restore phase 1's results")
     return todo, len(runs) - len(todo)
 
 
@@ -306,7 +362,9 @@ def _worker_init(gpus: list[int] | None = None) -> None:
     import multiprocessing
 
     if gpus:
-        identity = multiprocessing.current_process()._identity  # (k,) for the k-th worker of a pool
+        # (k,): from the parent's process counter, consecutive for a pool's workers, so round robin over them;
+        # a worker that replaces a crashed one takes the next number (the load may then be uneven)
+        identity = multiprocessing.current_process()._identity
         os.environ["CUDA_VISIBLE_DEVICES"] = str(worker_gpu(gpus, identity[0] if identity else 1))
     os.environ["TQDM_DISABLE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -345,11 +403,11 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
         raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
     if gpus is not None and (not gpus or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus)):
         raise UsageError(f"gpus must be a non-empty list of GPU indices >= 0, got {gpus!r}")
-    if gpus and workers == 1:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])  # in-process: set before this process touches CUDA
     results.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir is not None else results.parent / f".{results.name}.runs"
     todo, done = pending(plan, results)
+    if gpus and (workers == 1 or len(todo) <= 1):  # runs in this process (`_statuses`): set before CUDA is touched
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])
     summary: dict[str, Any] = {"planned": len(todo) + done, "skipped": done, "ok": 0, "failed": []}
     jobs = [(run, plan.name, results, work, keep_runs) for run in todo]
     bar = tqdm(total=len(jobs), desc=f"sweep {plan.name}", unit="run", disable=not progress)
