@@ -154,3 +154,22 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught(tiny_bert, tmp_path):
     with pytest.raises(TrainingDivergedError, match=r"training diverged at step 1: the gradient norm is (nan|inf) "
                                                     r"while the loss is \d+\.\d+ \(not finite\)"):
         make_trainer(model, args, rows).train()
+
+
+def test_member_chunks_under_deepspeed_refuse_an_accelerate_that_would_step_per_chunk(monkeypatch) -> None:
+    """accelerate versions whose DeepSpeedEngineWrapper.backward has no `sync_gradients` step the engine after every
+    backward: member chunks would then update the weights once per chunk, so they are refused in one line."""
+    from accelerate.utils import deepspeed as accelerate_deepspeed
+
+    from loradrop.errors import UsageError
+    from loradrop.training import _require_deepspeed_sync_flag
+
+    _require_deepspeed_sync_flag()  # the installed accelerate takes the flag
+
+    def old_backward(self, loss, **kwargs):  # the signature before the flag existed
+        return None
+
+    monkeypatch.setattr(accelerate_deepspeed.DeepSpeedEngineWrapper, "backward", old_backward)
+    with pytest.raises(UsageError, match=r"^member_chunk under DeepSpeed needs an accelerate whose "
+                                         r"DeepSpeedEngineWrapper\.backward takes sync_gradients"):
+        _require_deepspeed_sync_flag()

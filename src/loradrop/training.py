@@ -17,7 +17,7 @@ from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import CONFIG_FILE_NAME, read_config_file
-from .errors import TrainingDivergedError
+from .errors import TrainingDivergedError, UsageError
 from .model import _find_controller, get_active_controller, inactive_reason, set_mask_state
 
 logger = logging.getLogger("loradrop")
@@ -150,6 +150,8 @@ class LoraDropoutTrainer(Trainer):
         # step may see sync_gradients; the others run as gradient-accumulation micro-steps of the engine (not its
         # boundary, no step), DeepSpeed's pattern for several backward passes per optimizer step.
         deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if deepspeed:
+            _require_deepspeed_sync_flag()
         sync = self.accelerator.sync_gradients
         total = None
         for index, (_, size) in enumerate(controller.member_chunks()):
@@ -255,3 +257,19 @@ def make_trainer(model, args: TrainingArguments, train_dataset, eval_dataset=Non
     return LoraDropoutTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                               data_collator=collator, callbacks=[LoraDropoutCallback(), *callbacks],
                               compute_metrics=compute_metrics, skip_nonfinite_steps=skip_nonfinite_steps)
+
+
+def _require_deepspeed_sync_flag() -> None:
+    """Member chunks under DeepSpeed need accelerate's DeepSpeedEngineWrapper.backward to take `sync_gradients`
+    (accelerate 1.15 does): older versions step the engine after every backward, i.e. once per chunk, silently."""
+    import inspect
+
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    if "sync_gradients" not in inspect.signature(DeepSpeedEngineWrapper.backward).parameters:
+        import accelerate
+
+        raise UsageError(f"member_chunk under DeepSpeed needs an accelerate whose DeepSpeedEngineWrapper.backward "
+                         f"takes sync_gradients (installed: {accelerate.__version__}, which would step the optimizer "
+                         "after every chunk); upgrade accelerate or set member_chunk=None")
+
