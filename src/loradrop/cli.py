@@ -258,6 +258,9 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.laplace is not None:
         from .app.laplace_sweep import laplace_sweep
 
+        if args.gpus:  # the Laplace fits run in this process: on the first of the sweep's GPUs
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpus[0])
+
         done = laplace_sweep(results or plan.results, args.work_dir, prior=args.laplace, only=args.only,
                              overrides=plan.overrides)
         print(f"laplace {plan.name}: {done['ok']} ran, {done['skipped']} done already, {len(done['failed'])} failed, "
