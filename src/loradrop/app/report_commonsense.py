@@ -312,8 +312,14 @@ def cost_lines(study: Study, tasks: Sequence[str]) -> list[str]:
                 "eval": number(dig(run.metrics, "wall_time", "eval_s")),
                 "n": number(dig(run.metrics, "eval", "single", "n")),
                 "mem": mem if math.isfinite(mem) else number(memory.get("rss"))})
-    mean = {k: {m: float(np.nanmean([r[m] for r in v])) for m in ("train", "eval", "n", "mem")}
-            for k, v in per.items()}
+    def nanmean(values: Sequence[float]) -> float:  # NaN, not a RuntimeWarning, when nothing was measured
+        finite = [x for x in values if math.isfinite(x)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    def cell(value: float, text: str) -> str:  # e.g. Laplace-LoRA trains nothing: "–", not "nan"
+        return text.format(value) if math.isfinite(value) else "–"
+
+    mean = {k: {m: nanmean([r[m] for r in v]) for m in ("train", "eval", "n", "mem")} for k, v in per.items()}
     methods = [m for m in dict.fromkeys(r.method for r in ROWS) if any(k[1] == m for k in mean)]
     methods += sorted({k[1] for k in mean} - set(methods))
     rows = []
@@ -322,11 +328,12 @@ def cost_lines(study: Study, tasks: Sequence[str]) -> list[str]:
         ratio = {m: [mean[k][m] / mean[(k[0], "lora")][m] for k in keys if (k[0], "lora") in mean]
                  for m in ("train", "eval", "mem")}
         rows.append({"method": method, "tasks": str(len(keys)),
-                     "train (s)": f"{np.mean([mean[k]['train'] for k in keys]):.1f}",
-                     "test eval (s)": f"{np.mean([mean[k]['eval'] for k in keys]):.1f}",
-                     "test eval (ms / example)": f"{np.mean([mean[k]['eval'] / mean[k]['n'] * 1e3 for k in keys]):.2f}",
-                     "peak memory (MiB)": f"{np.mean([mean[k]['mem'] for k in keys]):.0f}",
-                     **{f"{m} / LoRA": f"{np.mean(v):.2f}x" if v else "–" for m, v in
+                     "train (s)": cell(nanmean([mean[k]['train'] for k in keys]), "{:.1f}"),
+                     "test eval (s)": cell(nanmean([mean[k]['eval'] for k in keys]), "{:.1f}"),
+                     "test eval (ms / example)": cell(nanmean([mean[k]['eval'] / mean[k]['n'] * 1e3 for k in keys]),
+                                                      "{:.2f}"),
+                     "peak memory (MiB)": cell(nanmean([mean[k]['mem'] for k in keys]), "{:.0f}"),
+                     **{f"{m} / LoRA": cell(nanmean(v), "{:.2f}x") for m, v in
                         (("train", ratio["train"]), ("eval", ratio["eval"]), ("memory", ratio["mem"]))}})
     if not rows:
         return []
