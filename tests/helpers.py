@@ -87,3 +87,19 @@ def make_tiny_llama(folder: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def direct_calibration(probs, labels) -> dict[str, float]:
+    """Accuracy, top-label ECE (15 equal-width bins, right-closed as torchmetrics), NLL and Brier, computed here with
+    numpy, independently of the library, to check the numbers it reports."""
+    import numpy as np
+
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(float)
+    bins = np.clip(np.searchsorted(np.linspace(0, 1, 16)[1:-1], conf, side="left"), 0, 14)
+    ece = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
+              for b in range(15) if (bins == b).any())
+    onehot = np.eye(probs.shape[1])[labels]
+    return {"accuracy": correct.mean(), "ece": ece, "nll": -np.log(probs[np.arange(len(labels)), labels]).mean(),
+            "brier": ((probs - onehot) ** 2).sum(1).mean()}
+

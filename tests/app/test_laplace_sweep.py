@@ -22,14 +22,9 @@ SEEDS = (0, 1)
 
 
 def _direct(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy, top-label ECE (15 equal-width bins, right-closed), NLL and Brier, computed here."""
-    conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(float)
-    bins = np.clip(np.searchsorted(np.linspace(0, 1, 16)[1:-1], conf, side="left"), 0, 14)
-    ece = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
-              for b in range(15) if (bins == b).any())
-    onehot = np.eye(probs.shape[1])[labels]
-    return {"accuracy": correct.mean(), "ece": ece, "nll": -np.log(probs[np.arange(len(labels)), labels]).mean(),
-            "brier": ((probs - onehot) ** 2).sum(1).mean()}
+    from helpers import direct_calibration
+
+    return direct_calibration(probs, labels)
 
 
 def _table(md: str, heading: str) -> tuple[list[str], dict[str, dict[str, str]]]:

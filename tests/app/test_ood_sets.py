@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from loradrop.app.settings import EvalSettings, TrainSettings, ood_task_choices
@@ -53,16 +52,9 @@ def _rows(path: Path) -> list[dict]:
 
 def _direct_metrics(rows: list[dict], key: str) -> dict[str, float]:
     """Accuracy, top-label ECE (15 equal-width bins, right-closed as torchmetrics), NLL and Brier from the rows."""
-    probs = np.array([r[key] for r in rows], dtype=np.float64)
-    labels = np.array([r["label"] for r in rows])
-    conf, pred = probs.max(1), probs.argmax(1)
-    correct = (pred == labels).astype(float)
-    bins = np.clip(np.searchsorted(np.linspace(0, 1, 16)[1:-1], conf, side="left"), 0, 14)
-    ece = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
-              for b in range(15) if (bins == b).any())
-    onehot = np.eye(probs.shape[1])[labels]
-    return {"accuracy": correct.mean(), "ece": ece, "nll": -np.log(probs[np.arange(len(labels)), labels]).mean(),
-            "brier": ((probs - onehot) ** 2).sum(1).mean()}
+    from helpers import direct_calibration
+
+    return direct_calibration([r[key] for r in rows], [r["label"] for r in rows])
 
 
 @pytest.mark.slow
