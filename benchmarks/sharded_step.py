@@ -230,6 +230,7 @@ def main() -> None:
         accelerator.print(f"{name}: median step {results[-1]['median_step_s_max_over_ranks']:.4f} s, "
                           f"memory {gathered[0]['memory']}")
     if not accelerator.is_main_process:
+        accelerator.end_training()
         return
     base = next((r for r in results if r["name"] == "lora"), None)
     for r in results:
@@ -260,6 +261,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     accelerator.print(f"wrote {args.out}")
+    accelerator.end_training()  # destroys the process group: left to interpreter shutdown, gloo can abort the exit
 
 
 if __name__ == "__main__":
