@@ -65,7 +65,12 @@ def _collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def overfit():
-    """A tiny BERT whose LoRA factors memorised 24 random-label examples: the MAP is confidently wrong elsewhere."""
+    return make_overfit()
+
+
+def make_overfit():
+    """A tiny BERT whose LoRA factors memorised 24 random-label examples: the MAP is confidently wrong elsewhere.
+    Returns (model, train, validation, test, last train loss); benchmarks/laplace_overfit.py measures the same."""
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
