@@ -224,7 +224,6 @@ def _sweep(args: argparse.Namespace) -> int:
         plan.overrides = parse_overrides(args.set)
         plan.runs()  # validate the overridden settings before anything runs
     results = Path(args.results) if args.results else plan.results
-    plan.only = list(args.only)
     if args.dry_run:
         todo, done = pending(plan, results) if results is not None else (plan.runs(), 0)
         for run in todo:
