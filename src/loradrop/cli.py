@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -319,6 +320,21 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
+def _end_replica() -> None:
+    """Under torchrun, a replica rank (RANK > 0) ends here once training is done (rank 0 evaluates and writes).
+
+    It leaves with `os._exit(0)` after flushing its output: at normal interpreter teardown a replica has aborted with
+    "terminate called without an active exception" (a C++ thread of torch.distributed destroyed while joinable, seen
+    on a loaded 2-core machine), which torchrun reports as a failed run and answers by killing rank 0 mid-evaluation.
+    A replica has nothing left to write; its process group is already closed (train_run._leave_process_group).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -341,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app.run_demo(settings)
         elif args.command == "train":
             app.train(settings)
+            _end_replica()
         else:
             app.evaluate(settings)
     except LoradropError as err:
