@@ -18,8 +18,9 @@ _EXPORTS: dict[str, str] = {
     "split_members": "members",
     **dict.fromkeys(("apply_lora_dropout", "export_adapter", "from_pretrained", "get_controller", "get_mask_state",
                      "remove_lora_dropout", "set_eval_mode", "set_mask_state"), "model"),
-    **dict.fromkeys(("ChoiceOutput", "EnsembleOutput", "GenerationOutput", "ensemble_generate", "ensemble_predict",
-                     "ensemble_score_choices"), "ensemble"),
+    **dict.fromkeys(("ChoiceOutput", "EnsembleOutput", "ensemble_predict", "ensemble_score_choices"), "ensemble"),
+    "ensemble_generate": "generation",
+    "GenerationOutput": "uncertainty",
     **dict.fromkeys(("AdaLoraCallback", "adalora_step", "effective_ranks"), "adalora"),
     **dict.fromkeys(("chunked_backward", "LoraDropoutTrainer", "LoraDropoutCallback"), "training"),
 }
