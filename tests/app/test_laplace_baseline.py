@@ -119,8 +119,11 @@ def test_jacobians_one_example_at_a_time_equal_the_whole_batch(overfit) -> None:
     whole_js, whole_f = fit.la.backend.jacobians({k: v for k, v in batch.items()})
     js, f_mu, present = _moments(fit.la, batch)
     assert present is None and js.shape == whole_js.shape == (6, 3, fit.n_params)
-    torch.testing.assert_close(js, whole_js, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(f_mu, whole_f, atol=1e-5, rtol=1e-4)
+    # float32 Jacobians of differently shaped matmuls: 3 of 59,904 entries differed by up to 5e-5 on one CPU (AMD
+    # EPYC); a wrong mask or row would differ by the entries' own size, far above the tolerance
+    assert whole_js.abs().max() > 1e-2
+    torch.testing.assert_close(js, whole_js, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(f_mu, whole_f, atol=2e-4, rtol=1e-3)
 
 
 @needs_laplace
