@@ -34,7 +34,8 @@ pkgs="transformers==$(version transformers) peft==$(version peft) datasets==$(ve
   huggingface_hub==$(version huggingface_hub) tokenizers==$(version tokenizers) safetensors==$(version safetensors)
   dill==$(version dill) multiprocess==$(version multiprocess) xxhash==$(version xxhash) fsspec==$(version fsspec)
   httpx2==$(version httpx2) httpcore2==$(version httpcore2) h11==$(version h11) anyio==$(version anyio)
-  hf-xet==$(version hf-xet) typer==$(version typer) gguf==$(version gguf)
+  hf-xet==$(version hf-xet) typer==$(version typer) gguf==$(version gguf) truststore==$(version truststore)
+  idna==$(version idna) typing_extensions==$(version typing_extensions)
   laplace-torch==0.3 asdfghjkl==0.1a4 backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 einconv==0.1.0
   linear_operator==0.6.1 jaxtyping==0.3.11 wadler-lindig==0.1.8 opt-einsum==3.4.0 einops==0.8.2 unfoldNd==0.2.3"
 "$PY" -m pip download -q --dest "$C/wheels" --no-deps --only-binary :all: --python-version 3.12 \
