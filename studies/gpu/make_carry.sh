@@ -61,4 +61,11 @@ save_file({k: v.half() for k, v in load_file(src / "model.safetensors").items()}
           metadata={"format": "pt"})
 PY
 rm -rf "$C/build"
-du -sh "$C"/s1 "$C"/s2 "$C"/s3
+# each call carries the slimmed tree (studies/gpu/tree.sh out) plus one folder: at most 64 MiB
+tree=$(git ls-files -z --cached --others --exclude-standard | grep -zv '^studies/glue/results/\(tune\|main\|ablations\|squad\)/' \
+  | { xargs -0 du -cb 2>/dev/null || true; } | tail -1 | cut -f1)
+for d in s1 s2 s3; do
+  n=$(( tree + $(du -sb "$C/$d" | cut -f1) ))
+  echo "call carrying .carry/$d: $n bytes with the slimmed tree ($tree); limit 67108864"
+  [ "$n" -le 67108864 ] || { echo "make_carry: .carry/$d is too large for one call" >&2; exit 1; }
+done
