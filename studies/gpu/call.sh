@@ -6,7 +6,7 @@
 #   1. SQuAD (#11): the two squad_main.yaml runs still missing (ld_paper seeds 1, 2), alongside the rest, on MiniLM
 #   2. commonsense tune.yaml (#14, phase 1), run folders kept for Laplace
 #   3. commonsense main.yaml (phase 2; its select_from pointed at the tune results here)
-#   4. Laplace-LoRA (`--laplace`) over the kept lora runs of tune and main
+#   4. Laplace-LoRA (`--laplace`) over the kept lora runs of main, and of tune at the lr chosen for lora
 #   5. instruct plan.yaml (Alpaca-999 / LIMA -> MMLU)
 # Knobs: LIMIT (s, default 540), STAGE (/tmp/gpu), WORKERS (default: the machine's cores), GPUS (default: all),
 # SETS (extra sweep arguments for every sweep, e.g. "--set epochs=1": a local dry run uses tiny settings), ONLY (run-id globs for the LLM
@@ -49,8 +49,21 @@ NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [ "${NGPU:-0}" -gt 1 ] && GPUS=${GPUS:-$(seq -s, 0 $(( NGPU - 1 )))}
 W=${WORKERS:-$(nproc)}
 read -r -a EXTRA <<< "${SETS:-}"
-SW=(--set "model=$S/smol" "${EXTRA[@]}" --workers "$W" ${GPUS:+--gpus "$GPUS"})
-set -f; for o in ${ONLY:-}; do SW+=(--only "$o"); done; set +f  # run-id globs, e.g. for a local dry run
+BASE=(--set "model=$S/smol" "${EXTRA[@]}" --workers "$W" ${GPUS:+--gpus "$GPUS"})
+ONLYARGS=()
+set -f; for o in ${ONLY:-}; do ONLYARGS+=(--only "$o"); done; set +f  # run-id globs, e.g. for a local dry run
+SW=("${BASE[@]}" "${ONLYARGS[@]}")
+chosen_lora() {  # --only for the tune runs of lora at the lr main.yaml's select_from chose for their task: the only
+  # tune runs whose Laplace result the report reads (its Laplace row follows LoRA's selection), 6 fits instead of 18
+  ONLY="${ONLY:-}" $PY - "$CS/tune.yaml" "$S/main.yaml" <<'PY'
+import os, sys
+from loradrop.app.sweep import SweepPlan
+only = os.environ["ONLY"].split()
+tune, main = (SweepPlan.load(p, only=only) for p in sys.argv[1:3])
+lr = {r.settings["task"]: r.settings["lr"] for r in main.runs() if r.method == "lora"}
+print(" ".join(f"--only {r.run_id}" for r in tune.runs() if r.method == "lora" and r.settings["lr"] == lr.get(r.settings["task"])))
+PY
+}
 ( while :; do echo "$(date +%s) $(nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null | tr '\n' ' ') load $(cut -d' ' -f1 /proc/loadavg)" >> "$OUT/smi.txt"; sleep 10; done ) &
 SMI=$!
 pending() { $PY -m loradrop sweep "$@" --dry-run 2>/dev/null | grep -o '^[a-z: ]*[0-9]* to run' | tail -1 | grep -o '[0-9]*' || echo "?"; }
@@ -77,7 +90,9 @@ if smol_ready; then
     sweep main "$S/main.yaml" --results "$S/res/cs_main" --keep-runs "${SW[@]}"
   fi
   if [[ " $JOBS " == *" laplace "* ]] && [ "$(pending "$S/main.yaml" --results "$S/res/cs_main" "${SW[@]}")" = 0 ]; then
-    sweep laplace_tune $CS/tune.yaml --results "$S/res/cs_tune" --laplace "${SW[@]}" \
+    read -r -a CHOSEN <<< "$(chosen_lora 2> "$OUT/chosen_lora.err")"
+    [ ${#CHOSEN[@]} -gt 0 ] || { log "chosen_lora failed (chosen_lora.err): Laplace on every tune lr"; CHOSEN=("${ONLYARGS[@]}"); }
+    sweep laplace_tune $CS/tune.yaml --results "$S/res/cs_tune" --laplace "${BASE[@]}" "${CHOSEN[@]}" \
       && sweep laplace_main "$S/main.yaml" --results "$S/res/cs_main" --laplace "${SW[@]}"
   fi
   [[ " $JOBS " == *" instruct "* ]] && sweep instruct studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}"
