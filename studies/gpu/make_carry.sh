@@ -6,10 +6,11 @@
 # Out (each folder fits one call's 64 MiB together with the slimmed tree, studies/gpu/tree.sh):
 #   .carry/s1  smol.part.aa, data.tar.xz   first half of the SmolLM2 GGUF (98 MB does not fit one call); commonsense,
 #                                          MMLU, instruction and SQuAD from the shared data
-#   .carry/s2  smol.part.ab, gguf wheel    second half (+ its sha256), and the GGUF reader the de-quantisation needs
-#   .carry/s3  site.tar.xz, minilm/        transformers / peft / datasets / laplace-torch and what they need beyond the
-#                                          GPU image, installed for its CPython 3.12; all-MiniLM-L6-v2 as fp16
-#                                          safetensors (loradrop loads it as fp32, as the GLUE study did)
+#   .carry/s2  smol.part.ab, gguf wheel,   second half (+ its sha256), the GGUF reader the de-quantisation needs, and
+#              site2.tar.xz                datasets and laplace-torch with what they need, for the GPU's CPython 3.12
+#   .carry/s3  site.tar.xz, minilm/        transformers / peft / the hub and what they need beyond the GPU image, for
+#                                          its CPython 3.12; all-MiniLM-L6-v2 as fp16 safetensors (loradrop loads it as
+#                                          fp32, as the GLUE study did). Both site tarballs unpack into one folder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
@@ -20,7 +21,7 @@ for d in commonsense mmlu instruction squad; do
   [ -d "$DATA/$d" ] || { echo "make_carry: no $DATA/$d (set LORADROP_DATA_DIR)" >&2; exit 2; }
 done
 rm -rf "$C/s1" "$C/s2" "$C/s3" "$C/build"
-mkdir -p "$C/s1" "$C/s2" "$C/s3/minilm" "$C/build/site" "$C/wheels"
+mkdir -p "$C/s1" "$C/s2" "$C/s3/minilm" "$C/build"
 version() { "$PY" -c "from importlib.metadata import version; print(version('$1'))"; }
 
 # 1. the SmolLM2 GGUF in two parts, and the gguf wheel
@@ -30,22 +31,29 @@ mv "$C/build/smol.part.0" "$C/s1/smol.part.aa"; mv "$C/build/smol.part.1" "$C/s2
 sha256sum "$gguf" | cut -d' ' -f1 > "$C/s2/smol.sha256"
 
 # 2. wheels for the GPU machine (CPython 3.12, manylinux x86_64); versions as tested here
-pkgs="transformers==$(version transformers) peft==$(version peft) datasets==$(version datasets)
-  huggingface_hub==$(version huggingface_hub) tokenizers==$(version tokenizers) safetensors==$(version safetensors)
-  dill==$(version dill) multiprocess==$(version multiprocess) xxhash==$(version xxhash) fsspec==$(version fsspec)
-  httpx2==$(version httpx2) httpcore2==$(version httpcore2) h11==$(version h11) anyio==$(version anyio)
-  hf-xet==$(version hf-xet) typer==$(version typer) gguf==$(version gguf) truststore==$(version truststore)
-  idna==$(version idna) typing_extensions==$(version typing_extensions)
+pkgs="transformers==$(version transformers) peft==$(version peft) huggingface_hub==$(version huggingface_hub)
+  tokenizers==$(version tokenizers) safetensors==$(version safetensors) httpx2==$(version httpx2)
+  httpcore2==$(version httpcore2) h11==$(version h11) anyio==$(version anyio) hf-xet==$(version hf-xet)
+  typer==$(version typer) truststore==$(version truststore) idna==$(version idna)
+  typing_extensions==$(version typing_extensions)"
+pkgs2="datasets==$(version datasets) dill==$(version dill) multiprocess==$(version multiprocess)
+  xxhash==$(version xxhash) fsspec==$(version fsspec)
   laplace-torch==0.3 asdfghjkl==0.1a4 backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 einconv==0.1.0
   linear_operator==0.6.1 jaxtyping==0.3.11 wadler-lindig==0.1.8 opt-einsum==3.4.0 einops==0.8.2 unfoldNd==0.2.3"
-"$PY" -m pip download -q --dest "$C/wheels" --no-deps --only-binary :all: --python-version 3.12 \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any $pkgs
-cp "$C/wheels"/gguf-*.whl "$C/s2/"
-"$PY" -m pip install -q --no-deps --no-compile --target "$C/build/site" --python-version 3.12 --only-binary :all: \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
-  $(ls "$C/wheels"/*.whl | grep -v '/gguf-')
-rm -rf "$C/build/site/bin"
-tar cJf "$C/s3/site.tar.xz" -C "$C/build" site
+platform="--python-version 3.12 --only-binary :all: --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+  --platform manylinux2014_x86_64 --platform any"
+site() {  # $1: tarball, rest: requirements; installed for the GPU machine into a folder `site` (tarballs merge there)
+  local tarball=$1; shift
+  rm -rf "$C/wheels" "$C/build/site"
+  "$PY" -m pip download -q --dest "$C/wheels" --no-deps $platform "$@"
+  "$PY" -m pip install -q --no-deps --no-compile --target "$C/build/site" $platform "$C"/wheels/*.whl
+  rm -rf "$C/build/site/bin"
+  tar cJf "$tarball" -C "$C/build" site
+}
+site "$C/s3/site.tar.xz" $pkgs        # s3 (with MiniLM)
+site "$C/s2/site2.tar.xz" $pkgs2     # s2 (with GGUF part 2): datasets and laplace-torch, where there is room
+"$PY" -m pip download -q --dest "$C/s2" --no-deps --only-binary :all: "gguf==$(version gguf)"
+rm -rf "$C/wheels"
 
 # 3. data and MiniLM
 tar cJf "$C/s1/data.tar.xz" -C "$DATA" commonsense mmlu instruction squad
@@ -62,7 +70,7 @@ save_file({k: v.half() for k, v in load_file(src / "model.safetensors").items()}
 PY
 rm -rf "$C/build"
 # each call carries the slimmed tree (studies/gpu/tree.sh out) plus one folder: at most 64 MiB
-tree=$(git ls-files -z --cached --others --exclude-standard | grep -zv '^studies/glue/results/\(tune\|main\|ablations\|squad\)/' \
+tree=$(git ls-files -z --cached --others --exclude-standard | grep -zv '^studies/\(glue/results/\(tune\|main\|ablations\|squad\)\|commonsense/results/\(tune\|main\)\|instruct/results/main\)/' \
   | { xargs -0 du -cb 2>/dev/null || true; } | tail -1 | cut -f1)
 for d in s1 s2 s3; do
   n=$(( tree + $(du -sb "$C/$d" | cut -f1) ))

@@ -2,20 +2,29 @@
 # Slim the working tree for a GPU call, and restore it. A call carries the whole working tree (25 MB, 19 MB of it the
 # committed GLUE results) plus the named .carry folder, at most 64 MiB together; the calls of studies/gpu/README.md
 # need none of those results except squad_tune (squad_main.yaml's select_from) and squad_main (so its finished runs
-# are not rerun). They are committed, so `back` restores them from git.
+# are not rerun). The commonsense and instruct results, once committed, leave too (a later session carries its last
+# res.tar.xz in .carry/resume instead). Everything moved is committed, so `back` restores it from git.
 #     bash studies/gpu/tree.sh out     # before the calls: moves them to /tmp/loradrop-slim
 #     bash studies/gpu/tree.sh back    # after: git restores them exactly
+# While the tree is slimmed, do not `git commit -a` / `git add -A`: that would commit the deletions.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-big="studies/glue/results/tune studies/glue/results/main studies/glue/results/ablations studies/glue/results/squad"
+big=()
+for d in studies/glue/results/tune studies/glue/results/main studies/glue/results/ablations studies/glue/results/squad \
+         studies/commonsense/results/tune studies/commonsense/results/main studies/instruct/results/main; do
+  [ -n "$(git ls-files -- "$d" | head -1)" ] && big+=("$d")
+done
 case "${1:-}" in
   out)
-    git diff --quiet -- studies/glue/results || { echo "tree.sh: studies/glue/results has uncommitted changes" >&2; exit 2; }
+    if [ -n "$(git status --porcelain --untracked-files=all -- "${big[@]}")" ]; then
+      echo "tree.sh: uncommitted changes or new files under ${big[*]}: commit them first (out would move them away)" >&2
+      exit 2
+    fi
     rm -rf /tmp/loradrop-slim && mkdir -p /tmp/loradrop-slim
-    for d in $big; do mv "$d" /tmp/loradrop-slim/; done
+    for d in "${big[@]}"; do mkdir -p "/tmp/loradrop-slim/$(dirname "$d")" && mv "$d" "/tmp/loradrop-slim/$d"; done
     size=$(git ls-files -z --cached --others --exclude-standard | { xargs -0 du -cb 2>/dev/null || true; } | tail -1)
     echo "the tree a call carries now: ${size%%[[:space:]]*} bytes (a call: 67,108,864 with its carry)" ;;
   back)
-    git checkout -- studies/glue/results && git status --short studies/glue/results ;;
+    git checkout -- "${big[@]}" && git status --short -- "${big[@]}" ;;
   *) echo "usage: studies/gpu/tree.sh out|back" >&2; exit 2 ;;
 esac

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Put the results of a GPU call (studies/gpu/call.sh's res.tar.xz) into the study folders:
-#     bash studies/gpu/unpack.sh <files_at>/res.tar.xz
+# Put the results of a GPU call (studies/gpu/call.sh's res.tar.xz) into the study folders, after `tree.sh back`:
+#     bash studies/gpu/unpack.sh <saved copy of res.tar.xz>
 # cs_tune -> studies/commonsense/results/tune, cs_main -> studies/commonsense/results/main, instruct ->
-# studies/instruct/results/main, squad_main -> studies/glue/results/squad_main (new files only: the committed runs stay).
-# Each call's tarball holds every result so far, so unpacking the last one is enough; unpacking each is harmless.
+# studies/instruct/results/main, squad_main -> studies/glue/results/squad_main. Existing files are never replaced, and
+# failed runs (*.failed.json) are listed, not copied (a stale one would make select_from refuse its task later).
+# Each call's tarball holds every result of its machine so far; after a fresh machine, unpack each machine's last one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tarball=$(realpath "${1:?usage: studies/gpu/unpack.sh RES_TAR_XZ}")
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 tar xJf "$tarball" -C "$tmp"
-copy() {  # $1: folder in the tarball, $2: study folder, $3: cp flag
-  [ -d "$tmp/$1" ] || return 0
+copy() {  # $1: folder in the tarball, $2: study folder
+  [ -d "$tmp/res/$1" ] || return 0
   mkdir -p "$2"
-  local n; n=$(find "$tmp/$1" -maxdepth 1 -name '*.json' | wc -l)
-  find "$tmp/$1" -maxdepth 1 -name '*.json' -exec cp ${3:-} {} "$2/" \;
-  echo "$1: $n results -> $2"
+  local new=0 kept=0 f
+  for f in "$tmp/res/$1"/*.json; do
+    [ -e "$f" ] || continue
+    case "$f" in *.failed.json) echo "  failed: $1/$(basename "$f")"; continue ;; esac
+    if [ -e "$2/$(basename "$f")" ]; then kept=$((kept + 1)); else cp "$f" "$2/"; new=$((new + 1)); fi
+  done
+  echo "$1 -> $2: $new new, $kept already there"
 }
 copy cs_tune studies/commonsense/results/tune
 copy cs_main studies/commonsense/results/main
 copy instruct studies/instruct/results/main
-copy squad_main studies/glue/results/squad_main -n
+copy squad_main studies/glue/results/squad_main
