@@ -128,7 +128,7 @@ else
   log "SmolLM2 not staged yet (needs .carry/s1, s2 and s3 carried on this machine): the LLM jobs wait"
 fi
 [ ${#BG[@]} -gt 0 ] && wait "${BG[@]}"
-pkill -P $LOOP 2>/dev/null; kill $LOOP 2>/dev/null
+kill $LOOP 2>/dev/null; wait $LOOP 2>/dev/null  # (its last sleep ends by itself)
 for d in "$S"/res/*/; do
   [ -d "$d" ] && echo "$(basename "$d"): $(ls "$d" | grep -c '\.json$') results, $(ls "$d" | grep -c '\.failed\.json$') of them failed"
 done | tee -a "$OUT/call.log"
