@@ -12,9 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loradrop"
 MAX_LINES = 500
 CORE = {"config", "masks", "members", "precompute", "layers", "layer_types", "model", "ensemble", "generation",
-        "calibration",
-        "adalora", "adalora_layer", "dora", "quantised", "training", "prediction", "pretrained", "errors",
-        "uncertainty", "conformal", "serving", "distributed", "distributed_save"}
+        "calibration", "adalora", "adalora_layer", "dora", "quantised", "training", "prediction", "pretrained",
+        "errors", "uncertainty", "conformal", "serving", "distributed", "distributed_save"}
 
 
 def module_name(path: Path) -> str:

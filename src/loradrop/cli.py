@@ -321,18 +321,17 @@ def _close_progress_bars() -> None:
 
 
 def _end_replica() -> None:
-    """Under torchrun, a replica rank (RANK > 0) ends here once training is done (rank 0 evaluates and writes).
+    """Under torchrun, a replica rank (`train` returned no metrics: rank 0 evaluates and writes) ends here.
 
     It leaves with `os._exit(0)` after flushing its output: at normal interpreter teardown a replica has aborted with
     "terminate called without an active exception" (a C++ thread of torch.distributed destroyed while joinable, seen
     on a loaded 2-core machine), which torchrun reports as a failed run and answers by killing rank 0 mid-evaluation.
     A replica has nothing left to write; its process group is already closed (train_run._leave_process_group).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -356,8 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             app.run_demo(settings)
         elif args.command == "train":
-            app.train(settings)
-            _end_replica()
+            if app.train(settings).metrics is None:
+                _end_replica()
         else:
             app.evaluate(settings)
     except LoradropError as err:

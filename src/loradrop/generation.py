@@ -26,7 +26,6 @@ def _check_sampling(temperature: Any, top_p: Any) -> None:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
-
 @torch.no_grad()
 def ensemble_generate(
     model: nn.Module,
