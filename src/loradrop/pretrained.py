@@ -123,8 +123,10 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, kind: str, *, num_labels: int | None = None, dtype: torch.dtype = torch.float32):
-    """A transformers model for `kind` (a key of `KINDS`: "classification", "regression", "span", "causal_lm")."""
+def load_model(name_or_path: str, kind: str, *, num_labels: int | None = None, dtype: torch.dtype = torch.float32,
+               attn_implementation: str | None = None):
+    """A transformers model for `kind` (a key of `KINDS`: "classification", "regression", "span", "causal_lm");
+    `attn_implementation` picks transformers' attention backend (None: its default)."""
     import transformers
 
     info = model_kind(kind)
@@ -134,6 +136,8 @@ def load_model(name_or_path: str, kind: str, *, num_labels: int | None = None, d
         extra["num_labels"] = num_labels or (1 if kind == "regression" else 2)
         if kind == "regression":
             extra["problem_type"] = "regression"
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     try:
         return getattr(transformers, info.auto_class).from_pretrained(**kwargs, **extra, dtype=dtype)
     except OSError as err:

@@ -16,7 +16,7 @@ import torch
 
 from loradrop.app import TrainSettings
 from loradrop.app.epochs import EpochEvaluation
-from loradrop.app.settings import LR_SCHEDULERS, OWNED_TRAINER_ARGS, training_argument_names
+from loradrop.app.settings import ATTN_IMPLEMENTATIONS, LR_SCHEDULERS, OWNED_TRAINER_ARGS, training_argument_names
 from loradrop.cli import build_parser, main, settings_from_args
 from loradrop.errors import SettingsError
 
@@ -49,6 +49,15 @@ def test_the_settings_lists_match_transformers() -> None:
     assert set(OWNED_TRAINER_ARGS) <= training_argument_names()
 
 
+def test_attention_backends_are_transformers_own() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert set(ATTN_IMPLEMENTATIONS) <= {"eager", *ALL_ATTENTION_FUNCTIONS}
+    s = parse("--attn-implementation", "eager")
+    assert s.attn_implementation == "eager" and parse().attn_implementation is None
+    assert TrainSettings.from_dict(s.to_dict()) == s
+
+
 def test_unknown_and_owned_trainer_args_are_one_clear_error() -> None:
     with pytest.raises(SettingsError) as err:
         TrainSettings(**BASE, trainer_args={"max_grad_norm": 1.0, "no_such_field": 1, "another_typo": 2,
@@ -66,6 +75,7 @@ def test_unknown_and_owned_trainer_args_are_one_clear_error() -> None:
     (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be >= 1"),
     (dict(early_stopping_patience=2), "needs epoch_eval=True"),
     (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
+    (dict(attn_implementation="flash"), "attn_implementation must be one of"),
 ])
 def test_bad_training_controls_are_refused(changes: dict, problem: str) -> None:
     with pytest.raises(SettingsError, match=problem.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -145,6 +155,31 @@ def test_report_to_tensorboard_writes_event_files_in_the_run_folder(data_root, b
     accumulator = EventAccumulator(str(events[0].parent))
     accumulator.Reload()
     assert "train/loss" in accumulator.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_the_attention_backend_reaches_the_model_in_train_and_eval(data_root, bert_dir, tmp_path, monkeypatch) -> None:
+    """--attn-implementation is what from_pretrained gets in train, and eval re-uses the run's unless told otherwise
+    (on CUDA, bf16 with sdpa gave NaN gradients on left-padded batches where eager did not: studies/gpu/call.sh)."""
+    import loradrop.pretrained as pretrained
+
+    seen: list = []
+    real = pretrained.load_model
+
+    def load_model(*args, **kwargs):
+        model = real(*args, **kwargs)
+        seen.append(model.config._attn_implementation)
+        return model
+
+    monkeypatch.setattr(pretrained, "load_model", load_model)
+    output = tmp_path / "run"
+    assert main(_rte(bert_dir, output, "--max-steps", "2", "--ensemble", "0", "--attn-implementation", "eager")) == 0
+    assert main(["eval", "--adapter", str(output), "--ensemble", "0", "--max-eval-samples", "8"]) == 0
+    assert main(["eval", "--adapter", str(output), "--ensemble", "0", "--max-eval-samples", "8",
+                 "--attn-implementation", "sdpa", "--output", str(tmp_path / "e2.json")]) == 0
+    assert seen == ["eager", "eager", "sdpa"]
+    assert main(_rte(bert_dir, tmp_path / "run2", "--max-steps", "1", "--ensemble", "0")) == 0
+    assert seen[-1] == "sdpa"  # transformers' default when the flag is not given
 
 
 @pytest.mark.slow

@@ -138,7 +138,9 @@ def evaluate(settings: EvalSettings) -> RunResult:
     ood_data = prepare_ood(settings.ood_task, settings.data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed,
                            max_eval_samples=max_eval)
     torch.manual_seed(seed)
-    base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None), tokenizer)
+    attn_implementation = settings.attn_implementation or run_args.get("attn_implementation")
+    base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None,
+                                   attn_implementation=attn_implementation), tokenizer)
     model = load_adapter(base, adapter_dir, model_name, has_loradrop)
     model.eval()
     start = time.perf_counter()

@@ -42,6 +42,8 @@ OWNED_TRAINER_ARGS = {
     "disable_tqdm": None, "load_best_model_at_end": "--early-stopping-patience",
 }
 TEST_ENSEMBLES = ("auto", "mc_dropout", "masks", "none")
+# transformers' attention backends (``attn_implementation`` of from_pretrained); None keeps transformers' default (sdpa)
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 LAPLACE_PRIORS = ("auto", "val_nll", "marglik")  # --laplace: prior precision by validation NLL or marginal likelihood
 # Settings that must not change between a run and its --resume (the result would no longer be one run).
 RESUME_KEYS = ("task", "model", "data_dir", "method", "r", "alpha", "target_modules", "no_lora_dropout",
@@ -126,6 +128,8 @@ def _trainer_checks(checks: Checks, s: Any) -> None:
     checks.integer("gradient_accumulation_steps", s.gradient_accumulation_steps, minimum=1)
     for name in ("bf16", "fp16", "gradient_checkpointing"):
         checks.boolean(name, getattr(s, name))
+    if s.attn_implementation is not None:
+        checks.choice("attn_implementation", s.attn_implementation, ATTN_IMPLEMENTATIONS)
     if s.bf16 is True and s.fp16 is True:
         checks.add("bf16 and fp16 exclude each other")
     if not isinstance(s.report_to, str) or not s.report_to.strip():
@@ -235,6 +239,7 @@ class TrainSettings(SettingsBase):
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
     report_to: str = "none"
     early_stopping_patience: int | None = None
     trainer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -364,6 +369,7 @@ class EvalSettings(SettingsBase):
     ood_task: str | Sequence[str] | None = None
     conformal_alpha: float | None = None
     laplace: str | None = None  # Laplace-LoRA baseline (app/laplace_baseline.py): how its prior precision is tuned
+    attn_implementation: str | None = None  # default: the run's
 
     def __post_init__(self) -> None:
         self.ood_task = split_names(self.ood_task)
@@ -382,6 +388,8 @@ class EvalSettings(SettingsBase):
         checks.integer("seed", self.seed, minimum=0, optional=True)
         if self.laplace is not None:
             checks.choice("laplace", self.laplace, LAPLACE_PRIORS)
+        if self.attn_implementation is not None:
+            checks.choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         checks.raise_if_any()
 
 
@@ -427,5 +435,5 @@ class DemoSettings(SettingsBase):
         return _config_of(self)
 
 
-__all__ = ["LR_SCHEDULERS", "METHODS", "OWNED_TRAINER_ARGS", "RESUME_KEYS", "TEST_ENSEMBLES", "DemoSettings",
+__all__ = ["ATTN_IMPLEMENTATIONS", "LR_SCHEDULERS", "METHODS", "OWNED_TRAINER_ARGS", "RESUME_KEYS", "TEST_ENSEMBLES", "DemoSettings",
            "EvalSettings", "TrainSettings", "ood_task_choices", "training_argument_names"]

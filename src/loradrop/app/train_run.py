@@ -204,7 +204,8 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
     total_steps = train_steps(len(data.train), settings, world_size)
 
     torch.manual_seed(settings.seed)  # new heads start the same in every process and every resumed run
-    base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None), tokenizer)
+    base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None,
+                                   attn_implementation=settings.attn_implementation), tokenizer)
     if spec.kind == "causal_lm":
         base.config.use_cache = False
     target_modules = settings.target_module_list or default_target_modules(base)
