@@ -152,7 +152,24 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught(tiny_bert, tmp_path):
     weight.register_hook(lambda grad: grad * float("inf"))
     args = build_training_args(tmp_path, max_steps=1, batch_size=4, progress=False, lr=1e-3)
     with pytest.raises(TrainingDivergedError, match=r"training diverged at step 1: the gradient norm is (nan|inf) "
-                                                    r"while the loss is \d+\.\d+ \(not finite\)"):
+                                                    r"\(not finite\) while the loss is \d+\.\d+\. ") as err:
+        make_trainer(model, args, rows).train()
+    assert "attention" not in str(err.value)  # full precision: no hint at the attention kernel
+
+
+def test_a_nonfinite_gradient_in_bf16_with_sdpa_names_the_attention_kernel(tiny_bert, tmp_path):
+    from loradrop.errors import TrainingDivergedError
+    from loradrop.training import build_training_args, make_trainer
+
+    rows = [{"input_ids": BATCH["input_ids"][i], "attention_mask": BATCH["attention_mask"][i],
+             "labels": BATCH["labels"][i]} for i in range(4)]
+    model = loradrop.apply_lora_dropout(tiny_bert(), LoraDropoutConfig(p=0.5, seed=1))
+    assert model.config._attn_implementation == "sdpa"
+    weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    weight.register_hook(lambda grad: grad * float("inf"))
+    args = build_training_args(tmp_path, max_steps=1, batch_size=4, progress=False, lr=1e-3, extra={"bf16": True})
+    with pytest.raises(TrainingDivergedError, match=r"try attn_implementation='eager' \(--attn-implementation eager\)"
+                                                    r" or full precision$"):
         make_trainer(model, args, rows).train()
 
 

@@ -119,20 +119,28 @@ class LoraDropoutTrainer(Trainer):
             return
         step = self.state.global_step + 1
         bad = losses[~torch.isfinite(losses)]
-        what = (f"the loss is {float(bad[0])}" if bad.numel() else
-                f"the gradient norm is {float(grad_norm)} while the loss is {float(losses.sum())}")
+        what = (f"the loss is {float(bad[0])} (not finite)" if bad.numel() else
+                f"the gradient norm is {float(grad_norm)} (not finite) while the loss is {float(losses.sum())}")
         if not self.skip_nonfinite_steps:
             lr = f"learning_rate={self.args.learning_rate:g}"
             if self.optimizer is not None and self.optimizer.param_groups[0]["lr"] != self.args.learning_rate:
                 lr += f", {self.optimizer.param_groups[0]['lr']:g} at this step"
+            attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+            kernel = ""
+            if not bad.numel() and (self.args.bf16 or self.args.fp16) and attention == "sdpa":
+                # seen on an H200: bf16 + sdpa gave NaN gradients (finite loss) on left-padded SmolLM2 batches,
+                # at the same step for every learning rate; eager attention, or fp32, trained them (studies/gpu)
+                kernel = (" A finite loss with a non-finite gradient in mixed precision can also be the attention "
+                          "kernel's backward (sdpa on padded batches): try attn_implementation='eager' "
+                          "(--attn-implementation eager) or full precision.")
             raise TrainingDivergedError(
-                f"training diverged at step {step}: {what} (not finite). The likely cause is a learning rate too "
+                f"training diverged at step {step}: {what}. The likely cause is a learning rate too "
                 f"high for this model ({lr}): lower it, or warm it up; or pass skip_nonfinite_steps=True to skip "
-                "such steps")
+                f"such steps.{kernel}".rstrip("."))
         self.nonfinite_steps.append(step)
         if scaler is None:  # (with a scaler, the non-finite gradients make it skip the step itself)
             model.zero_grad(set_to_none=True)
-        logger.warning("loradrop: step %d: %s (not finite); its update is skipped (%d step(s) skipped so far)",
+        logger.warning("loradrop: step %d: %s; its update is skipped (%d step(s) skipped so far)",
                        step, what, len(self.nonfinite_steps))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
