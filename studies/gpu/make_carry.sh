@@ -11,6 +11,9 @@
 #   .carry/s3  site.tar.xz, minilm/        transformers / peft / the hub and what they need beyond the GPU image, for
 #                                          its CPython 3.12; all-MiniLM-L6-v2 as fp16 safetensors (loradrop loads it as
 #                                          fp32, as the GLUE study did). Both site tarballs unpack into one folder.
+#   .carry/resume  res.tar.xz              the committed LLM results (commonsense tune / main, instruct) and the NaN
+#                                          probe's decision, so a new machine skips finished runs (tree.sh out moves
+#                                          those folders out of the tree); carried with s1
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
@@ -69,11 +72,23 @@ save_file({k: v.half() for k, v in load_file(src / "model.safetensors").items()}
           metadata={"format": "pt"})
 PY
 rm -rf "$C/build"
+# the committed LLM results, as call.sh's res/ folders (its runs of an earlier machine have no run folder: no Laplace)
+rm -rf "$C/resume" "$C/rbuild" && mkdir -p "$C/rbuild/res/probe"
+for pair in cs_tune:studies/commonsense/results/tune cs_main:studies/commonsense/results/main \
+            instruct:studies/instruct/results/main; do
+  files=$(git ls-files -- "${pair#*:}/*.json")
+  [ -n "$files" ] || continue
+  mkdir -p "$C/rbuild/res/${pair%%:*}" && cp $files "$C/rbuild/res/${pair%%:*}/"
+done
+cp studies/commonsense/results/nan_probe/decision.txt "$C/rbuild/res/probe/"
+mkdir -p "$C/resume" && tar cJf "$C/resume/res.tar.xz" -C "$C/rbuild" res && rm -rf "$C/rbuild"
+echo ".carry/resume: $(tar tJf "$C/resume/res.tar.xz" | grep -c '\.json$') committed results"
 # each call carries the slimmed tree (studies/gpu/tree.sh out) plus one folder: at most 64 MiB
 tree=$(git ls-files -z --cached --others --exclude-standard | grep -zv '^studies/\(glue/results/\(tune\|main\|ablations\|squad\)\|commonsense/results/\(tune\|main\)\|instruct/results/main\)/' \
   | { xargs -0 du -cb 2>/dev/null || true; } | tail -1 | cut -f1)
 for d in s1 s2 s3; do
   n=$(( tree + $(du -sb "$C/$d" | cut -f1) ))
-  echo "call carrying .carry/$d: $n bytes with the slimmed tree ($tree); limit 67108864"
+  [ $d = s1 ] && n=$(( n + $(du -sb "$C/resume" | cut -f1) ))
+  echo "call carrying .carry/$d$([ $d = s1 ] && echo ' + .carry/resume'): $n bytes with the slimmed tree ($tree); limit 67108864"
   [ "$n" -le 67108864 ] || { echo "make_carry: .carry/$d is too large for one call" >&2; exit 1; }
 done
