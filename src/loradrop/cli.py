@@ -56,7 +56,7 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def _add_training_controls(train: argparse.ArgumentParser) -> None:
-    from .app.settings import ATTN_IMPLEMENTATIONS, LR_SCHEDULERS
+    from .app.settings import ATTN_IMPLEMENTATIONS, CHOICE_SCORINGS, LR_SCHEDULERS
 
     group = train.add_argument_group("training controls (transformers' TrainingArguments)")
     warmup = group.add_mutually_exclusive_group()
@@ -73,6 +73,9 @@ def _add_training_controls(train: argparse.ArgumentParser) -> None:
                        help="recompute activations in backward (less memory, about 30%% more time)")
     group.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=None,
                        help="transformers' attention backend (default: transformers' choice, sdpa)")
+    group.add_argument("--choice-scoring", choices=CHOICE_SCORINGS, default="letter",
+                       help="multiple-choice tasks with a causal LM: score the answer letter (default) or each "
+                            "choice's likelihood (cloze: for models too small to answer by letter)")
     group.add_argument("--report-to", default="none", metavar="NAMES",
                        help="logging integrations, comma-separated: tensorboard (logs in the run folder's runs/), "
                             "wandb, mlflow, ... or 'none'")
@@ -179,10 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: the run's batch size (ensemble members are drawn per batch)")
     ev.add_argument("--max-seq-len", type=_positive_int, default=None)
     ev.add_argument("--max-eval-samples", type=_positive_int, default=None)
-    from .app.settings import ATTN_IMPLEMENTATIONS
+    from .app.settings import ATTN_IMPLEMENTATIONS, CHOICE_SCORINGS
 
     ev.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=None,
                     help="transformers' attention backend (default: the run's)")
+    ev.add_argument("--choice-scoring", choices=CHOICE_SCORINGS, default=None,
+                    help="letter or cloze scoring of multiple-choice tasks (default: the run's)")
     ev.add_argument("--seed", type=int, default=None, help="ensemble seed (default: the run's seed)")
     ev.add_argument("--output", default=None, help="where to write eval_metrics.json (default: beside the adapter)")
     from .app.settings import LAPLACE_PRIORS

@@ -4,6 +4,7 @@ defaults. (Prediction loops are in `loradrop.prediction`.)"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -19,6 +20,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .config import CONFIG_FILE_NAME, read_config_file
 from .errors import TrainingDivergedError, UsageError
 from .model import _find_controller, get_active_controller, inactive_reason, set_mask_state
+
+# A batch key for tensors that the Trainer's ``compute_loss_func`` takes as keyword arguments and the model never sees
+# (`LoraDropoutTrainer.compute_loss`): e.g. which rows of a batch are the choices of one question.
+LOSS_INPUTS = "loss_inputs"
 
 logger = logging.getLogger("loradrop")
 
@@ -178,7 +183,22 @@ class LoraDropoutTrainer(Trainer):
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D401
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss_inputs = inputs.get(LOSS_INPUTS)
+        if loss_inputs is not None and self.compute_loss_func is not None:
+            # tensors the loss needs and the model must not get (e.g. which rows form a question): bound to the
+            # loss for this call, left out of the model's inputs; `inputs` itself is left as it is (member chunks
+            # call this again with it)
+            inputs = {k: v for k, v in inputs.items() if k != LOSS_INPUTS}
+            func = self.compute_loss_func
+            self.compute_loss_func = functools.partial(func, **loss_inputs)
+            try:
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+            finally:
+                self.compute_loss_func = func
+        else:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
         weight = self._loradrop_chunk_weight
         if weight is None:
             return out

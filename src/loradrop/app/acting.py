@@ -138,14 +138,20 @@ def ood_names(ood_task: str | None) -> list[str]:
 
 
 def prepare_ood(ood_task: str | None, data_dir: str | None, tokenizer: Any, *, max_seq_len: int, seed: int,
-                max_eval_samples: int | None) -> list[Any] | None:
+                max_eval_samples: int | None, choice_scoring: str | None = None) -> list[Any] | None:
     """Each OOD task's evaluation split, tokenized for the run's model (None without `ood_task`); prepared before
-    any model is loaded, so missing OOD data stops a run before it trains."""
+    any model is loaded, so missing OOD data stops a run before it trains. Multiple-choice OOD sets are scored as
+    the run's task is (`choice_scoring`)."""
     if ood_task is None:
         return None
     from ..tasks import prepare_task, resolve_task
+    from ..tasks.cloze_scoring import with_choice_scoring
 
-    return [prepare_task(resolve_task(name, data_dir), data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed,
+    def spec_of(name: str) -> Any:
+        spec = resolve_task(name, data_dir)
+        return with_choice_scoring(spec, choice_scoring) if spec.family == "commonsense" else spec
+
+    return [prepare_task(spec_of(name), data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed,
                          max_eval_samples=max_eval_samples, need_train=False) for name in ood_names(ood_task)]
 
 

@@ -89,6 +89,7 @@ def evaluate(settings: EvalSettings) -> RunResult:
     """Evaluate a saved adapter as `settings` describe; unset values come from the run that trained it."""
     from ..pretrained import check_model_fits, load_model, load_tokenizer, model_id, prepare_base
     from ..tasks import prepare_task, resolve_task
+    from ..tasks.cloze_scoring import with_choice_scoring
 
     adapter_dir, run_dir, run = find_run(Path(settings.adapter).expanduser())
     check_adapter(adapter_dir)  # before any model is loaded
@@ -107,7 +108,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
     max_eval = settings.max_eval_samples if settings.max_eval_samples is not None else (
         run_args.get("max_eval_samples") if same_task else None)
     batch_size = settings.batch_size or int((run or {}).get("config", {}).get("eval_batch_size", 32))
-    spec = resolve_task(task, data_dir)
+    choice_scoring = settings.choice_scoring or run_args.get("choice_scoring")  # as the run was trained
+    spec = with_choice_scoring(resolve_task(task, data_dir), choice_scoring)
     check_model_fits(model_name, spec.kind)
     acting = settings.ood_task is not None or settings.conformal_alpha is not None
     if acting and not spec.classifies:
@@ -127,6 +129,9 @@ def evaluate(settings: EvalSettings) -> RunResult:
 
         check_request(settings.laplace, spec, has_loradrop=has_loradrop, ood=settings.ood_task is not None,
                       conformal=settings.conformal_alpha is not None)
+        if choice_scoring == "cloze":
+            raise UsageError("--laplace scores letter-format runs only (choice_scoring='letter'); this run was "
+                             "trained with choice_scoring='cloze', whose Laplace-LoRA is not implemented")
     ensemble = settings.ensemble if has_loradrop else 0
 
     tokenizer = load_tokenizer(model_name)
@@ -136,7 +141,7 @@ def evaluate(settings: EvalSettings) -> RunResult:
     for caveat in data_caveats(data.metadata):  # once, before the evaluation starts (as train does)
         print(f"data caveat: {caveat}", flush=True)
     ood_data = prepare_ood(settings.ood_task, settings.data_dir, tokenizer, max_seq_len=max_seq_len, seed=seed,
-                           max_eval_samples=max_eval)
+                           max_eval_samples=max_eval, choice_scoring=choice_scoring)
     torch.manual_seed(seed)
     attn_implementation = settings.attn_implementation or run_args.get("attn_implementation")
     base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None,

@@ -44,13 +44,15 @@ OWNED_TRAINER_ARGS = {
 TEST_ENSEMBLES = ("auto", "mc_dropout", "masks", "none")
 # transformers' attention backends (``attn_implementation`` of from_pretrained); None keeps transformers' default (sdpa)
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-LAPLACE_PRIORS = ("auto", "val_nll", "marglik")  # --laplace: prior precision by validation NLL or marginal likelihood
+LAPLACE_PRIORS = ("auto", "val_nll", "marglik")
+# how a multiple-choice task is scored by a causal LM: the answer letter's next token, or each choice's likelihood
+CHOICE_SCORINGS = ("letter", "cloze")  # --laplace: prior precision by validation NLL or marginal likelihood
 # Settings that must not change between a run and its --resume (the result would no longer be one run).
 RESUME_KEYS = ("task", "model", "data_dir", "method", "r", "alpha", "target_modules", "no_lora_dropout",
                "peft_dropout", "p", "samples", "strategy", "mask_scope", "rescale", "epochs", "max_steps", "lr",
                "batch_size", "max_seq_len", "max_train_samples", "holdout_fraction", "seed", "warmup_steps",
                "warmup_ratio", "lr_scheduler", "weight_decay", "gradient_accumulation_steps", "bf16", "fp16",
-               "trainer_args")
+               "trainer_args", "choice_scoring")
 
 
 def _lora_dropout_checks(checks: Checks, s: Any) -> None:
@@ -183,6 +185,10 @@ class TrainSettings(SettingsBase):
     ``no_lora_dropout=True`` trains plain LoRA / AdaLoRA (the baseline); ``peft_dropout`` is PEFT's own element-wise
     ``lora_dropout`` on the LoRA input (another baseline).
 
+    ``choice_scoring`` is how a multiple-choice task is scored by a causal LM (commonsense, MMLU): ``"letter"`` (the
+    answer letter's next-token logit, the published protocol) or ``"cloze"`` (each choice's log-likelihood after the
+    question, `loradrop.tasks.cloze_scoring`: for models too small to answer by letter).
+
     ``test_ensemble`` picks the test-time ensemble of ``ensemble`` members: ``"auto"`` (LoRA Dropout's masked
     members when it is on, none for a baseline), ``"mc_dropout"`` (PEFT's dropout kept on at test: MC dropout, needs
     ``peft_dropout > 0``), ``"masks"`` (LoRA Dropout masks with ``p`` at test time only, on a model trained without
@@ -240,6 +246,7 @@ class TrainSettings(SettingsBase):
     fp16: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
+    choice_scoring: str = "letter"
     report_to: str = "none"
     early_stopping_patience: int | None = None
     trainer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -278,6 +285,7 @@ class TrainSettings(SettingsBase):
         if isinstance(self.peft_dropout, (int, float)) and self.peft_dropout >= 1:
             checks.add(f"peft_dropout must be in [0, 1), got {self.peft_dropout}")
         checks.choice("test_ensemble", self.test_ensemble, TEST_ENSEMBLES)
+        checks.choice("choice_scoring", self.choice_scoring, CHOICE_SCORINGS)
         _acting_checks(checks, self)
         if self.test_ensemble in ("mc_dropout", "masks") and self.no_lora_dropout is False:
             checks.add(f"test_ensemble={self.test_ensemble!r} is a baseline's ensemble: it needs no_lora_dropout=True "
@@ -370,6 +378,7 @@ class EvalSettings(SettingsBase):
     conformal_alpha: float | None = None
     laplace: str | None = None  # Laplace-LoRA baseline (app/laplace_baseline.py): how its prior precision is tuned
     attn_implementation: str | None = None  # default: the run's
+    choice_scoring: str | None = None  # default: the run's
 
     def __post_init__(self) -> None:
         self.ood_task = split_names(self.ood_task)
@@ -390,6 +399,8 @@ class EvalSettings(SettingsBase):
             checks.choice("laplace", self.laplace, LAPLACE_PRIORS)
         if self.attn_implementation is not None:
             checks.choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if self.choice_scoring is not None:
+            checks.choice("choice_scoring", self.choice_scoring, CHOICE_SCORINGS)
         checks.raise_if_any()
 
 

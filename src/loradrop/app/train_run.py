@@ -174,6 +174,7 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
     from ..model import apply_lora_dropout
     from ..pretrained import check_model_fits, default_target_modules, load_model, load_tokenizer, prepare_base
     from ..tasks import prepare_task, resolve_task
+    from ..tasks.cloze_scoring import with_choice_scoring
     from ..training import build_training_args
 
     plan = plan_run(settings.output, resume=settings.resume, overwrite=settings.overwrite)
@@ -185,7 +186,7 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
         if changed:
             raise UsageError(f"--resume with settings that differ from the run being resumed: {', '.join(changed)}")
     ld_config = settings.lora_dropout_config()
-    spec = resolve_task(settings.task, settings.data_dir)
+    spec = with_choice_scoring(resolve_task(settings.task, settings.data_dir), settings.choice_scoring)
     check_task_options(settings, spec)  # holdout_fraction / epoch_eval / MC dropout: what its evaluation serves
     check_training_controls(settings, _world_size())
     model_name = settings.model or _default_model(spec.kind)
@@ -199,7 +200,8 @@ def _train(settings: TrainSettings, callbacks: Sequence[Any]) -> RunResult:
                         max_train_samples=settings.max_train_samples, max_eval_samples=settings.max_eval_samples,
                         holdout_fraction=settings.holdout_fraction)
     ood_data = prepare_ood(settings.ood_task, settings.data_dir, tokenizer, max_seq_len=settings.max_seq_len,
-                           seed=settings.seed, max_eval_samples=settings.max_eval_samples)  # before training
+                           seed=settings.seed, max_eval_samples=settings.max_eval_samples,
+                           choice_scoring=settings.choice_scoring)  # before training
     world_size = _world_size()
     total_steps = train_steps(len(data.train), settings, world_size)
 
