@@ -12,8 +12,8 @@
 # Knobs: LIMIT (s, default 540; keep it under the call's timeout_s and the session's device time left), STAGE
 # (/tmp/gpu), WORKERS (default: the machine's cores), GPUS (default: all), SETS (extra sweep arguments for every sweep,
 # e.g. "--set epochs=1": a local dry run uses tiny settings), ONLY (run-id globs for the LLM sweeps), JOBS (default
-# "squad tune main instruct"; add laplace for letter-format plans), PY (python3), SITE (the staged site; a local
-# dry run on another Python points it elsewhere).
+# "squad tune main laplace instruct"), PY (python3), SITE (the staged site; a local dry run on another Python points
+# it elsewhere).
 set -u
 cd "$(dirname "$0")/../.."
 T0=$(date +%s); LIMIT=${LIMIT:-540}; S=${STAGE:-/tmp/gpu}; OUT=${OUT:?set OUT}
@@ -102,8 +102,7 @@ sweep() {  # $1: name, rest: sweep arguments; runs until LIMIT - 25 s (SIGINT, t
   timeout -k 15 -s INT $t $PY -m loradrop sweep "$@" >> "$L/$name.log" 2>&1; local rc=$?
   log "$name: rc=$rc after $(elapsed) s"; return $rc
 }
-# laplace is not a default job while the plans score by cloze (loradrop's Laplace-LoRA scores letter-format runs only)
-has() { [[ " ${JOBS:-squad tune main instruct} " == *" $1 "* ]]; }
+has() { [[ " ${JOBS:-squad tune main laplace instruct} " == *" $1 "* ]]; }
 BG=()
 if has squad && [ -f "$S/minilm/model.safetensors" ] && [ -d "$S/site/peft" ] && [ -d "$S/data/squad" ]; then
   mkdir -p "$S/res/squad_main" && cp -n studies/glue/results/squad_main/*.json "$S/res/squad_main/" 2>/dev/null

@@ -249,3 +249,42 @@ def test_eval_laplace_on_letter_scored_choices(data_root: Path, llama_dir: Path,
     assert all(len(r["ensemble_probs"]) == 4 and sum(r["ensemble_probs"]) == pytest.approx(1.0, abs=1e-5)
                for r in ood_rows)
     assert "ensemble_mutual_information" in metrics["uncertainty"]["selective"]["scores"]
+
+
+@needs_laplace
+@pytest.mark.slow
+def test_eval_laplace_on_cloze_scored_choices(data_root: Path, llama_dir: Path, tmp_path: Path) -> None:
+    """The same on a run trained with --choice-scoring cloze (one LM row per choice): eval re-uses the run's cloze
+    scoring, the MAP equals the cloze scorer's single pass, absent choices get probability 0, the predictive is not
+    the MAP, and OpenBookQA as OOD set is scored in cloze form with its four choices."""
+    root = data_root / "commonsense"
+    if not root.is_dir():
+        pytest.skip(f"no commonsense data in {root}")
+    run = tmp_path / "arc"
+    assert main(["train", "--task", "arc_easy", "--model", str(llama_dir), "--data-dir", str(data_root),
+                 "--max-train-samples", "24", "--max-eval-samples", "8", "--holdout-fraction", "0.25",
+                 "--max-steps", "3", "--batch-size", "6", "--lr", "0.01", "--max-seq-len", "96",
+                 "--choice-scoring", "cloze", "--no-lora-dropout", "--output", str(run)]) == 0
+    assert main(["eval", "--adapter", str(run), "--output", str(tmp_path / "map")]) == 0
+    out = tmp_path / "laplace"
+    assert main(["eval", "--adapter", str(run), "--laplace", "--ood-task", "openbookqa", "--data-dir",
+                 str(data_root), "--output", str(out)]) == 0
+    metrics = json.loads((out / "eval_metrics.json").read_text())
+    assert metrics["laplace"]["scored_by"].startswith("each choice's log-likelihood")
+    assert metrics["data"]["choice_scoring"]["scoring"].startswith("cloze")
+    map_metrics = json.loads((tmp_path / "map" / "eval_metrics.json").read_text())
+    assert metrics["eval"]["single"]["nll"] == pytest.approx(map_metrics["eval"]["single"]["nll"], abs=1e-4)
+
+    def rows(folder: Path, name: str = "eval_predictions.jsonl") -> list[dict]:
+        return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+    laplace_rows = rows(out)
+    assert len(laplace_rows) == 8
+    for r in laplace_rows:
+        for key in ("single_probs", "ensemble_probs"):
+            assert len(r[key]) == 5 and sum(r[key]) == pytest.approx(1.0, abs=1e-5)
+            assert sum(p == 0 for p in r[key]) in (0, 1, 2)  # a fifth (or fourth) choice a question lacks
+    assert max(abs(a - b) for r in laplace_rows for a, b in zip(r["ensemble_probs"], r["single_probs"])) > 1e-6
+    ood = metrics["uncertainty"]["ood"]
+    assert ood["task"] == "openbookqa" and ood["metrics"]["ensemble"]["n"] == 8
+    assert all(len(r["ensemble_probs"]) == 4 for r in rows(out, ood["predictions"]))

@@ -129,9 +129,6 @@ def evaluate(settings: EvalSettings) -> RunResult:
 
         check_request(settings.laplace, spec, has_loradrop=has_loradrop, ood=settings.ood_task is not None,
                       conformal=settings.conformal_alpha is not None)
-        if choice_scoring == "cloze":
-            raise UsageError("--laplace scores letter-format runs only (choice_scoring='letter'); this run was "
-                             "trained with choice_scoring='cloze', whose Laplace-LoRA is not implemented")
     ensemble = settings.ensemble if has_loradrop else 0
 
     tokenizer = load_tokenizer(model_name)

@@ -14,7 +14,10 @@ Tasks: sequence classification (the classifier's logits) and the letter-scored c
 logits at the last prompt position, with a letter the question does not have held at the finite constant
 `ABSENT_LOGIT` (``-inf``, as `LetterScorer` masks it, would make laplace-torch's loss and Jacobians NaN): a constant
 has a zero Jacobian, so it adds nothing to the curvature or the predictive variance, and the predictive's softmax is
-taken over the question's own letters only, so an absent choice gets probability exactly 0.
+taken over the question's own letters only, so an absent choice gets probability exactly 0. Runs trained with
+``choice_scoring="cloze"`` (``loradrop.tasks.cloze_scoring``) are scored the same way by `_ClozeLogits`: the
+classifier's logits are the choices' log-likelihoods, from one LM row per choice; Jacobians are taken one question
+(its rows) at a time.
 
 Only the app layer imports this module; the core never imports laplace-torch."""
 
@@ -86,6 +89,35 @@ class _Logits(torch.nn.Module):
         return self.model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float()
 
 
+class _ClozeLogits(torch.nn.Module):
+    """A causal LM as a multiple-choice classifier in cloze form (`ClozeCollator(train=False)` batches): ``(batch,
+    choices)`` logits, each choice's log-likelihood (`ClozeScorer`), absent choices at `ABSENT_LOGIT`.
+    ``num_choices`` is a plain attribute, so an OOD set with another number of choices can swap it."""
+
+    def __init__(self, model: torch.nn.Module, num_choices: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_choices = int(num_choices)
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        from ..tasks.cloze_scoring import ClozeScorer
+
+        device = _device(self.model)
+        keys = ("input_ids", "attention_mask", "position_ids", "choice_mask", "cont_targets", "row_slots")
+        logits = ClozeScorer(self.model, self.num_choices)(**{k: batch[k].to(device) for k in keys}).logits.float()
+        return logits.masked_fill(~batch["choice_mask"].to(device).bool(), ABSENT_LOGIT)
+
+
+def _form(data: Any) -> tuple[str, dict[str, Any]]:
+    """How a task's predictions are scored: ``("letters", {"letter_ids": ...})``, ``("cloze", {"num_choices":
+    ...})`` or ``("classifier", {})``."""
+    if "letter_ids" in data.extras:
+        return "letters", {"letter_ids": data.extras["letter_ids"]}
+    if "num_choices" in data.extras:
+        return "cloze", {"num_choices": data.extras["num_choices"]}
+    return "classifier", {}
+
+
 class _LetterLogits(torch.nn.Module):
     """A causal LM as a multiple-choice classifier laplace-torch can differentiate: a letter-scoring batch
     (`ChoiceCollator(train=False)`: ``input_ids``, ``attention_mask``, ``position_ids``, ``choice_mask``) in,
@@ -154,8 +186,17 @@ SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 
 
 def _rows(batch: Any, start: int, stop: int) -> dict[str, Any]:
-    """Rows `start:stop` of a collated batch, without the padding columns no row of them uses."""
-    part = {k: v[start:stop] for k, v in batch.items()}
+    """Examples `start:stop` of a collated batch, without the padding columns none of them uses (a cloze batch:
+    those questions' choice rows, their slots renumbered, their continuation columns)."""
+    if "row_slots" in batch:
+        k = batch["choice_mask"].shape[1]
+        keep = (batch["row_slots"] >= start * k) & (batch["row_slots"] < stop * k)
+        part = {key: batch[key][keep] for key in ("input_ids", "attention_mask", "position_ids", "cont_targets")}
+        part.update(row_slots=batch["row_slots"][keep] - start * k, choice_mask=batch["choice_mask"][start:stop],
+                    labels=batch["labels"][start:stop])
+        part["cont_targets"] = part["cont_targets"][:, part["cont_targets"].ne(-100).any(0)]
+    else:
+        part = {k: v[start:stop] for k, v in batch.items()}
     mask = part.get("attention_mask")
     if mask is not None and mask.dim() == 2 and not bool(mask.bool().all()):
         used = mask.bool().any(0)
@@ -206,11 +247,12 @@ def _predictive(f_mu: torch.Tensor, f_var: torch.Tensor, n_samples: int, generat
 
 def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, collator: Any, *, batch_size: int = 16,
                 prior: str = "auto", n_samples: int = 1000, seed: int = 0,
-                letter_ids: Any = None) -> LaplaceFit:
+                letter_ids: Any = None, num_choices: int | None = None) -> LaplaceFit:
     """Fit KFAC Laplace over `model`'s LoRA factors on `train` and tune its prior precision (`prior`: ``"val_nll"``
     on `validation`, ``"marglik"``, or ``"auto"``: val_nll when `validation` is given, else marglik). With
     `letter_ids`, `model` is a causal LM scored by those answer letters (`_LetterLogits`; `collator`: the
-    evaluation `ChoiceCollator`), else a sequence classifier."""
+    evaluation `ChoiceCollator`); with `num_choices`, a causal LM in cloze form (`_ClozeLogits`, the evaluation
+    `ClozeCollator`); else a sequence classifier."""
     import time
 
     Laplace = require_laplace()
@@ -221,8 +263,12 @@ def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, coll
         raise UsageError("prior 'val_nll' needs a validation split distinct from the evaluation split")
     model.eval()
     n_params = lora_parameters_only(model)
-    net = _LetterLogits(model, letter_ids) if letter_ids is not None else _Logits(model)
-    la = Laplace(net, "classification", subset_of_weights="all", hessian_structure="kron")
+    net = (_LetterLogits(model, letter_ids) if letter_ids is not None else
+           _ClozeLogits(model, num_choices) if num_choices is not None else _Logits(model))
+    # laplace-torch counts a dict batch's examples by its `dict_key_x` entry: a cloze batch has one row per choice in
+    # input_ids, but one choice_mask row per question (the examples the loss terms belong to)
+    la = Laplace(net, "classification", subset_of_weights="all", hessian_structure="kron",
+                 dict_key_x="choice_mask" if num_choices is not None else "input_ids")
     start = time.perf_counter()
     la.fit(_loader(train, collator, batch_size))
     fit_s = time.perf_counter() - start
@@ -247,18 +293,23 @@ def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, coll
 
 
 def laplace_predict(fit: LaplaceFit, dataset: Any, collator: Any, *, batch_size: int = 16, n_samples: int = 1000,
-                    seed: int = 0, letter_ids: Any = None) -> LaplacePredictions:
-    """MAP and Laplace predictive probabilities over a tokenized split. `letter_ids` (letter-scored fits only):
-    the split's own answer letters, when they differ from the fitted task's (an OOD set)."""
+                    seed: int = 0, letter_ids: Any = None, num_choices: int | None = None) -> LaplacePredictions:
+    """MAP and Laplace predictive probabilities over a tokenized split. `letter_ids` (letter-scored fits) or
+    `num_choices` (cloze fits): the split's own, when they differ from the fitted task's (an OOD set)."""
     la = fit.la
     net = la.model
     fitted_letters = getattr(net, "letter_ids", None)
+    fitted_choices = getattr(net, "num_choices", None)
     if letter_ids is not None and fitted_letters is None:
         raise UsageError("letter ids are for a Laplace fit of a letter-scored (causal LM) task")
+    if num_choices is not None and fitted_choices is None:
+        raise UsageError("num_choices is for a Laplace fit of a cloze-scored (causal LM) task")
     maps, probs, information, labels = [], [], [], []
     try:
         if letter_ids is not None:
             net.letter_ids = tuple(int(i) for i in letter_ids)
+        if num_choices is not None:
+            net.num_choices = int(num_choices)
         for i, batch in enumerate(_loader(dataset, collator, batch_size)):
             js, f_mu, present = _moments(la, batch)
             maps.append(_map_probs(f_mu, present).cpu())
@@ -270,6 +321,8 @@ def laplace_predict(fit: LaplaceFit, dataset: Any, collator: Any, *, batch_size:
     finally:
         if fitted_letters is not None:
             net.letter_ids = fitted_letters
+        if fitted_choices is not None:
+            net.num_choices = fitted_choices
     return LaplacePredictions(torch.cat(maps), torch.cat(probs), torch.cat(information), torch.cat(labels))
 
 
@@ -283,10 +336,10 @@ def score_laplace(fit: LaplaceFit, data: Any, *, batch_size: int = 16, n_samples
     from ..tasks.spec import EvalResult
 
     spec = data.spec
-    letters = letter_scored(spec)
-    collator = data.extras["eval_collator"] if letters else data.collator
+    form, scoring = _form(data)
+    collator = data.extras["eval_collator"] if form != "classifier" else data.collator
     out = laplace_predict(fit, data.extras["encoded"][data.eval_split], collator, batch_size=batch_size,
-                          n_samples=n_samples, seed=seed, letter_ids=data.extras["letter_ids"] if letters else None)
+                          n_samples=n_samples, seed=seed, **scoring)
     raw = data.raw[data.eval_split]
     ids = list(raw["idx"]) if "idx" in raw.column_names else list(range(len(raw)))
     rows = [{"index": i, "id": ids[i], "label": int(out.labels[i]),
@@ -305,19 +358,20 @@ def evaluate_laplace(model: torch.nn.Module, data: Any, *, prior: str = "auto", 
     import time
 
     spec = data.spec
-    letters = letter_scored(spec)
-    if (spec.kind != "classification" and not letters) or data.train is None:
+    form, scoring = _form(data)
+    if (spec.kind != "classification" and not letter_scored(spec)) or data.train is None:
         raise UsageError(f"the Laplace-LoRA baseline supports sequence-classification and letter-scored tasks "
                          f"with a train split; {spec.name} is {spec.kind}")
     validation = data.eval_loss if data.eval_split != "validation" else None  # never tune on the scored split
-    collator = data.extras["eval_collator"] if letters else data.collator
+    collator = data.extras["eval_collator"] if form != "classifier" else data.collator
     fit = fit_laplace(model, data.train, validation, collator, batch_size=batch_size, prior=prior,
-                      n_samples=n_samples, seed=seed, letter_ids=data.extras["letter_ids"] if letters else None)
+                      n_samples=n_samples, seed=seed, **scoring)
     start = time.perf_counter()
     result = score_laplace(fit, data, batch_size=batch_size, n_samples=n_samples, seed=seed)
     section = {"structure": "kron", "weights": "lora_A and lora_B only", "predictive": "glm, mc softmax",
-               "scored_by": ("answer letters' next-token logits (absent letters: probability 0)" if letters
-                             else "the classifier's logits"),
+               "scored_by": {"letters": "answer letters' next-token logits (absent letters: probability 0)",
+                             "cloze": "each choice's log-likelihood (absent choices: probability 0)",
+                             "classifier": "the classifier's logits"}[form],
                "n_samples": n_samples, "prior_method": fit.prior_method, "prior_precision": fit.prior_precision,
                "n_params": fit.n_params, "n_train": len(data.train), "fit_s": fit.fit_s, "tune_s": fit.tune_s,
                "predict_s": time.perf_counter() - start}
