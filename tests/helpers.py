@@ -103,3 +103,12 @@ def direct_calibration(probs, labels) -> dict[str, float]:
     return {"accuracy": correct.mean(), "ece": ece, "nll": -np.log(probs[np.arange(len(labels)), labels]).mean(),
             "brier": ((probs - onehot) ** 2).sum(1).mean()}
 
+
+def cli_train(args: list[str]) -> dict:
+    """Run ``loradrop train`` with `args` (which name ``--output``), check it succeeded, return its metrics.json."""
+    import json
+
+    from loradrop.cli import main
+
+    assert main(args) == 0
+    return json.loads((Path(args[args.index("--output") + 1]) / "metrics.json").read_text())

