@@ -30,9 +30,8 @@ from torch import nn
 
 from ..errors import DataError, UsageError
 from ..training import LOSS_INPUTS
-from .base import require_columns
 from .classification import encode_splits, evaluate_classification
-from .commonsense_scoring import IGNORE_INDEX, LMClassifier, left_pad, prompt_style
+from .commonsense_scoring import IGNORE_INDEX, LMClassifier, left_pad, map_choice_splits, prompt_style
 from .spec import EvalResult, TaskData, TaskSpec
 
 CHOICE_SCORINGS = ("letter", "cloze")  # (as app.settings.CHOICE_SCORINGS; tasks never import the app layer)
@@ -83,13 +82,7 @@ def preprocess_cloze(spec: TaskSpec, dataset_dict: DatasetDict, tokenizer: Any, 
         return {"choice_ids": all_ids, "cont_lens": all_lens, "labels": batch["label"],
                 "n_choices": [len(c) for c in batch["choices"]]}
 
-    out = {}
-    for split, dataset in dataset_dict.items():
-        require_columns(dataset.column_names, ("question", "choices", "context", "label"),
-                        f"{spec.name} split {split!r}")
-        out[split] = dataset.map(encode, batched=True, remove_columns=dataset.column_names,
-                                 desc=f"tokenize {spec.name}/{split} (cloze)")
-    return DatasetDict(out)
+    return map_choice_splits(spec, dataset_dict, encode, " (cloze)")
 
 
 @dataclasses.dataclass

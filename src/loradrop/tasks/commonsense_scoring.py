@@ -71,12 +71,17 @@ def preprocess_choices(spec: TaskSpec, dataset_dict: DatasetDict, tokenizer: Any
         ids = [seq[-max_seq_len:] for seq in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
         return {"input_ids": ids, "labels": batch["label"], "n_choices": [len(c) for c in batch["choices"]]}
 
+    return map_choice_splits(spec, dataset_dict, encode)
+
+
+def map_choice_splits(spec: TaskSpec, dataset_dict: DatasetDict, encode: Any, how: str = "") -> DatasetDict:
+    """Every split of multiple-choice rows (question, choices, context, label) through the batched `encode`."""
     out = {}
     for split, dataset in dataset_dict.items():
         require_columns(dataset.column_names, ("question", "choices", "context", "label"),
                         f"{spec.name} split {split!r}")
         out[split] = dataset.map(encode, batched=True, remove_columns=dataset.column_names,
-                                 desc=f"tokenize {spec.name}/{split}")
+                                 desc=f"tokenize {spec.name}/{split}{how}")
     return DatasetDict(out)
 
 
