@@ -75,7 +75,8 @@ def _add_training_controls(train: argparse.ArgumentParser) -> None:
                        help="transformers' attention backend (default: transformers' choice, sdpa)")
     group.add_argument("--choice-scoring", choices=CHOICE_SCORINGS, default="letter",
                        help="multiple-choice tasks with a causal LM: score the answer letter (default) or each "
-                            "choice's likelihood (cloze: for models too small to answer by letter)")
+                            "choice's log-likelihood, summed (cloze) or per token (cloze_mean): for models too small "
+                            "to answer by letter")
     group.add_argument("--report-to", default="none", metavar="NAMES",
                        help="logging integrations, comma-separated: tensorboard (logs in the run folder's runs/), "
                             "wandb, mlflow, ... or 'none'")

@@ -101,12 +101,19 @@ def test_loss_is_the_cross_entropy_over_choice_scores():
     assert math.isclose(float(loss), expected, rel_tol=1e-5)
     doubled = cloze_loss({"logits": logits.repeat(2, 1, 1)}, batch["labels"], 4, num_choices=3, **inputs)
     assert math.isclose(float(doubled), expected / 2, rel_tol=1e-5)  # N = 2 members, 4 questions in the step
+    means = [row_scores[0] / 2, row_scores[1], row_scores[2], row_scores[3] / 2, row_scores[4]]  # per token
+    q1, q2 = torch.stack(means[:2]).log_softmax(-1)[1], torch.stack(means[2:]).log_softmax(-1)[0]
+    per_token = cloze_loss({"logits": logits}, batch["labels"], num_choices=3, per_token=True, **inputs)
+    assert math.isclose(float(per_token), -float(q1 + q2) / 2, rel_tol=1e-5)
 
 
 def test_only_multiple_choice_tasks_take_cloze_scoring():
     spec = get_task("winogrande_s")
     assert with_choice_scoring(spec, "letter") is spec and with_choice_scoring(spec, None) is spec
     assert with_choice_scoring(spec, "cloze").evaluate.__name__ == "evaluate_cloze"
+    assert with_choice_scoring(spec, "cloze_mean").prepare.keywords == {"per_token": True}
+    with pytest.raises(UsageError, match="choice_scoring must be one of"):
+        with_choice_scoring(spec, "mean")
     with pytest.raises(UsageError, match="not to task 'rte'"):
         with_choice_scoring(get_task("rte"), "cloze")
 
@@ -130,8 +137,9 @@ def test_cloze_runs_train_evaluate_and_score_ood_sets(llama_dir, cs_root, tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "ld" / sets[0]["predictions"]).read_text().splitlines()]
     assert len(rows[0]["single_probs"]) == 5  # ARC's five slots, as scored by the OBQA model in cloze form
     mc = cli_train([*common, "--output", str(tmp_path / "mc"), "--no-lora-dropout", "--peft-dropout", "0.3",
-                 "--test-ensemble", "mc_dropout"])
+                    "--test-ensemble", "mc_dropout", "--choice-scoring", "cloze_mean"])
     assert mc["eval"]["ensemble"]["nll"] != mc["eval"]["single"]["nll"]
+    assert mc["data"]["choice_scoring"]["scoring"].startswith("cloze: the mean")
     # eval re-scores the run as it was trained (cloze), and the same numbers come back
     assert main(["eval", "--adapter", str(tmp_path / "ld"), "--ensemble", "3", "--output", str(tmp_path / "e")]) == 0
     again = json.loads((tmp_path / "e" / "eval_metrics.json").read_text())

@@ -94,17 +94,19 @@ class _ClozeLogits(torch.nn.Module):
     choices)`` logits, each choice's log-likelihood (`ClozeScorer`), absent choices at `ABSENT_LOGIT`.
     ``num_choices`` is a plain attribute, so an OOD set with another number of choices can swap it."""
 
-    def __init__(self, model: torch.nn.Module, num_choices: int) -> None:
+    def __init__(self, model: torch.nn.Module, num_choices: int, per_token: bool = False) -> None:
         super().__init__()
         self.model = model
         self.num_choices = int(num_choices)
+        self.per_token = per_token
 
     def forward(self, batch: Any) -> torch.Tensor:
         from ..tasks.cloze_scoring import ClozeScorer
 
         device = _device(self.model)
         keys = ("input_ids", "attention_mask", "position_ids", "choice_mask", "cont_targets", "row_slots")
-        logits = ClozeScorer(self.model, self.num_choices)(**{k: batch[k].to(device) for k in keys}).logits.float()
+        scorer = ClozeScorer(self.model, self.num_choices, self.per_token)
+        logits = scorer(**{k: batch[k].to(device) for k in keys}).logits.float()
         return logits.masked_fill(~batch["choice_mask"].to(device).bool(), ABSENT_LOGIT)
 
 
@@ -114,7 +116,7 @@ def _form(data: Any) -> tuple[str, dict[str, Any]]:
     if "letter_ids" in data.extras:
         return "letters", {"letter_ids": data.extras["letter_ids"]}
     if "num_choices" in data.extras:
-        return "cloze", {"num_choices": data.extras["num_choices"]}
+        return "cloze", {"num_choices": data.extras["num_choices"], "per_token": data.extras["per_token"]}
     return "classifier", {}
 
 
@@ -247,7 +249,7 @@ def _predictive(f_mu: torch.Tensor, f_var: torch.Tensor, n_samples: int, generat
 
 def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, collator: Any, *, batch_size: int = 16,
                 prior: str = "auto", n_samples: int = 1000, seed: int = 0,
-                letter_ids: Any = None, num_choices: int | None = None) -> LaplaceFit:
+                letter_ids: Any = None, num_choices: int | None = None, per_token: bool = False) -> LaplaceFit:
     """Fit KFAC Laplace over `model`'s LoRA factors on `train` and tune its prior precision (`prior`: ``"val_nll"``
     on `validation`, ``"marglik"``, or ``"auto"``: val_nll when `validation` is given, else marglik). With
     `letter_ids`, `model` is a causal LM scored by those answer letters (`_LetterLogits`; `collator`: the
@@ -264,7 +266,7 @@ def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, coll
     model.eval()
     n_params = lora_parameters_only(model)
     net = (_LetterLogits(model, letter_ids) if letter_ids is not None else
-           _ClozeLogits(model, num_choices) if num_choices is not None else _Logits(model))
+           _ClozeLogits(model, num_choices, per_token) if num_choices is not None else _Logits(model))
     # laplace-torch counts a dict batch's examples by its `dict_key_x` entry: a cloze batch has one row per choice in
     # input_ids, but one choice_mask row per question (the examples the loss terms belong to)
     la = Laplace(net, "classification", subset_of_weights="all", hessian_structure="kron",
@@ -338,6 +340,7 @@ def score_laplace(fit: LaplaceFit, data: Any, *, batch_size: int = 16, n_samples
     spec = data.spec
     form, scoring = _form(data)
     collator = data.extras["eval_collator"] if form != "classifier" else data.collator
+    scoring.pop("per_token", None)  # the fit's own (an OOD set is scored as the run's task is)
     out = laplace_predict(fit, data.extras["encoded"][data.eval_split], collator, batch_size=batch_size,
                           n_samples=n_samples, seed=seed, **scoring)
     raw = data.raw[data.eval_split]

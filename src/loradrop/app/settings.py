@@ -44,9 +44,10 @@ OWNED_TRAINER_ARGS = {
 TEST_ENSEMBLES = ("auto", "mc_dropout", "masks", "none")
 # transformers' attention backends (``attn_implementation`` of from_pretrained); None keeps transformers' default (sdpa)
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-LAPLACE_PRIORS = ("auto", "val_nll", "marglik")
-# how a multiple-choice task is scored by a causal LM: the answer letter's next token, or each choice's likelihood
-CHOICE_SCORINGS = ("letter", "cloze")  # --laplace: prior precision by validation NLL or marginal likelihood
+LAPLACE_PRIORS = ("auto", "val_nll", "marglik")  # --laplace: prior precision by validation NLL or marginal likelihood
+# how a multiple-choice task is scored by a causal LM: the answer letter's next token, or each choice's log-likelihood
+# (summed over its tokens, or their mean): loradrop.tasks.cloze_scoring
+CHOICE_SCORINGS = ("letter", "cloze", "cloze_mean")
 # Settings that must not change between a run and its --resume (the result would no longer be one run).
 RESUME_KEYS = ("task", "model", "data_dir", "method", "r", "alpha", "target_modules", "no_lora_dropout",
                "peft_dropout", "p", "samples", "strategy", "mask_scope", "rescale", "epochs", "max_steps", "lr",
@@ -186,8 +187,9 @@ class TrainSettings(SettingsBase):
     ``lora_dropout`` on the LoRA input (another baseline).
 
     ``choice_scoring`` is how a multiple-choice task is scored by a causal LM (commonsense, MMLU): ``"letter"`` (the
-    answer letter's next-token logit, the published protocol) or ``"cloze"`` (each choice's log-likelihood after the
-    question, `loradrop.tasks.cloze_scoring`: for models too small to answer by letter).
+    answer letter's next-token logit, the published protocol), ``"cloze"`` (each choice's log-likelihood after the
+    question, `loradrop.tasks.cloze_scoring`: for models too small to answer by letter) or ``"cloze_mean"`` (its mean
+    per token: no bias for short answers).
 
     ``test_ensemble`` picks the test-time ensemble of ``ensemble`` members: ``"auto"`` (LoRA Dropout's masked
     members when it is on, none for a baseline), ``"mc_dropout"`` (PEFT's dropout kept on at test: MC dropout, needs

@@ -2,7 +2,8 @@
 log-likelihood of its text after the question (the "cloze" or answer-likelihood formulation of lm-evaluation-harness
 and lighteval), a softmax over a question's choice scores gives the class probabilities, and training is the
 cross-entropy over those scores. It is the alternative to `commonsense_scoring`'s letter format (``choice_scoring``:
-``"letter"``, the default, or ``"cloze"``) for models too small to bind answers to letters: zero-shot on 150 ARC-Easy
+``"letter"``, the default; ``"cloze"``, the sum of the choice's token log-probabilities; ``"cloze_mean"``, their
+mean, which does not favour short answers) for models too small to bind answers to letters: zero-shot on 150 ARC-Easy
 dev questions SmolLM2-135M-Instruct scores 45.3% in cloze form and 25.3% (chance) with letters, and letter-format
 fine-tuning left it at chance (`studies/commonsense/results/letter_tune_partial`).
 
@@ -34,7 +35,7 @@ from .classification import encode_splits, evaluate_classification
 from .commonsense_scoring import IGNORE_INDEX, LMClassifier, left_pad, map_choice_splits, prompt_style
 from .spec import EvalResult, TaskData, TaskSpec
 
-CHOICE_SCORINGS = ("letter", "cloze")  # (as app.settings.CHOICE_SCORINGS; tasks never import the app layer)
+CHOICE_SCORINGS = ("letter", "cloze", "cloze_mean")  # (as app.settings.CHOICE_SCORINGS; tasks never import the app)
 
 
 def cloze_parts(style: str, question: str, choices: Sequence[str], context: str = "") -> list[tuple[str, str]]:
@@ -127,9 +128,10 @@ class ClozeCollator:
 
 
 def choice_scores(logits: torch.Tensor, cont_targets: torch.Tensor, row_slots: torch.Tensor, questions: int,
-                  num_choices: int) -> torch.Tensor:
-    """``(members * questions, K)`` choice scores (sums of continuation log-probabilities; ``-inf`` where a question
-    has no such choice) from the LM's ``(members * rows, positions, vocab)`` logits, member-major."""
+                  num_choices: int, per_token: bool = False) -> torch.Tensor:
+    """``(members * questions, K)`` choice scores (sums of continuation log-probabilities, or with `per_token` their
+    means; ``-inf`` where a question has no such choice) from the LM's ``(members * rows, positions, vocab)``
+    logits, member-major."""
     rows, width = cont_targets.shape
     if logits.shape[0] % rows:
         raise ValueError(f"{logits.shape[0]} output rows for {rows} choice rows")
@@ -139,20 +141,22 @@ def choice_scores(logits: torch.Tensor, cont_targets: torch.Tensor, row_slots: t
     token_logp = -nn.functional.cross_entropy(predicting.float().flatten(0, 1), targets.flatten(),
                                               ignore_index=IGNORE_INDEX, reduction="none")
     per_row = token_logp.view(members, rows, width).sum(-1)
+    if per_token:
+        per_row = per_row / cont_targets.ne(IGNORE_INDEX).sum(-1).clamp_min(1).to(per_row.device)
     table = per_row.new_full((members, questions * num_choices), float("-inf"))
     table[:, row_slots.to(logits.device)] = per_row
     return table.view(members * questions, num_choices)
 
 
 def cloze_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None, *, cont_targets: torch.Tensor,
-               row_slots: torch.Tensor, num_choices: int) -> torch.Tensor:
+               row_slots: torch.Tensor, num_choices: int, per_token: bool = False) -> torch.Tensor:
     """The Trainer's ``compute_loss_func``: cross-entropy of the answer over the question's choice scores, summed
     and divided by the Trainer's count of questions; a LoRA Dropout model trained with ``samples=N`` returns N
     member-major copies of the rows, each counting 1/N (the mean over members)."""
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
     answers = labels[:, 1]
     questions = answers.shape[0]
-    scores = choice_scores(logits, cont_targets, row_slots, questions, num_choices)
+    scores = choice_scores(logits, cont_targets, row_slots, questions, num_choices, per_token)
     times = scores.shape[0] // questions
     total = nn.functional.cross_entropy(scores, answers.to(scores.device).repeat(times), reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else questions
@@ -163,9 +167,10 @@ class ClozeScorer(LMClassifier):
     """A causal LM seen as a classifier over a question's choices: ``forward`` takes a `ClozeCollator` evaluation
     batch and returns an output whose ``logits`` ``(rows, K)`` are the choice scores (absent choices ``-inf``)."""
 
-    def __init__(self, model: nn.Module, num_choices: int) -> None:
+    def __init__(self, model: nn.Module, num_choices: int, per_token: bool = False) -> None:
         super().__init__(model)
         self.num_choices = num_choices
+        self.per_token = per_token
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 choice_mask: torch.Tensor | None = None, cont_targets: torch.Tensor | None = None,
@@ -180,12 +185,13 @@ class ClozeScorer(LMClassifier):
             kwargs["position_ids"] = position_ids
         logits = self.module(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
         return SequenceClassifierOutput(logits=choice_scores(logits, cont_targets, row_slots, choice_mask.shape[0],
-                                                             self.num_choices))
+                                                             self.num_choices, self.per_token))
 
 
 def prepare_cloze(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_len: int, need_train: bool = True,
-                  **_: Any) -> TaskData:
-    """As `commonsense_scoring.prepare_choices`, in cloze form: `ClozeCollator` batches and `cloze_loss`."""
+                  per_token: bool = False, **_: Any) -> TaskData:
+    """As `commonsense_scoring.prepare_choices`, in cloze form: `ClozeCollator` batches and `cloze_loss` (choice
+    scores per token with `per_token`)."""
     from .base import get_metadata
 
     eval_split, encoded, train, eval_loss = encode_splits(spec, raw, tokenizer, max_seq_len, need_train)
@@ -195,7 +201,8 @@ def prepare_cloze(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_l
     k = spec.num_labels
     metadata = get_metadata(raw)
     metadata["choice_scoring"] = {
-        "scoring": "cloze: the sum of each choice's continuation token log-probabilities, softmax over the choices",
+        "scoring": (f"cloze: the {'mean' if per_token else 'sum'} of each choice's continuation token "
+                    "log-probabilities, softmax over the choices"),
         "padding": "left, with position_ids; one row per choice",
         "training_loss": "cross-entropy over the question's choice scores",
         "left_truncated_rows": {s: sum(len(ids) >= max_seq_len for q in v["choice_ids"] for ids in q)
@@ -203,9 +210,9 @@ def prepare_cloze(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_l
     return TaskData(spec=spec, raw=raw, train=train, eval_loss=eval_loss, eval_split=eval_split,
                     collator=ClozeCollator(pad_id, k, train=True), metadata=metadata,
                     extras={"encoded": {s: v for s, v in encoded.items() if s != "train"}, "num_choices": k,
-                            "eval_collator": ClozeCollator(pad_id, k, train=False)},
-                    recorded={"choice_scoring": "cloze"},
-                    compute_loss_func=functools.partial(cloze_loss, num_choices=k))
+                            "per_token": per_token, "eval_collator": ClozeCollator(pad_id, k, train=False)},
+                    recorded={"choice_scoring": "cloze_mean" if per_token else "cloze"},
+                    compute_loss_func=functools.partial(cloze_loss, num_choices=k, per_token=per_token))
 
 
 def evaluate_cloze(model: nn.Module, data: TaskData, tokenizer: Any = None, *, batch_size: int, ensemble: int,
@@ -214,19 +221,21 @@ def evaluate_cloze(model: nn.Module, data: TaskData, tokenizer: Any = None, *, b
     """Accuracy, ECE (15 bins), NLL and Brier of the choice probabilities, single pass and ensemble, one
     prediction row per question: `evaluate_classification` on `ClozeScorer`."""
     view = dataclasses.replace(data, collator=data.extras["eval_collator"])
-    return evaluate_classification(ClozeScorer(model, data.extras["num_choices"]), view, tokenizer,
+    return evaluate_classification(ClozeScorer(model, data.extras["num_choices"], data.extras["per_token"]), view,
+                                   tokenizer,
                                    batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size, seed=seed,
                                    split=split, mc_dropout=mc_dropout, progress=progress)
 
 
 def with_choice_scoring(spec: TaskSpec, scoring: str | None) -> TaskSpec:
-    """`spec` scored as `scoring` says: ``"letter"`` (or None) as registered, ``"cloze"`` through this module (the
-    commonsense multiple-choice tasks and the MMLU OOD sets only)."""
+    """`spec` scored as `scoring` says: ``"letter"`` (or None) as registered, ``"cloze"`` / ``"cloze_mean"``
+    through this module (the commonsense multiple-choice tasks and the MMLU OOD sets only)."""
     if scoring in (None, "letter"):
         return spec
     if scoring not in CHOICE_SCORINGS:
         raise UsageError(f"choice_scoring must be one of {list(CHOICE_SCORINGS)}, got {scoring!r}")
     if spec.family != "commonsense":
-        raise UsageError(f"choice_scoring='cloze' applies to the multiple-choice tasks scored by a causal LM "
+        raise UsageError(f"choice_scoring={scoring!r} applies to the multiple-choice tasks scored by a causal LM "
                          f"(commonsense, MMLU OOD sets), not to task {spec.name!r} ({spec.family})")
-    return dataclasses.replace(spec, preprocessor=preprocess_cloze, prepare=prepare_cloze, evaluate=evaluate_cloze)
+    prepare = functools.partial(prepare_cloze, per_token=scoring == "cloze_mean")
+    return dataclasses.replace(spec, preprocessor=preprocess_cloze, prepare=prepare, evaluate=evaluate_cloze)
