@@ -122,6 +122,11 @@ def _header(study: Study, loaded: Loaded, command: str) -> list[str]:
     found = {r.method for r in runs}
     methods = [m for m in METHOD_ORDER if m in found] + sorted(found - set(METHOD_ORDER))
     version_text = "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in sorted(versions.items()))
+    scorings = sorted({str((r.result.get("settings") or {}).get("choice_scoring") or "letter") for r in runs
+                       if study.info[r.task].kind == "causal_lm"})
+    scoring = ([f"- Multiple-choice scoring (causal LM tasks): {', '.join(scorings)} (`choice_scoring`: letter = "
+                "the answer letter's next-token logit; cloze / cloze_mean = each choice's summed / mean token "
+                "log-likelihood)"] if scorings else [])
     return [
         f"# LoRA Dropout study report: {', '.join(plans)}", "",
         f"Regenerate: `{command}`", "",
@@ -130,6 +135,7 @@ def _header(study: Study, loaded: Loaded, command: str) -> list[str]:
         f"- Runs: {len(runs)} ok, {len(loaded.failed)} failed",
         f"- Tasks: {tasks}",
         f"- Methods: {', '.join(methods)}",
+        *scoring,
         f"- Versions: {version_text}",
         f"- Hardware: {'; '.join(sorted(hardware))}",
         "- Sum of the runs' wall times (runs that shared a machine overlap): " + "; ".join(
