@@ -183,22 +183,18 @@ class LoraDropoutTrainer(Trainer):
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D401
-        loss_inputs = inputs.get(LOSS_INPUTS)
-        if loss_inputs is not None and self.compute_loss_func is not None:
+        loss_inputs, func = inputs.get(LOSS_INPUTS), self.compute_loss_func
+        if loss_inputs is not None and func is not None:
             # tensors the loss needs and the model must not get (e.g. which rows form a question): bound to the
             # loss for this call, left out of the model's inputs; `inputs` itself is left as it is (member chunks
             # call this again with it)
             inputs = {k: v for k, v in inputs.items() if k != LOSS_INPUTS}
-            func = self.compute_loss_func
             self.compute_loss_func = functools.partial(func, **loss_inputs)
-            try:
-                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                           num_items_in_batch=num_items_in_batch)
-            finally:
-                self.compute_loss_func = func
-        else:
+        try:
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
+        finally:
+            self.compute_loss_func = func
         weight = self._loradrop_chunk_weight
         if weight is None:
             return out

@@ -113,17 +113,21 @@ probe() {  # which precision / attention backend trains SmolLM2 without NaN grad
   # tune runs (bf16, transformers' default sdpa attention) stopped with a NaN gradient norm (finite loss) at the same
   # step for every lr and method: 20 of 26 runs, on WinoGrande-S at step 17, BoolQ at step 3, OBQA 28, WG-M 98, ARC-E
   # 332; ARC-C was unaffected, and the same WinoGrande-S run on the CPU (bf16 autocast, sdpa) trained through step 19.
-  # Each variant trains those two batches again (max_steps); the first of B, C, D that gets through both is used by
-  # every LLM sweep (recorded in res/probe/decision.txt, which the results tarball carries home).
+  # Each variant trains those two batches again (max_steps, letter scoring as then); the first of B, C, D that gets
+  # through both is used by every LLM sweep (recorded in res/probe/decision.txt, which the results tarball carries
+  # home). Every variant names its backend and precision: the plans' base now sets them (eager, bf16).
   local v dir pids=()
-  declare -A VAR=([A_sdpa_bf16]="" [B_eager_bf16]="--set attn_implementation=eager" [C_sdpa_fp32]="--set bf16=false"
+  declare -A VAR=([A_sdpa_bf16]="--set attn_implementation=sdpa --set bf16=true"
+                  [B_eager_bf16]="--set attn_implementation=eager --set bf16=true"
+                  [C_sdpa_fp32]="--set attn_implementation=sdpa --set bf16=false"
                   [D_eager_fp32]="--set attn_implementation=eager --set bf16=false")
   for v in "${!VAR[@]}"; do
     for t in winogrande-s:19 boolq:5; do
       dir="$S/res/probe/$v"; mkdir -p "$dir"
       read -r -a VS <<< "${VAR[$v]}"
       $PY -m loradrop sweep $CS/tune.yaml --results "$dir" --only "${t%%:*}__lora__lr-0.0001_seed-0" --set model="$S/smol" \
-        --set max_steps="${t##*:}" --set epoch_eval=false --set ensemble=1 --set max_eval_samples=64 "${VS[@]}" \
+        --set max_steps="${t##*:}" --set epoch_eval=false --set ensemble=1 --set max_eval_samples=64 \
+        --set choice_scoring=letter "${VS[@]}" \
         --workers 1 > "$L/probe_${v}_${t%%:*}.log" 2>&1 & pids+=($!)
     done
   done

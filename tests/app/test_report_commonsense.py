@@ -88,7 +88,7 @@ def test_published_layout_ood_shape_risk_and_cost(results: Path, tmp_path: Path)
     assert set(runs) == RUNS
     md = write_report([results], tmp_path / "R.md").read_text(encoding="utf-8")
     assert "## Commonsense multiple choice (published layout)" in md
-    assert "- Multiple-choice scoring (causal LM tasks): letter (`choice_scoring`" in md  # what the runs were trained by
+    assert "- Multiple-choice scoring (causal LM tasks): letter (`choice_scoring`" in md  # how the runs were trained
 
     # in-distribution tables: the published six columns, OBQA filled, the rest "–"; numbers from the result files
     for heading, metric, scale, digits in (("### ACC (%)", "accuracy", 100, 2), ("### ECE (%, 15 bins)", "ece", 100, 2),

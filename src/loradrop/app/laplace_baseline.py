@@ -191,12 +191,14 @@ def _rows(batch: Any, start: int, stop: int) -> dict[str, Any]:
     """Examples `start:stop` of a collated batch, without the padding columns none of them uses (a cloze batch:
     those questions' choice rows, their slots renumbered, their continuation columns)."""
     if "row_slots" in batch:
+        from ..tasks.commonsense_scoring import IGNORE_INDEX
+
         k = batch["choice_mask"].shape[1]
         keep = (batch["row_slots"] >= start * k) & (batch["row_slots"] < stop * k)
         part = {key: batch[key][keep] for key in ("input_ids", "attention_mask", "position_ids", "cont_targets")}
         part.update(row_slots=batch["row_slots"][keep] - start * k, choice_mask=batch["choice_mask"][start:stop],
                     labels=batch["labels"][start:stop])
-        part["cont_targets"] = part["cont_targets"][:, part["cont_targets"].ne(-100).any(0)]
+        part["cont_targets"] = part["cont_targets"][:, part["cont_targets"].ne(IGNORE_INDEX).any(0)]
     else:
         part = {k: v[start:stop] for k, v in batch.items()}
     mask = part.get("attention_mask")
@@ -295,23 +297,26 @@ def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, coll
 
 
 def laplace_predict(fit: LaplaceFit, dataset: Any, collator: Any, *, batch_size: int = 16, n_samples: int = 1000,
-                    seed: int = 0, letter_ids: Any = None, num_choices: int | None = None) -> LaplacePredictions:
+                    seed: int = 0, letter_ids: Any = None, num_choices: int | None = None,
+                    per_token: bool | None = None) -> LaplacePredictions:
     """MAP and Laplace predictive probabilities over a tokenized split. `letter_ids` (letter-scored fits) or
-    `num_choices` (cloze fits): the split's own, when they differ from the fitted task's (an OOD set)."""
+    `num_choices` and `per_token` (cloze fits): the split's own scoring, set on the fitted scorer for this call
+    (an OOD set's letters or number of choices differ from the fitted task's)."""
     la = fit.la
     net = la.model
-    fitted_letters = getattr(net, "letter_ids", None)
-    fitted_choices = getattr(net, "num_choices", None)
-    if letter_ids is not None and fitted_letters is None:
-        raise UsageError("letter ids are for a Laplace fit of a letter-scored (causal LM) task")
-    if num_choices is not None and fitted_choices is None:
-        raise UsageError("num_choices is for a Laplace fit of a cloze-scored (causal LM) task")
+    split_scoring = {name: value for name, value in (
+        ("letter_ids", None if letter_ids is None else tuple(int(i) for i in letter_ids)),
+        ("num_choices", None if num_choices is None else int(num_choices)), ("per_token", per_token))
+        if value is not None}
+    for name in split_scoring:
+        if not hasattr(net, name):
+            raise UsageError(f"{name} is for a Laplace fit of a "
+                             f"{'letter' if name == 'letter_ids' else 'cloze'}-scored (causal LM) task")
+    fitted = {name: getattr(net, name) for name in split_scoring}
     maps, probs, information, labels = [], [], [], []
     try:
-        if letter_ids is not None:
-            net.letter_ids = tuple(int(i) for i in letter_ids)
-        if num_choices is not None:
-            net.num_choices = int(num_choices)
+        for name, value in split_scoring.items():
+            setattr(net, name, value)
         for i, batch in enumerate(_loader(dataset, collator, batch_size)):
             js, f_mu, present = _moments(la, batch)
             maps.append(_map_probs(f_mu, present).cpu())
@@ -321,10 +326,8 @@ def laplace_predict(fit: LaplaceFit, dataset: Any, collator: Any, *, batch_size:
             information.append(mi.cpu())
             labels.append(batch["labels"])
     finally:
-        if fitted_letters is not None:
-            net.letter_ids = fitted_letters
-        if fitted_choices is not None:
-            net.num_choices = fitted_choices
+        for name, value in fitted.items():
+            setattr(net, name, value)
     return LaplacePredictions(torch.cat(maps), torch.cat(probs), torch.cat(information), torch.cat(labels))
 
 
@@ -340,7 +343,6 @@ def score_laplace(fit: LaplaceFit, data: Any, *, batch_size: int = 16, n_samples
     spec = data.spec
     form, scoring = _form(data)
     collator = data.extras["eval_collator"] if form != "classifier" else data.collator
-    scoring.pop("per_token", None)  # the fit's own (an OOD set is scored as the run's task is)
     out = laplace_predict(fit, data.extras["encoded"][data.eval_split], collator, batch_size=batch_size,
                           n_samples=n_samples, seed=seed, **scoring)
     raw = data.raw[data.eval_split]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LoraDropoutConfig
+from ..tasks.spec import CHOICE_SCORINGS
 from .settings_base import Checks, SettingsBase
 
 METHODS = ("lora", "adalora")
@@ -45,9 +46,6 @@ TEST_ENSEMBLES = ("auto", "mc_dropout", "masks", "none")
 # transformers' attention backends (``attn_implementation`` of from_pretrained); None keeps transformers' default (sdpa)
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 LAPLACE_PRIORS = ("auto", "val_nll", "marglik")  # --laplace: prior precision by validation NLL or marginal likelihood
-# how a multiple-choice task is scored by a causal LM: the answer letter's next token, or each choice's log-likelihood
-# (summed over its tokens, or their mean): loradrop.tasks.cloze_scoring
-CHOICE_SCORINGS = ("letter", "cloze", "cloze_mean")
 # Settings that must not change between a run and its --resume (the result would no longer be one run).
 RESUME_KEYS = ("task", "model", "data_dir", "method", "r", "alpha", "target_modules", "no_lora_dropout",
                "peft_dropout", "p", "samples", "strategy", "mask_scope", "rescale", "epochs", "max_steps", "lr",

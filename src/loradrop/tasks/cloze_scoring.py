@@ -33,9 +33,7 @@ from ..errors import DataError, UsageError
 from ..training import LOSS_INPUTS
 from .classification import encode_splits, evaluate_classification
 from .commonsense_scoring import IGNORE_INDEX, LMClassifier, left_pad, map_choice_splits, prompt_style
-from .spec import EvalResult, TaskData, TaskSpec
-
-CHOICE_SCORINGS = ("letter", "cloze", "cloze_mean")  # (as app.settings.CHOICE_SCORINGS; tasks never import the app)
+from .spec import CHOICE_SCORINGS, EvalResult, TaskData, TaskSpec
 
 
 def cloze_parts(style: str, question: str, choices: Sequence[str], context: str = "") -> list[tuple[str, str]]:

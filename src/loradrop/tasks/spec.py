@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KINDS: tuple[str, ...] = ("classification", "regression", "span", "causal_lm")
+# how a multiple-choice task is scored by a causal LM: the answer letter's next token (`commonsense_scoring`), or each
+# choice's log-likelihood summed over its tokens or their mean (`cloze_scoring`)
+CHOICE_SCORINGS: tuple[str, ...] = ("letter", "cloze", "cloze_mean")
 
 
 @dataclass(frozen=True)
