@@ -23,7 +23,7 @@ log() { echo "[$(elapsed) s] $*" | tee -a "$OUT/call.log"; }
 FRESH=; [ -d "$S" ] || FRESH=1
 L="$S/logs"
 mkdir -p "$S/res" "$S/data" "$S/site" "$L" "$OUT"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false \
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false \
   TQDM_DISABLE=1 PYTHONPATH="${SITE:-$S/site}:$PWD/src" LORADROP_DATA_DIR="$S/data"
 PY=${PY:-python3}
 pack() {  # every result JSON (not the run folders, which stay here for Laplace) and every log, replaced atomically
@@ -69,7 +69,9 @@ fi
 # ---- the jobs
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [ "${NGPU:-0}" -gt 1 ] && GPUS=${GPUS:-$(seq -s, 0 $(( NGPU - 1 )))}
-W=${WORKERS:-$(nproc --all)}  # --all: nproc alone honours the OMP_NUM_THREADS=1 exported above
+C=$(nproc --all)  # --all: nproc alone honours the OMP_NUM_THREADS=1 exported above
+# 12 runs per GPU at most: 16 SmolLM2 runs sharing one H200 ran it out of memory (cloze rows, N = 4 members)
+G1=$(( ${NGPU:-0} > 0 ? NGPU : 1 )); W=${WORKERS:-$(( C < 12 * G1 ? C : 12 * G1 ))}
 read -r -a EXTRA <<< "${SETS:-}"
 BASE=(--set "model=$S/smol" "${EXTRA[@]}" --workers "$W" ${GPUS:+--gpus "$GPUS"})
 ONLYARGS=()
@@ -93,14 +95,22 @@ PY
   done ) &
 LOOP=$!
 pending() { $PY -m loradrop sweep "$@" --dry-run 2>/dev/null | grep -o '^[a-z: ]*[0-9]* to run' | tail -1 | grep -o '[0-9]*' || echo "?"; }
-sweep() {  # $1: name, rest: sweep arguments; runs until LIMIT - 25 s (SIGINT, then kill: the sweep resumes next call)
+sweep() {  # $1: name, rest: sweep arguments; runs until LIMIT - 25 s (SIGINT, then kill: the sweep resumes next call).
+  # Runs that failed (out of memory when many share a GPU: 38 of 56 in the first cloze call, before the sweep freed
+  # each run's CUDA cache) are retried at once with half the workers, twice at most, while each try finishes some.
   local name=$1; shift
-  local n; n=$(pending "$@")
+  local n m rc t w=$W try=0 more=(); n=$(pending "$@")
   [ "$n" = 0 ] && { log "$name: done"; return 0; }
-  local t=$(( $(left) - 25 )); [ $t -gt 20 ] || { log "$name: no time left ($n to run)"; return 1; }
-  log "$name: start ($n to run, $t s)"
-  timeout -k 15 -s INT $t $PY -m loradrop sweep "$@" >> "$L/$name.log" 2>&1; local rc=$?
-  log "$name: rc=$rc after $(elapsed) s"; return $rc
+  while :; do
+    t=$(( $(left) - 25 )); [ $t -gt 20 ] || { log "$name: no time left ($n to run)"; return 1; }
+    log "$name: start ($n to run, $t s${more[*]:+, ${more[*]}})"
+    timeout -k 15 -s INT $t $PY -m loradrop sweep "$@" "${more[@]}" >> "$L/$name.log" 2>&1; rc=$?
+    log "$name: rc=$rc after $(elapsed) s"
+    [ $rc = 124 ] && return $rc
+    m=$(pending "$@"); [ "$m" = 0 ] && return 0
+    try=$(( try + 1 )); { [ $try -le 2 ] && [ "$m" != "$n" ]; } || return 1
+    n=$m; w=$(( (w + 1) / 2 )); more=(--workers "$w")
+  done
 }
 has() { [[ " ${JOBS:-squad tune main laplace instruct} " == *" $1 "* ]]; }
 BG=()

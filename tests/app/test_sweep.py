@@ -74,7 +74,8 @@ def test_bad_plans_are_refused_before_any_run(tmp_path: Path, text: str, fragmen
         parse_overrides(["novalue"])
 
 
-def test_sweep_runs_skips_and_retries(data_root: Path, bert_dir: Path, tmp_path: Path) -> None:
+def test_sweep_runs_skips_and_retries(data_root: Path, bert_dir: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     plan = SweepPlan.load(write_plan(tmp_path, str(bert_dir)))
     plan.methods = {"lora": {**plan.methods["lora"], "ood_task": "mrpc", "conformal_alpha": 0.2}}
     plan.grid["seed"] = [0]
@@ -110,8 +111,10 @@ def test_sweep_runs_skips_and_retries(data_root: Path, bert_dir: Path, tmp_path:
 
     plan.grid["seed"] = [0, 1]
     plan.overrides = {"max_seq_len": 4}  # a setting that fails inside the run (tokenizer windows too short)
+    released = []  # every run, failed ones too, hands its CUDA cache back (workers that share a GPU need it)
+    monkeypatch.setattr("loradrop.app.provenance.release_memory", lambda: released.append(1))
     summary = run_sweep(plan, progress=False)
-    assert summary["skipped"] == 1 and len(summary["failed"]) == 1
+    assert summary["skipped"] == 1 and len(summary["failed"]) == 1 and released == [1]
     failed = json.loads((tmp_path / "res" / "rte__lora__lr-0.02_seed-1.failed.json").read_text())
     assert failed["status"] == "failed" and "max_seq_len" in failed["error"] and "Traceback" in failed["traceback"]
     assert [r.run_id for r in pending(plan, tmp_path / "res")[0]] == ["rte__lora__lr-0.02_seed-1"]  # retried next

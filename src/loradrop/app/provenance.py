@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import os
 import platform
 from typing import Any
@@ -64,6 +66,15 @@ def reset_peak_memory() -> None:
             fh.write("5")
     except OSError:
         pass
+
+
+def release_memory() -> None:
+    """Give the CUDA memory a finished (or failed) run leaves cached back to the device. A sweep's pool workers train
+    run after run in one process, and several share a GPU: without this, each keeps its largest run's cache (or, after
+    an out-of-memory error, the tensors its traceback held), and the runs started next on that GPU run out of memory."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def peak_memory() -> dict[str, float | None]:

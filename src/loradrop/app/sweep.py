@@ -316,7 +316,7 @@ def _compact(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def execute(run: PlannedRun, plan_name: str, results: Path, work_dir: Path, keep_runs: bool = False) -> dict:
     """Train one planned run and write its result JSON (or ``<id>.failed.json``); returns a short status."""
-    from .provenance import peak_memory, reset_peak_memory
+    from .provenance import peak_memory, release_memory, reset_peak_memory
     from .train_run import train
 
     failed = results / f"{run.run_id}.failed.json"
@@ -349,6 +349,8 @@ def execute(run: PlannedRun, plan_name: str, results: Path, work_dir: Path, keep
                             "traceback": traceback.format_exc()})
         return {"run_id": run.run_id, "status": "failed", "error": f"{type(err).__name__}: {err}",
                 "seconds": time.perf_counter() - start}
+    finally:
+        release_memory()  # the next run of this worker (or of another worker on the GPU) gets the memory back
 
 
 def worker_gpu(gpus: list[int], worker: int) -> int:
