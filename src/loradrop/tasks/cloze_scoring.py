@@ -227,13 +227,17 @@ def evaluate_cloze(model: nn.Module, data: TaskData, tokenizer: Any = None, *, b
 
 def with_choice_scoring(spec: TaskSpec, scoring: str | None) -> TaskSpec:
     """`spec` scored as `scoring` says: ``"letter"`` (or None) as registered, ``"cloze"`` / ``"cloze_mean"``
-    through this module (the commonsense multiple-choice tasks and the MMLU OOD sets only)."""
+    through this module (the commonsense multiple-choice tasks and the MMLU OOD sets), or for an instruction-tuning
+    task its MMLU evaluation in cloze form (`mmlu_cloze`)."""
     if scoring in (None, "letter"):
         return spec
     if scoring not in CHOICE_SCORINGS:
         raise UsageError(f"choice_scoring must be one of {list(CHOICE_SCORINGS)}, got {scoring!r}")
+    if spec.family == "instruct":
+        return dataclasses.replace(spec, prepare=functools.partial(spec.prepare, mmlu_scoring=scoring))
     if spec.family != "commonsense":
         raise UsageError(f"choice_scoring={scoring!r} applies to the multiple-choice tasks scored by a causal LM "
-                         f"(commonsense, MMLU OOD sets), not to task {spec.name!r} ({spec.family})")
+                         f"(commonsense, MMLU OOD sets) and to the MMLU evaluation of instruction tuning, not to "
+                         f"task {spec.name!r} ({spec.family})")
     prepare = functools.partial(prepare_cloze, per_token=scoring == "cloze_mean")
     return dataclasses.replace(spec, preprocessor=preprocess_cloze, prepare=prepare, evaluate=evaluate_cloze)

@@ -158,6 +158,9 @@ class LMClassifier(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.module = model
+        # mirror the LM's train/eval mode: a new Module is in training mode, and `eval_mode(scorer)` restores the
+        # scorer's mode on exit, which would otherwise leave an LM in eval mode switched to training (masks on)
+        self.train(model.training)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.keeps_last = "logits_to_keep" in inspect.signature(base.forward).parameters
 

@@ -218,10 +218,11 @@ def causal_lm_metrics(spec: TaskSpec, predictions: Any, references: Any, **_: An
 # ------------------------------------------------------------------------------------------------ runs
 def prepare_instruct(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_len: int, need_train: bool = True,
                      data_dir: str | None = None, seed: int = 0, max_eval_samples: int | None = None,
-                     **_: Any) -> TaskData:
+                     mmlu_scoring: str = "letter", **_: Any) -> TaskData:
     """SFT train / validation ids (labels -100 on the prompt) and the MMLU test questions it is scored on: a seeded
     ``max_eval_samples`` of them, or without it the default subset (`MMLU_DEFAULT_QUESTIONS_PER_SUBJECT` per
-    subject, recorded in ``metadata["mmlu"]["subset"]``)."""
+    subject, recorded in ``metadata["mmlu"]["subset"]``), prompted for `mmlu_scoring` (``letter``, ``cloze``,
+    ``cloze_mean``: `cloze_scoring.with_choice_scoring` sets it from the run's ``choice_scoring``)."""
     from transformers import DataCollatorForSeq2Seq
 
     splits = ("train", "validation") if need_train else ("validation",)
@@ -229,10 +230,11 @@ def prepare_instruct(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_se
     train = encoded["train"] if need_train else None
     check_encoded(spec, max_seq_len, train=train, validation=encoded["validation"])
     metadata = get_metadata(raw)
-    mmlu = load_mmlu_eval(data_dir, max_eval_samples, seed, metadata)
+    mmlu = load_mmlu_eval(data_dir, max_eval_samples, seed, metadata, scoring=mmlu_scoring)
     return TaskData(spec=spec, raw=raw, train=train, eval_loss=encoded["validation"], eval_split="mmlu:test",
                     collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
-                    metadata=metadata, extras={"mmlu": mmlu})
+                    metadata=metadata, extras={"mmlu": mmlu, "mmlu_scoring": mmlu_scoring},
+                    recorded={"choice_scoring": mmlu_scoring})
 
 
 @torch.no_grad()
@@ -266,7 +268,8 @@ def evaluate_instruct(model: torch.nn.Module, data: TaskData, tokenizer: Any, *,
     validation loss and perplexity."""
     unsupported_options(data.spec, options)
     result = evaluate_mmlu(model, data.extras["mmlu"], tokenizer, data.metadata, batch_size=batch_size,
-                           ensemble=ensemble, chunk_size=chunk_size, seed=seed)
+                           ensemble=ensemble, chunk_size=chunk_size, seed=seed,
+                           scoring=data.extras.get("mmlu_scoring", "letter"))
     loss = sft_loss(model, data.eval_loss, data.collator, batch_size=batch_size)
     result.single.update(sft_validation_loss=loss, sft_validation_perplexity=float(math.exp(min(loss, 50.0))))
     return result

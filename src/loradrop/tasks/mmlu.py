@@ -99,14 +99,25 @@ def mmlu_prompt(subject: str, question: str, choices: Sequence[str],
     return header + "".join(format_mmlu_example(q, c, a) for q, c, a in shots) + format_mmlu_example(question, choices)
 
 
+def mmlu_cloze_prompt(subject: str, question: str, shots: Sequence[tuple[str, Sequence[str], int]] = ()) -> str:
+    """MMLU in cloze form (the "CF" of OLMES, Gu et al. 2024, and lm-evaluation-harness's cloze variants): no lettered
+    list; ``k`` shots answered with their answer's text, then ``"Question: ...\nAnswer:"``, after which each choice's
+    text `` <choice>`` is scored. Small models that cannot bind answers to letters show what they know this way."""
+    header = f"The following are questions (with answers) about {format_subject(subject)}.\n\n"
+    return header + "".join(f"Question: {q}\nAnswer: {str(c[a]).strip()}\n\n" for q, c, a in shots) + \
+        f"Question: {question}\nAnswer:"
+
+
 def load_mmlu(
-    data_dir: str | Path | None = None, split: str = "test", subjects: Sequence[str] | None = None, k_shot: int = 0
+    data_dir: str | Path | None = None, split: str = "test", subjects: Sequence[str] | None = None, k_shot: int = 0,
+    cloze: bool = False,
 ) -> Dataset:
     """MMLU questions with ready prompts.
 
     Columns: ``subject, question, choices (4), answer (0-3), answer_letter, prompt``. ``prompt`` ends with
-    ``"Answer:"``; score the continuations ``" A"`` .. ``" D"``. ``k_shot`` (0-5) answered examples come from the
-    subject's ``dev`` file, in file order (the standard protocol). ``split``: ``dev``, ``val``/``validation``, ``test``.
+    ``"Answer:"``; score the continuations ``" A"`` .. ``" D"`` (with `cloze`, `mmlu_cloze_prompt`: the choices'
+    texts). ``k_shot`` (0-5) answered examples come from the subject's ``dev`` file, in file order (the standard
+    protocol). ``split``: ``dev``, ``val``/``validation``, ``test``.
     """
     folder = find_mmlu_dir(Path(data_dir) if data_dir is not None else None)
     file_split = _mmlu_split(split)
@@ -139,7 +150,8 @@ def load_mmlu(
             cols["choices"].append(choices)
             cols["answer"].append(answer)
             cols["answer_letter"].append(MMLU_CHOICES[answer])
-            cols["prompt"].append(mmlu_prompt(subject, question, choices, shots))
+            cols["prompt"].append(mmlu_cloze_prompt(subject, question, shots) if cloze
+                                  else mmlu_prompt(subject, question, choices, shots))
     features = Features({"subject": Value("string"), "question": Value("string"), "choices": List(Value("string")),
                          "answer": Value("int64"), "answer_letter": Value("string"), "prompt": Value("string")})
     return make_dataset(cols, features)
@@ -230,9 +242,10 @@ def mmlu_task_metrics(spec: TaskSpec, predictions: Any, references: Any, subject
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def load_mmlu_eval(data_dir: str | None, max_eval_samples: int | None, seed: int,
-                   metadata: dict[str, Any]) -> dict[int, Dataset]:
+                   metadata: dict[str, Any], scoring: str = "letter") -> dict[int, Dataset]:
     """MMLU test questions for every shot count in `MMLU_SHOTS` (the same subsample for each), located in
-    `data_dir` or the data root; recorded in ``metadata["mmlu"]``."""
+    `data_dir` or the data root, with the prompts `scoring` needs (``letter``, or ``cloze`` / ``cloze_mean``:
+    `mmlu_cloze_prompt`); recorded in ``metadata["mmlu"]``."""
     candidates = [Path(data_dir)] if data_dir is not None and Path(data_dir).is_dir() else []
     root = find_data_root()
     if root is not None:
@@ -249,7 +262,7 @@ def load_mmlu_eval(data_dir: str | None, max_eval_samples: int | None, seed: int
                         f"{[str(c) for c in candidates]}; put it under --data-dir or set LORADROP_DATA_DIR")
     sets = {}
     for shots in MMLU_SHOTS:
-        full = load_mmlu(folder, "test", k_shot=shots)
+        full = load_mmlu(folder, "test", k_shot=shots, cloze=scoring != "letter")
         if max_eval_samples is None:
             sets[shots] = default_subset(full, MMLU_DEFAULT_QUESTIONS_PER_SUBJECT, seed)
         else:
@@ -264,7 +277,7 @@ def load_mmlu_eval(data_dir: str | None, max_eval_samples: int | None, seed: int
     metadata["mmlu"] = {"source": str(folder), "split": "test", "k_shot": list(MMLU_SHOTS),
                         "questions": len(sets[0]), "questions_before_subsampling": len(full),
                         "subjects": len(set(sets[0]["subject"])), "seed": seed, "subset": subset,
-                        "shots_from": "the first k rows of each subject's dev CSV"}
+                        "shots_from": "the first k rows of each subject's dev CSV", "scoring": scoring}
     if max_eval_samples is None:
         sys.stderr.write(f"MMLU: scoring the default subset, {len(sets[0])} of {len(full)} test questions "
                          f"({MMLU_DEFAULT_QUESTIONS_PER_SUBJECT} per subject, seed {seed}) 0-shot and 5-shot; "
@@ -289,11 +302,17 @@ def choice_token_ids(tokenizer: Any) -> list[int]:
 
 
 def evaluate_mmlu(model: torch.nn.Module, sets: Mapping[int, Dataset], tokenizer: Any, metadata: dict[str, Any], *,
-                  batch_size: int, ensemble: int, chunk_size: int | None, seed: int) -> EvalResult:
+                  batch_size: int, ensemble: int, chunk_size: int | None, seed: int,
+                  scoring: str = "letter") -> EvalResult:
     """MMLU for every shot count (``mmlu_<k>shot``: micro ``accuracy``, ``accuracy_macro`` over subjects,
     ``accuracy_<subject>``, ece/nll/brier on the 4 choice probabilities); top-level ``accuracy`` and
-    ``accuracy_macro`` are the means over the shot counts."""
-    choice_ids = choice_token_ids(tokenizer)
+    ``accuracy_macro`` are the means over the shot counts. `scoring`: ``letter`` (the answer letters' next-token
+    logits, the sets from `load_mmlu_eval` with ``scoring="letter"``) or ``cloze`` / ``cloze_mean`` (each choice's
+    text after a `mmlu_cloze_prompt`, summed or averaged over its tokens: `mmlu_cloze.score_mmlu_cloze`)."""
+    from .mmlu_cloze import score_mmlu_cloze
+
+    if scoring not in ("letter", "cloze", "cloze_mean"):
+        raise DataError(f"MMLU scoring must be one of ['letter', 'cloze', 'cloze_mean'], got {scoring!r}")
     max_len = min(MMLU_MAX_LEN, int(getattr(model.config, "max_position_embeddings", MMLU_MAX_LEN) or MMLU_MAX_LEN))
     info = metadata.setdefault("mmlu", {})
     info["max_prompt_tokens"] = max_len
@@ -302,9 +321,11 @@ def evaluate_mmlu(model: torch.nn.Module, sets: Mapping[int, Dataset], tokenizer
     ens: dict[str, Any] | None = {"ensemble_size": ensemble} if ensemble else None
     rows: list[dict[str, Any]] = []
     token_sets = {shots: tokenizer(list(questions["prompt"]))["input_ids"] for shots, questions in sets.items()}
-    line, info["estimate"] = estimate_line(model, token_sets, {s: list(q["subject"]) for s, q in sets.items()},
-                                           batch_size=batch_size, ensemble=ensemble, max_len=max_len)
-    sys.stderr.write(line + "\n")
+    if scoring == "letter":
+        choice_ids = choice_token_ids(tokenizer)
+        line, info["estimate"] = estimate_line(model, token_sets, {s: list(q["subject"]) for s, q in sets.items()},
+                                               batch_size=batch_size, ensemble=ensemble, max_len=max_len)
+        sys.stderr.write(line + "\n")
     for shots, questions in sets.items():
         key = f"mmlu_{shots}shot"
         labels = torch.tensor(list(questions["answer"]))
@@ -312,10 +333,15 @@ def evaluate_mmlu(model: torch.nn.Module, sets: Mapping[int, Dataset], tokenizer
         info["left_truncated_prompts"][key] = sum(len(ids) > max_len for ids in token_ids)
         subjects = list(questions["subject"])
         timing: dict[str, Any] = {}
-        probs, ens_probs, mi = score_choices(model, tokenizer, questions["prompt"], choice_ids, batch_size=batch_size,
-                                             ensemble=ensemble, chunk_size=chunk_size, seed=seed + 7919 * shots,
-                                             max_len=max_len, desc=f"MMLU {shots}-shot", token_ids=token_ids,
-                                             timing=timing, prefix_keys=subjects)
+        if scoring == "letter":
+            probs, ens_probs, mi = score_choices(model, tokenizer, questions["prompt"], choice_ids,
+                                                 batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size,
+                                                 seed=seed + 7919 * shots, max_len=max_len, desc=f"MMLU {shots}-shot",
+                                                 token_ids=token_ids, timing=timing, prefix_keys=subjects)
+        else:
+            probs, ens_probs, mi = score_mmlu_cloze(model, tokenizer, questions, per_token=scoring == "cloze_mean",
+                                                    batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size,
+                                                    seed=seed + 7919 * shots, max_len=max_len, timing=timing)
         timing["seconds_per_question"] = timing["seconds"] / max(timing["questions"], 1)
         info.setdefault("timing", {})[key] = {k: round(v, 4) if isinstance(v, float) else v
                                               for k, v in timing.items()}

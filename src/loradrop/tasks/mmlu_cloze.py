@@ -1,0 +1,59 @@
+"""MMLU scored in cloze form: each choice's text after a `mmlu.mmlu_cloze_prompt` (no lettered list; shots answered
+with their answer's text), the sum or the per-token mean of its token log-probabilities, softmax over the 4 choices.
+It is the cloze formulation that OLMES (Gu et al. 2024) and lm-evaluation-harness use for models too small to answer
+with letters; the rows, padding and ensembles are those of the commonsense cloze tasks (`cloze_scoring`), so LoRA
+Dropout members score all choices of a question under one mask."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from ..errors import UsageError
+from ..prediction import predict_classification
+from .cloze_scoring import ClozeCollator, ClozeScorer
+
+NUM_CHOICES = 4
+
+
+def encode_mmlu_cloze(questions: Dataset, tokenizer: Any, max_len: int) -> Dataset:
+    """One `ClozeCollator` question per MMLU question: ``prompt + " <choice>"`` token ids of each choice, cut from
+    the left to `max_len` (the choice survives), its continuation length, the answer index."""
+    ids, lens = [], []
+    for prompt, choices in zip(questions["prompt"], questions["choices"]):
+        head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        rows, counts = [], []
+        for choice in choices:
+            tail = tokenizer(" " + str(choice).strip(), add_special_tokens=False)["input_ids"][:max_len - 1]
+            rows.append((head + tail)[-max_len:])
+            counts.append(len(tail))
+        ids.append(rows)
+        lens.append(counts)
+    return Dataset.from_dict({"choice_ids": ids, "cont_lens": lens, "labels": list(questions["answer"]),
+                              "n_choices": [len(c) for c in questions["choices"]]})
+
+
+def score_mmlu_cloze(model: torch.nn.Module, tokenizer: Any, questions: Dataset, *, per_token: bool, batch_size: int,
+                     ensemble: int, chunk_size: int | None, seed: int, max_len: int,
+                     timing: dict[str, Any] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(single-pass probabilities ``(n, 4)``, ensemble probabilities or None, ensemble mutual information or None)
+    of `questions` (`load_mmlu` with ``cloze=True``), `batch_size` questions (4 rows each) per pass."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise UsageError("the tokenizer has neither a pad nor an eos token to pad with")
+    start = time.perf_counter()
+    encoded = encode_mmlu_cloze(questions, tokenizer, max_len)
+    preds = predict_classification(ClozeScorer(model, NUM_CHOICES, per_token), encoded,
+                                   ClozeCollator(pad_id, NUM_CHOICES, train=False), batch_size=batch_size,
+                                   ensemble=ensemble, chunk_size=chunk_size, seed=seed, progress=False)
+    if timing is not None:
+        timing.update(seconds=time.perf_counter() - start, questions=len(encoded),
+                      rows=sum(len(r) for r in encoded["choice_ids"]))
+    return preds.single, preds.ensemble, preds.mutual_information
+
+
+__all__ = ["encode_mmlu_cloze", "score_mmlu_cloze"]
