@@ -41,9 +41,10 @@ def _alone(model, tokenizer, prefix: str, continuation: str) -> tuple[float, int
 
 @pytest.mark.parametrize("per_token", [False, True])
 def test_probabilities_are_a_softmax_over_choices_scored_alone(llama_dir, mmlu_dir, per_token):
-    import loradrop
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import loradrop
 
     tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
     torch.manual_seed(0)
