@@ -10,10 +10,10 @@
 #      background, Laplace-LoRA over tune's lora runs at the lr chosen for lora (the only ones the report reads)
 #   3. instruct plan.yaml (Alpaca-999 / LIMA -> MMLU); meanwhile Laplace-LoRA over main's lora runs
 # Knobs: LIMIT (s, default 540; keep it under the call's timeout_s and the session's device time left), STAGE
-# (/tmp/gpu), WORKERS (default: the machine's cores, at most 12 per GPU), GPUS (default: all), SETS (extra sweep arguments for every sweep,
-# e.g. "--set epochs=1": a local dry run uses tiny settings), ONLY (run-id globs for the LLM sweeps), JOBS (default
-# "tune main laplace instruct"), PY (python3), SITE (the staged site; a local dry run on another Python points
-# it elsewhere).
+# (/tmp/gpu), WORKERS (default: the machine's cores, at most 12 per GPU), GPUS (default: all), SETS (extra sweep
+# arguments for every sweep, e.g. "--set epochs=1": a local dry run uses tiny settings), ONLY (run-id globs for the
+# LLM sweeps), JOBS (default "tune main laplace instruct"), PY (python3), SITE (the staged site; a local dry run on
+# another Python points it elsewhere).
 set -u
 cd "$(dirname "$0")/../.."
 T0=$(date +%s); LIMIT=${LIMIT:-540}; S=${STAGE:-/tmp/gpu}; OUT=${OUT:?set OUT}
@@ -23,8 +23,8 @@ log() { echo "[$(elapsed) s] $*" | tee -a "$OUT/call.log"; }
 FRESH=; [ -d "$S" ] || FRESH=1
 L="$S/logs"
 mkdir -p "$S/res" "$S/data" "$S/site" "$L" "$OUT"
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false \
-  TQDM_DISABLE=1 PYTHONPATH="${SITE:-$S/site}:$PWD/src" LORADROP_DATA_DIR="$S/data"
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
+  OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 PYTHONPATH="${SITE:-$S/site}:$PWD/src" LORADROP_DATA_DIR="$S/data"
 PY=${PY:-python3}
 pack() {  # every result JSON (not the run folders, which stay here for Laplace) and every log, replaced atomically
   tar cJf "$OUT/res.tar.xz.tmp" -C "$S" --exclude='.*.runs' --exclude='*.runs' res logs 2>/dev/null \
