@@ -14,7 +14,7 @@ from helpers import cli_train
 from loradrop.tasks import get_task
 from loradrop.tasks.cloze_scoring import with_choice_scoring
 from loradrop.tasks.mmlu import load_mmlu, read_mmlu_csv
-from loradrop.tasks.mmlu_cloze import score_mmlu_cloze
+from loradrop.tasks.mmlu_cloze import encode_mmlu_cloze, score_mmlu_cloze
 
 
 def test_cloze_prompts(mmlu_dir):
@@ -56,6 +56,8 @@ def test_probabilities_are_a_softmax_over_choices_scored_alone(llama_dir, mmlu_d
     loradrop.apply_lora_dropout(model, loradrop.LoraDropoutConfig(p=0.5, seed=0))
     model.eval()
     questions = load_mmlu(mmlu_dir, "test", subjects=["anatomy", "astronomy"], k_shot=1, cloze=True).select(range(3))
+    longest = [max(map(len, q)) for q in encode_mmlu_cloze(questions, tokenizer, 2048)["choice_ids"]]
+    questions = questions.select(sorted(range(3), key=lambda i: -longest[i]))  # scoring sorts them: order comes back
     timing: dict = {}
     with torch.no_grad():
         single, ens, mi = score_mmlu_cloze(model, tokenizer, questions, per_token=per_token, batch_size=2, ensemble=3,
@@ -65,7 +67,7 @@ def test_probabilities_are_a_softmax_over_choices_scored_alone(llama_dir, mmlu_d
             logits = torch.tensor([s / n if per_token else s for s, n in scores])
             torch.testing.assert_close(single[q], logits.softmax(-1), atol=2e-4, rtol=1e-3)
     assert not model.training  # scoring leaves the LM in eval mode (a scorer once restored its own, training, mode)
-    assert timing["questions"] == 3 and timing["rows"] == 12
+    assert timing["questions"] == 3 and timing["rows"] == 12 and timing["padded_tokens"] >= sum(longest)
     assert ens.shape == (3, 4) and torch.allclose(ens.sum(-1), torch.ones(3))
     log = lambda p: p.clamp_min(1e-30).log()  # noqa: E731 - summed scores saturate: compare log-probabilities
     assert not torch.allclose(log(ens), log(single), atol=1e-3) and bool((mi >= 0).all())  # the members differ

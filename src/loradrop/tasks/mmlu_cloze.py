@@ -47,13 +47,26 @@ def score_mmlu_cloze(model: torch.nn.Module, tokenizer: Any, questions: Dataset,
         raise UsageError("the tokenizer has neither a pad nor an eos token to pad with")
     start = time.perf_counter()
     encoded = encode_mmlu_cloze(questions, tokenizer, max_len)
-    preds = predict_classification(ClozeScorer(model, NUM_CHOICES, per_token), encoded,
+    # questions sorted by their longest row, so a batch pads to similar lengths (5-shot rows run from ~200 to ~2,000
+    # tokens); the outputs are put back in the questions' order
+    order = sorted(range(len(encoded)), key=lambda i: max(len(r) for r in encoded[i]["choice_ids"]))
+    preds = predict_classification(ClozeScorer(model, NUM_CHOICES, per_token), encoded.select(order),
                                    ClozeCollator(pad_id, NUM_CHOICES, train=False), batch_size=batch_size,
                                    ensemble=ensemble, chunk_size=chunk_size, seed=seed, progress=False)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+
+    def restore(values: torch.Tensor | None) -> torch.Tensor | None:
+        return None if values is None else values[back]
+
     if timing is not None:
         timing.update(seconds=time.perf_counter() - start, questions=len(encoded),
-                      rows=sum(len(r) for r in encoded["choice_ids"]))
-    return preds.single, preds.ensemble, preds.mutual_information
+                      rows=sum(len(r) for r in encoded["choice_ids"]),
+                      padded_tokens=sum(len(group) * NUM_CHOICES * max(len(r) for q in group
+                                                                       for r in encoded[q]["choice_ids"])
+                                        for group in (order[i:i + batch_size]
+                                                      for i in range(0, len(order), batch_size))))
+    return restore(preds.single), restore(preds.ensemble), restore(preds.mutual_information)
 
 
 __all__ = ["encode_mmlu_cloze", "score_mmlu_cloze"]
