@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import DataError, UsageError
 from ..training import LOSS_INPUTS
 from .classification import encode_splits, evaluate_classification
-from .commonsense_scoring import IGNORE_INDEX, LMClassifier, left_pad, map_choice_splits, prompt_style
+from .commonsense_scoring import IGNORE_INDEX, LMClassifier, left_pad, map_choice_splits, pad_token_id, prompt_style
 from .spec import CHOICE_SCORINGS, EvalResult, TaskData, TaskSpec
 
 
@@ -193,9 +193,7 @@ def prepare_cloze(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq_l
     from .base import get_metadata
 
     eval_split, encoded, train, eval_loss = encode_splits(spec, raw, tokenizer, max_seq_len, need_train)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise UsageError("the tokenizer has neither a pad nor an eos token to pad with")
+    pad_id = pad_token_id(tokenizer)
     k = spec.num_labels
     metadata = get_metadata(raw)
     metadata["choice_scoring"] = {

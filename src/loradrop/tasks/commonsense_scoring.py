@@ -85,6 +85,14 @@ def map_choice_splits(spec: TaskSpec, dataset_dict: DatasetDict, encode: Any, ho
     return DatasetDict(out)
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id a left-padded batch pads with: the tokenizer's pad token, else its eos token."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise UsageError("the tokenizer has neither a pad nor an eos token to pad with")
+    return pad_id
+
+
 def left_pad(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``position_ids`` of a left-padded batch (pads at position 0)."""
     width = max(len(f["input_ids"]) for f in features)
@@ -208,9 +216,7 @@ def prepare_choices(spec: TaskSpec, raw: DatasetDict, tokenizer: Any, *, max_seq
     letters = LETTERS[:spec.num_labels]
     letter_ids = letter_token_ids(tokenizer, letters)
     eval_split, encoded, train, eval_loss = encode_splits(spec, raw, tokenizer, max_seq_len, need_train)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise UsageError("the tokenizer has neither a pad nor an eos token to pad with")
+    pad_id = pad_token_id(tokenizer)
     metadata = get_metadata(raw)
     metadata["choice_scoring"] = {
         "letters": list(letters), "letter_token_ids": letter_ids, "padding": "left, with position_ids",

@@ -31,7 +31,7 @@ from .base import (
 )
 from .classification import CALIBRATION_METRICS, class_prediction_fields
 from .mmlu_scoring import estimate_line, score_choices
-from .spec import EvalResult, TaskSpec
+from .spec import CHOICE_SCORINGS, EvalResult, TaskSpec
 
 MMLU_CHOICES: tuple[str, ...] = ("A", "B", "C", "D")
 MMLU_SPLITS: dict[str, str] = {"dev": "dev", "val": "val", "validation": "val", "test": "test"}
@@ -311,8 +311,8 @@ def evaluate_mmlu(model: torch.nn.Module, sets: Mapping[int, Dataset], tokenizer
     text after a `mmlu_cloze_prompt`, summed or averaged over its tokens: `mmlu_cloze.score_mmlu_cloze`)."""
     from .mmlu_cloze import score_mmlu_cloze
 
-    if scoring not in ("letter", "cloze", "cloze_mean"):
-        raise DataError(f"MMLU scoring must be one of ['letter', 'cloze', 'cloze_mean'], got {scoring!r}")
+    if scoring not in CHOICE_SCORINGS:
+        raise DataError(f"MMLU scoring must be one of {list(CHOICE_SCORINGS)}, got {scoring!r}")
     max_len = min(MMLU_MAX_LEN, int(getattr(model.config, "max_position_embeddings", MMLU_MAX_LEN) or MMLU_MAX_LEN))
     info = metadata.setdefault("mmlu", {})
     info["max_prompt_tokens"] = max_len
@@ -341,7 +341,8 @@ def evaluate_mmlu(model: torch.nn.Module, sets: Mapping[int, Dataset], tokenizer
         else:
             probs, ens_probs, mi = score_mmlu_cloze(model, tokenizer, questions, per_token=scoring == "cloze_mean",
                                                     batch_size=batch_size, ensemble=ensemble, chunk_size=chunk_size,
-                                                    seed=seed + 7919 * shots, max_len=max_len, timing=timing)
+                                                    seed=seed + 7919 * shots, max_len=max_len, timing=timing,
+                                                    prompt_ids=token_ids)
         timing["seconds_per_question"] = timing["seconds"] / max(timing["questions"], 1)
         info.setdefault("timing", {})[key] = {k: round(v, 4) if isinstance(v, float) else v
                                               for k, v in timing.items()}

@@ -7,24 +7,29 @@ Dropout members score all choices of a question under one mask."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from datasets import Dataset
 
-from ..errors import UsageError
 from ..prediction import predict_classification
 from .cloze_scoring import ClozeCollator, ClozeScorer
+from .commonsense_scoring import pad_token_id
 
 NUM_CHOICES = 4
 
 
-def encode_mmlu_cloze(questions: Dataset, tokenizer: Any, max_len: int) -> Dataset:
+def encode_mmlu_cloze(questions: Dataset, tokenizer: Any, max_len: int,
+                      prompt_ids: Sequence[Sequence[int]] | None = None) -> Dataset:
     """One `ClozeCollator` question per MMLU question: ``prompt + " <choice>"`` token ids of each choice, cut from
-    the left to `max_len` (the choice survives), its continuation length, the answer index."""
+    the left to `max_len` (the choice survives), its continuation length, the answer index. `prompt_ids`: the
+    prompts already tokenized (with special tokens), if the caller has them."""
+    if prompt_ids is None:
+        prompt_ids = tokenizer(list(questions["prompt"]), add_special_tokens=True)["input_ids"]
     ids, lens = [], []
-    for prompt, choices in zip(questions["prompt"], questions["choices"]):
-        head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    for head, choices in zip(prompt_ids, questions["choices"]):
+        head = list(head)
         rows, counts = [], []
         for choice in choices:
             tail = tokenizer(" " + str(choice).strip(), add_special_tokens=False)["input_ids"][:max_len - 1]
@@ -38,18 +43,18 @@ def encode_mmlu_cloze(questions: Dataset, tokenizer: Any, max_len: int) -> Datas
 
 def score_mmlu_cloze(model: torch.nn.Module, tokenizer: Any, questions: Dataset, *, per_token: bool, batch_size: int,
                      ensemble: int, chunk_size: int | None, seed: int, max_len: int,
-                     timing: dict[str, Any] | None = None
+                     timing: dict[str, Any] | None = None, prompt_ids: Sequence[Sequence[int]] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(single-pass probabilities ``(n, 4)``, ensemble probabilities or None, ensemble mutual information or None)
-    of `questions` (`load_mmlu` with ``cloze=True``), `batch_size` questions (4 rows each) per pass."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise UsageError("the tokenizer has neither a pad nor an eos token to pad with")
+    of `questions` (`load_mmlu` with ``cloze=True``), `batch_size` questions (4 rows each) per pass; `prompt_ids`
+    as in `encode_mmlu_cloze`."""
+    pad_id = pad_token_id(tokenizer)
     start = time.perf_counter()
-    encoded = encode_mmlu_cloze(questions, tokenizer, max_len)
+    encoded = encode_mmlu_cloze(questions, tokenizer, max_len, prompt_ids)
     # questions sorted by their longest row, so a batch pads to similar lengths (5-shot rows run from ~200 to ~2,000
     # tokens); the outputs are put back in the questions' order
-    order = sorted(range(len(encoded)), key=lambda i: max(len(r) for r in encoded[i]["choice_ids"]))
+    longest = [max(map(len, rows)) for rows in encoded["choice_ids"]]
+    order = sorted(range(len(encoded)), key=longest.__getitem__)
     preds = predict_classification(ClozeScorer(model, NUM_CHOICES, per_token), encoded.select(order),
                                    ClozeCollator(pad_id, NUM_CHOICES, train=False), batch_size=batch_size,
                                    ensemble=ensemble, chunk_size=chunk_size, seed=seed, progress=False)
@@ -62,8 +67,7 @@ def score_mmlu_cloze(model: torch.nn.Module, tokenizer: Any, questions: Dataset,
     if timing is not None:
         timing.update(seconds=time.perf_counter() - start, questions=len(encoded),
                       rows=sum(len(r) for r in encoded["choice_ids"]),
-                      padded_tokens=sum(len(group) * NUM_CHOICES * max(len(r) for q in group
-                                                                       for r in encoded[q]["choice_ids"])
+                      padded_tokens=sum(len(group) * NUM_CHOICES * max(longest[q] for q in group)
                                         for group in (order[i:i + batch_size]
                                                       for i in range(0, len(order), batch_size))))
     return restore(preds.single), restore(preds.ensemble), restore(preds.mutual_information)
