@@ -30,6 +30,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def _gpu_list(text: str) -> list[int]:
     """``0,1,3`` -> [0, 1, 3]: GPU indices for `sweep --gpus`."""
     parts = [p.strip() for p in text.split(",")]
@@ -205,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs trained at once in separate processes (several small runs can share one GPU)")
     sweep.add_argument("--gpus", type=_gpu_list, default=None, metavar="0,1,...",
                        help="spread the workers over these GPUs, round robin (default: every worker sees all)")
+    sweep.add_argument("--gpu-memory", type=_positive_float, default=None, metavar="GIB",
+                       help="each GPU's memory budget: a run starts once its estimated peak (measured on the finished "
+                            "runs of its task and method) fits beside the running ones (loradrop.app.sweep_schedule)")
+    sweep.add_argument("--checkpoint-steps", type=_positive_int, default=None, metavar="N",
+                       help="every run saves a checkpoint each N steps, and a run interrupted earlier (its folder "
+                            "still in --work-dir) continues from its last one instead of starting over")
     sweep.add_argument("--work-dir", default=None, help="where run folders are built (default: beside --results)")
     sweep.add_argument("--keep-runs", action="store_true", help="keep each run folder (adapters, logs)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
@@ -213,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every run (e.g. --set model=/path/to/minilm); repeatable")
     sweep.add_argument("--laplace", nargs="?", const="auto", default=None, choices=LAPLACE_PRIORS,
-                       help="after training, score Laplace-LoRA on every kept run of method 'lora' (implies "
-                            "--keep-runs; needs laplace-torch): one result of method 'laplace' each, existing ones "
-                            "skipped (loradrop.app.laplace_sweep)")
+                       help="score Laplace-LoRA on every run of method 'lora': right after it trains, in its worker, "
+                            "and afterwards on every kept lora run folder without a Laplace result (needs "
+                            "laplace-torch): one result of method 'laplace' each (loradrop.app.laplace_sweep)")
 
     tasks_cmd = sub.add_parser("tasks", help="list the registered tasks, their metrics and whether their data is here")
     tasks_cmd.add_argument("--data-dir", default=None,
@@ -260,13 +276,16 @@ def _sweep(args: argparse.Namespace) -> int:
             raise UsageError(f"--laplace scores the plan's plain-LoRA runs: plan {plan.name!r} has no method "
                              f"{SOURCE_METHOD!r} (its methods: {sorted(plan.methods)})")
         require_laplace()  # before any training
-    summary = run_sweep(plan, results, workers=args.workers, work_dir=args.work_dir,
-                        keep_runs=args.keep_runs or args.laplace is not None, gpus=args.gpus)
+    summary = run_sweep(plan, results, workers=args.workers, work_dir=args.work_dir, keep_runs=args.keep_runs,
+                        gpus=args.gpus, gpu_memory_gib=args.gpu_memory, checkpoint_steps=args.checkpoint_steps,
+                        laplace=args.laplace)
     print(f"sweep {plan.name}: {summary['ok']} ran, {summary['skipped']} done already, {len(summary['failed'])} "
           f"failed (of {summary['planned']})", flush=True)
     for failure in summary["failed"]:
         print(f"  failed: {failure['run_id']}: {failure['error']}", file=sys.stderr)
-    failed = bool(summary["failed"])
+    for failure in summary.get("laplace_failed", []):
+        print(f"  laplace failed after {failure['run_id']}: {failure['error']}", file=sys.stderr)
+    failed = bool(summary["failed"] or summary.get("laplace_failed"))
     if args.laplace is not None:
         from .app.laplace_sweep import laplace_sweep
 
@@ -281,7 +300,8 @@ def _sweep(args: argparse.Namespace) -> int:
         for failure in done["failed"]:
             print(f"  failed: {failure['run_id']}: {failure['error']}", file=sys.stderr)
         for run_id in done["missing"]:
-            print(f"  no run folder (trained without --keep-runs): {run_id}", file=sys.stderr)
+            print(f"  no run folder (trained earlier without --laplace or --keep-runs; train it again): {run_id}",
+                  file=sys.stderr)
         failed = failed or bool(done["failed"] or done["missing"])
     return 1 if failed else 0
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loradrop.app.sweep import SweepPlan, parse_overrides, pending, run_sweep
@@ -135,7 +136,10 @@ def test_killed_sweep_continues_where_it_stopped(data_root: Path, bert_dir: Path
     assert 2 <= len(done_before) < 6, done_before
     for path in results.glob("*.json"):
         json.loads(path.read_text())  # every result file that exists is complete (written atomically)
-    proc = subprocess.run([*cmd, "--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
+    # two workers behind the memory gate (on a CPU: no measured peaks, each run reserves an even share), with
+    # checkpoints: the pool, its gate and the jobs cross into the worker processes
+    proc = subprocess.run([*cmd, "--workers", "2", "--gpu-memory", "8", "--checkpoint-steps", "2"], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{6 - len(done_before)} ran, {len(done_before)} done already, 0 failed (of 6)" in proc.stdout
     assert len(list(results.glob("*.json"))) == 6 and not list(results.glob("*.failed.json"))
@@ -148,7 +152,7 @@ def test_workers_are_spread_over_the_gpus(tmp_path: Path) -> None:
     """`--gpus`: pool worker k sees GPU gpus[(k-1) mod n] as its only CUDA device (set before torch is imported)."""
     import multiprocessing
 
-    from loradrop.app.sweep import _worker_init, worker_gpu
+    from loradrop.app.sweep import worker_gpu, worker_init
 
     assert [worker_gpu([2, 5], k) for k in (1, 2, 3, 4)] == [2, 5, 2, 5]
     import torch
@@ -159,9 +163,9 @@ def test_workers_are_spread_over_the_gpus(tmp_path: Path) -> None:
     try:
         for identity, gpu in (((3,), "2"), ((4,), "5")):  # consecutive pool workers land on different GPUs
             process._identity = identity
-            _worker_init([2, 5])
+            worker_init([2, 5])
             assert os.environ["CUDA_VISIBLE_DEVICES"] == gpu
-    finally:  # _worker_init also sets this process's threads and TQDM_DISABLE: put everything back
+    finally:  # worker_init also sets this process's threads and TQDM_DISABLE: put everything back
         process._identity = saved[0]
         for name, value in (("CUDA_VISIBLE_DEVICES", saved[1]), ("TQDM_DISABLE", saved[2])):
             if value is None:
@@ -169,7 +173,7 @@ def test_workers_are_spread_over_the_gpus(tmp_path: Path) -> None:
             else:
                 os.environ[name] = value
         torch.set_num_threads(saved[3])
-    with multiprocessing.get_context("spawn").Pool(2, initializer=_worker_init, initargs=([2, 5],)) as pool:
+    with multiprocessing.get_context("spawn").Pool(2, initializer=worker_init, initargs=([2, 5],)) as pool:
         seen = set(pool.map(os.getenv, ["CUDA_VISIBLE_DEVICES"] * 8, chunksize=1))
     assert seen and seen <= {"2", "5"}  # in real worker processes too
     with pytest.raises(UsageError, match="gpus must be"):
@@ -179,3 +183,65 @@ def test_workers_are_spread_over_the_gpus(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         main(["sweep", str(write_plan(tmp_path, "minilm")), "--gpus", "0,x"])
     assert info.value.code == 2
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint(data_root: Path, bert_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`checkpoint_steps`: a run stopped after step 2 (Ctrl-C in its worker) continues from checkpoint-2 on the next
+    sweep, and ends with the same predictions as a run that was never stopped; its result counts both attempts'
+    time and lists the first. Without a usable checkpoint (settings changed since) the run starts over."""
+    from transformers import TrainerCallback
+
+    import loradrop.app.train_run as train_run
+    from loradrop.app.sweep import PlannedRun, RunJob, execute
+
+    plan = SweepPlan.load(write_plan(tmp_path, str(bert_dir)))
+    run = next(r for r in plan.runs() if r.run_id == "rte__ld__lr-0.02_p-0.5_seed-0")
+    results, work = tmp_path / "res", tmp_path / "work"
+    results.mkdir()
+    job = RunJob(run, plan.name, results, work, checkpoint_steps=1)
+
+    class Stop(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    real = train_run.train
+    monkeypatch.setattr(train_run, "train", lambda settings, **kw: real(settings, callbacks=[Stop()]))
+    with pytest.raises(KeyboardInterrupt):
+        execute(job)
+    monkeypatch.setattr(train_run, "train", real)
+    staging = work / f".{run.run_id}.partial"
+    assert (staging / "checkpoint-2").is_dir() and not (results / f"{run.run_id}.json").exists()
+    attempts = json.loads((work / f"{run.run_id}.attempts.json").read_text())
+    assert len(attempts) == 1 and attempts[0]["outcome"] == "interrupted" and attempts[0]["seconds"] > 0
+
+    assert execute(job)["status"] == "ok"
+    resumed = json.loads((results / f"{run.run_id}.json").read_text())
+    assert resumed["attempts"] == attempts and resumed["wall_time_s"] > attempts[0]["seconds"]
+    assert resumed["metrics"]["train"]["resumed_from"] == "checkpoint-2"
+    assert not (work / f"{run.run_id}.attempts.json").exists() and not staging.exists()
+
+    fresh_results = tmp_path / "fresh"
+    fresh_results.mkdir()
+    assert execute(RunJob(run, plan.name, fresh_results, tmp_path / "work2"))["status"] == "ok"
+    fresh = json.loads((fresh_results / f"{run.run_id}.json").read_text())
+    assert "attempts" not in fresh and fresh["metrics"]["train"]["resumed_from"] is None
+    for split in ("test", "validation"):
+        for key in ("single_probs", "ensemble_probs"):
+            np.testing.assert_allclose(resumed["predictions"][split][key], fresh["predictions"][split][key], atol=2e-6)
+
+    # a checkpoint of other settings is not resumed: the run starts over (and says so)
+    other = PlannedRun(run.run_id, run.method, run.axes, {**run.settings, "lr": 0.01})
+    monkeypatch.setattr(train_run, "train", lambda settings, **kw: real(settings, callbacks=[Stop()]))
+    with pytest.raises(KeyboardInterrupt):
+        execute(job)
+    monkeypatch.setattr(train_run, "train", real)
+    (results / f"{run.run_id}.json").unlink()
+    assert execute(RunJob(other, plan.name, results, work, checkpoint_steps=1))["status"] == "ok"
+    restarted = json.loads((results / f"{run.run_id}.json").read_text())
+    assert restarted["metrics"]["train"]["resumed_from"] is None and restarted["settings"]["lr"] == 0.01
+    # (the tolerance above tells runs apart: another lr moves the predictions by far more)
+    gap = np.abs(np.array(restarted["predictions"]["test"]["single_probs"])
+                 - np.array(fresh["predictions"]["test"]["single_probs"])).max()
+    assert gap > 1e-4, gap

@@ -16,7 +16,8 @@ results: same plan, task, lr and seed as the source run (so the report's selecti
   ``ensemble`` pass, the OOD tables read ``ood_sets[*].metrics.ensemble``). ``best_epoch`` (without its test
   numbers) and ``eval.validation.single`` are the source run's validation scores (the MAP is that run's model), so
   the report's selection chooses a Laplace fit's lr by its LoRA run's validation score, as it chose LoRA's;
-- ``predictions``: ``test`` and, with OOD sets, ``ood`` / ``ood_sets`` in `sweep._compact`'s column layout
+- ``predictions``: ``test`` and, with OOD sets, ``ood`` / ``ood_sets`` in the column layout of
+  `sweep_files.compact_predictions`
   (``single_probs`` the MAP, ``ensemble_probs`` the Laplace predictive);
 - ``settings`` / ``axes``: the source run's; ``laplace_settings``: the evaluation's; ``source``: the run it came
   from; ``versions``, ``hardware``, ``wall_time_s``, ``peak_memory_mib``.
@@ -42,7 +43,8 @@ from .provenance import hardware, versions
 from .results import SCHEMA
 from .runfolder import ADAPTER_DIR, write_json
 from .settings import LAPLACE_PRIORS
-from .sweep import _compact, _read_rows, _run_id, result_path
+from .sweep_files import compact_predictions, read_rows, result_path
+from .sweep_files import run_id as sweep_run_id
 
 SOURCE_METHOD = "lora"
 METHOD = "laplace"
@@ -75,7 +77,7 @@ def default_work_dir(results: Path) -> Path:
 
 def laplace_run_id(source: Mapping[str, Any]) -> str:
     """The Laplace result's id: the source run's id with the method ``laplace`` (same axes)."""
-    return _run_id(METHOD, source.get("axes") or {})
+    return sweep_run_id(METHOD, source.get("axes") or {})
 
 
 def plan_laplace(results: str | Path, work_dir: str | Path | None = None, *, source_method: str = SOURCE_METHOD,
@@ -105,9 +107,7 @@ def plan_laplace(results: str | Path, work_dir: str | Path | None = None, *, sou
         elif not (work / source_id / ADAPTER_DIR / "adapter_config.json").is_file():
             plan.missing.append(source_id)
         else:
-            data.pop("predictions", None)
-            data.pop("loss_history", None)
-            plan.todo.append(LaplaceJob(path, data, work / source_id, run_id))
+            plan.todo.append(source_job(path, data, work / source_id))
     return plan
 
 
@@ -141,10 +141,10 @@ def laplace_result(job: LaplaceJob, output: Path, *, prior: str = "auto",
     validation = ((source_metrics.get("eval") or {}).get("validation") or {}).get("single")
     if validation is not None:  # the MAP is the source run's model: its validation score is the MAP's
         metrics["eval"] = {**metrics["eval"], "validation": {"single": validation}}
-    predictions: dict[str, Any] = {"test": _compact(_read_rows(output / metrics["files"]["predictions"]))}
+    predictions: dict[str, Any] = {"test": compact_predictions(read_rows(output / metrics["files"]["predictions"]))}
     ood_sets = (metrics.get("uncertainty") or {}).get("ood_sets") or []
-    if ood_sets:  # as sweep.execute: the first set is also `ood`
-        predictions["ood_sets"] = {part["task"]: _compact(_read_rows(output / part["predictions"]))
+    if ood_sets:  # as sweep_run.execute: the first set is also `ood`
+        predictions["ood_sets"] = {part["task"]: compact_predictions(read_rows(output / part["predictions"]))
                                    for part in ood_sets}
         predictions["ood"] = predictions["ood_sets"][ood_sets[0]["task"]]
     return {"schema": SCHEMA, "plan": job.source.get("plan", ""), "run_id": job.run_id, "method": METHOD,
@@ -153,6 +153,37 @@ def laplace_result(job: LaplaceJob, output: Path, *, prior: str = "auto",
                        "run_folder": str(job.run_folder)},
             "status": "ok", "versions": versions(), "hardware": hardware(), "wall_time_s": wall,
             "peak_memory_mib": peak_memory(), "metrics": metrics, "predictions": predictions}
+
+
+def source_job(source_path: Path, source: dict[str, Any], run_folder: Path) -> LaplaceJob:
+    """The Laplace job of one ``lora`` result (its predictions and loss history left out) and its run folder."""
+    source = {k: v for k, v in source.items() if k not in ("predictions", "loss_history")}
+    return LaplaceJob(source_path, source, run_folder, laplace_run_id(source))
+
+
+def score_one(job: LaplaceJob, results: Path, work: Path, *, prior: str = "auto",
+              overrides: Mapping[str, Any] | None = None, keep_outputs: bool = False) -> dict[str, Any]:
+    """Fit and score one job, writing ``<results>/<laplace id>.json`` (or ``.failed.json`` with the traceback, and
+    never raising for a failed fit); returns ``{"run_id", "status", "error"?}``. Called after a whole sweep
+    (`laplace_sweep`) or by the sweep's worker right after it trains the source run (`sweep_run.execute`)."""
+    failed = results / f"{job.run_id}.failed.json"
+    output = work / job.run_id
+    start = time.perf_counter()
+    try:
+        write_json(result_path(results, job.run_id),
+                   laplace_result(job, output, prior=prior, overrides=overrides), compact=True)
+        failed.unlink(missing_ok=True)
+        return {"run_id": job.run_id, "status": "ok", "seconds": time.perf_counter() - start}
+    except Exception as err:  # one failed fit must not stop the others; the error is kept with its traceback
+        error = f"{type(err).__name__}: {err}"
+        write_json(failed, {"schema": SCHEMA, "run_id": job.run_id, "method": METHOD,
+                            "axes": job.source.get("axes") or {}, "settings": job.source.get("settings") or {},
+                            "status": "failed", "error": error, "traceback": traceback.format_exc(),
+                            "seconds": time.perf_counter() - start})
+        return {"run_id": job.run_id, "status": "failed", "error": error}
+    finally:
+        if not keep_outputs:
+            shutil.rmtree(output, ignore_errors=True)
 
 
 def laplace_sweep(results: str | Path, work_dir: str | Path | None = None, *, prior: str = "auto",
@@ -178,29 +209,17 @@ def laplace_sweep(results: str | Path, work_dir: str | Path | None = None, *, pr
         require_laplace()  # one clear line before any model is loaded
     bar = tqdm(total=len(plan.todo), desc=f"laplace {results.name}", unit="run", disable=not progress)
     for job in plan.todo:
-        failed = results / f"{job.run_id}.failed.json"
-        output = work / job.run_id
-        start = time.perf_counter()
-        try:
-            write_json(result_path(results, job.run_id),
-                       laplace_result(job, output, prior=prior, overrides=overrides), compact=True)
-            failed.unlink(missing_ok=True)
+        status = score_one(job, results, work, prior=prior, overrides=overrides, keep_outputs=keep_outputs)
+        if status["status"] == "ok":
             summary["ok"] += 1
-        except Exception as err:  # one failed run must not stop the others; the error is kept with its traceback
-            error = f"{type(err).__name__}: {err}"
-            write_json(failed, {"schema": SCHEMA, "run_id": job.run_id, "method": METHOD,
-                                "axes": job.source.get("axes") or {}, "settings": job.source.get("settings") or {},
-                                "status": "failed", "error": error, "traceback": traceback.format_exc(),
-                                "seconds": time.perf_counter() - start})
-            summary["failed"].append({"run_id": job.run_id, "status": "failed", "error": error})
-            bar.write(f"failed: {job.run_id}: {error}")
-        finally:
-            if not keep_outputs:
-                shutil.rmtree(output, ignore_errors=True)
+        else:
+            summary["failed"].append(status)
+            bar.write(f"failed: {job.run_id}: {status['error']}")
         bar.update(1)
     bar.close()
     return summary
 
 
 __all__ = ["METHOD", "SOURCE_METHOD", "LaplaceJob", "LaplacePlan", "default_work_dir", "laplace_result",
-           "laplace_run_id", "laplace_sweep", "plan_laplace"]
+           "laplace_run_id", "laplace_sweep", "plan_laplace", "score_one",
+           "source_job"]

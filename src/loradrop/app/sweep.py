@@ -44,40 +44,22 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import json
 import os
-import shutil
-import time
-import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import SettingsError, UsageError
-from .provenance import hardware, versions
-from .results import SCHEMA
-from .runfolder import read_json, write_json
+from .runfolder import read_json
 from .settings import TrainSettings
+from .sweep_files import result_path
+from .sweep_files import run_id as _run_id
+from .sweep_run import PlannedRun, RunJob, execute, execute_in_worker, worker_gpu, worker_init
 
 PLAN_KEYS = {"name", "description", "results", "base", "grid", "methods", "task_settings", "select_from"}
 ENGINE_OWNED = {"output", "resume", "overwrite"}
-PREDICTION_FILES = {"test": "predictions.jsonl", "validation": "validation_predictions.jsonl",
-                    "best_epoch_test": "best_epoch_test_predictions.jsonl",
-                    "best_epoch_validation": "best_epoch_validation_predictions.jsonl", "ood": "ood_predictions.jsonl"}
 
-
-@dataclass(frozen=True)
-class PlannedRun:
-    """One run of a sweep: its id, method, the axes that vary, and its settings (output set by the engine)."""
-
-    run_id: str
-    method: str
-    axes: dict[str, Any]
-    settings: dict[str, Any]
-
-    def train_settings(self, work_dir: Path) -> TrainSettings:
-        return TrainSettings.from_dict({**self.settings, "output": str(work_dir / self.run_id), "overwrite": True})
 
 
 @dataclass
@@ -244,27 +226,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _value_text(value: Any) -> str:
-    text = f"{value:g}" if isinstance(value, float) else str(value)
-    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
-
-
-def _run_id(method: str, axes: Mapping[str, Any]) -> str:
-    """``<task>__<method>__<axis>-<value>_...`` (the task first, the rest sorted), safe as a file name."""
-    task = axes.get("task")
-    rest = "_".join(f"{k}-{_value_text(v)}" for k, v in sorted(axes.items()) if k != "task")
-    return "__".join(x for x in (_value_text(task) if task is not None else None, _name_text(method), rest) if x)
-
-
-def _name_text(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(name))
-
-
 # ------------------------------------------------------------------------------------------------ execution
-def result_path(results: Path, run_id: str) -> Path:
-    return results / f"{run_id}.json"
-
-
 def pending(plan: SweepPlan, results: Path) -> tuple[list[PlannedRun], int]:
     """Runs without a result file yet, and how many are already done. With `select_from`, a finished run must have
     been trained at the setting chosen now (the run id does not hold the lr): a changed choice is refused, not
@@ -288,115 +250,20 @@ def pending(plan: SweepPlan, results: Path) -> tuple[list[PlannedRun], int]:
     return todo, len(runs) - len(todo)
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def _compact(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Per-example predictions as columns (probabilities rounded to 6 digits)."""
-    if not rows:
-        return None
-
-    def col(key: str) -> list[Any] | None:
-        if key not in rows[0]:
-            return None
-        values = [r[key] for r in rows]
-        if isinstance(values[0], list):
-            return [[round(float(x), 6) for x in v] for v in values]
-        return [round(float(v), 6) if isinstance(v, float) else v for v in values]
-
-    out = {k: col(k) for k in ("id", "label", "single_probs", "ensemble_probs", "single", "ensemble_mean")}
-    if "uncertainty" in rows[0]:
-        out["uncertainty"] = {k: [round(float(r["uncertainty"][k]), 6) for r in rows]
-                              for k in rows[0]["uncertainty"]}
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def execute(run: PlannedRun, plan_name: str, results: Path, work_dir: Path, keep_runs: bool = False) -> dict:
-    """Train one planned run and write its result JSON (or ``<id>.failed.json``); returns a short status."""
-    from .provenance import peak_memory, release_memory, reset_peak_memory
-    from .train_run import train
-
-    failed = results / f"{run.run_id}.failed.json"
-    start = time.perf_counter()
-    try:
-        reset_peak_memory()
-        run_result = train(run.train_settings(work_dir))
-        wall = time.perf_counter() - start
-        metrics = run_result.metrics
-        folder = run_result.output
-        result = {
-            "schema": SCHEMA, "plan": plan_name, "run_id": run.run_id, "method": run.method, "axes": run.axes,
-            "settings": run.settings, "status": "ok", "versions": versions(), "hardware": hardware(),
-            "wall_time_s": wall, "peak_memory_mib": peak_memory(), "metrics": metrics,
-            "loss_history": read_json(folder / "loss_history.json"),
-            "predictions": {k: _compact(_read_rows(folder / name)) for k, name in PREDICTION_FILES.items()},
-        }
-        ood_sets = ((metrics or {}).get("uncertainty") or {}).get("ood_sets") or []
-        if ood_sets:  # every OOD set's rows, by task (the first is also `ood`)
-            result["predictions"]["ood_sets"] = {part["task"]: _compact(_read_rows(folder / part["predictions"]))
-                                                 for part in ood_sets}
-        write_json(result_path(results, run.run_id), result, compact=True)
-        failed.unlink(missing_ok=True)
-        if not keep_runs:
-            shutil.rmtree(folder, ignore_errors=True)
-        return {"run_id": run.run_id, "status": "ok", "seconds": wall}
-    except Exception as err:  # one failed run must not stop the sweep; the error is kept with its traceback
-        write_json(failed, {"schema": SCHEMA, "run_id": run.run_id, "method": run.method, "axes": run.axes,
-                            "settings": run.settings, "status": "failed", "error": f"{type(err).__name__}: {err}",
-                            "traceback": traceback.format_exc()})
-        return {"run_id": run.run_id, "status": "failed", "error": f"{type(err).__name__}: {err}",
-                "seconds": time.perf_counter() - start}
-    finally:
-        release_memory()  # the next run of this worker (or of another worker on the GPU) gets the memory back
-
-
-def worker_gpu(gpus: list[int], worker: int) -> int:
-    """The GPU of worker number `worker` (1-based, as multiprocessing numbers pool workers): round robin."""
-    return gpus[(worker - 1) % len(gpus)]
-
-
-def _worker_init(gpus: list[int] | None = None) -> None:
-    """A worker process: quiet, one compute thread each (many runs share the machine), and with `gpus` its own
-    GPU (set before torch is imported, so every run of this worker sees that one card as cuda:0)."""
-    import multiprocessing
-
-    if gpus:
-        # (k,): from the parent's process counter, consecutive for a pool's workers, so round robin over them;
-        # a worker that replaces a crashed one takes the next number (the load may then be uneven)
-        identity = multiprocessing.current_process()._identity
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(worker_gpu(gpus, identity[0] if identity else 1))
-    os.environ["TQDM_DISABLE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-    import transformers
-
-    torch.set_num_threads(max(1, int(os.environ.get("LORADROP_WORKER_THREADS", "1"))))
-    transformers.logging.set_verbosity_error()
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _execute_quietly(args: tuple) -> dict:
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return execute(*args)
-
-
 def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: int = 1,
               work_dir: str | Path | None = None, keep_runs: bool = False, progress: bool = True,
-              gpus: list[int] | None = None) -> dict[str, Any]:
+              gpus: list[int] | None = None, gpu_memory_gib: float | None = None,
+              checkpoint_steps: int | None = None, laplace: str | None = None) -> dict[str, Any]:
     """Run every pending run of `plan` (`workers` at a time; with `gpus`, worker k trains on GPU gpus[k mod n],
-    so one sweep fills a machine with several cards); returns counts and the failures."""
+    so one sweep fills a machine with several cards); returns counts and the failures.
+
+    `gpu_memory_gib`: each GPU's memory budget; the workers' runs then reserve their estimated memory before they
+    start (`sweep_schedule`). `checkpoint_steps`: every run saves a checkpoint this often, and a run interrupted
+    earlier continues from its last one (`sweep_run`). `laplace`: the Laplace prior to fit after each plain-LoRA
+    run, in the same worker (`laplace_sweep.score_one`). With measured runs in `results`, the longest start first."""
     from tqdm.auto import tqdm
+
+    from .sweep_schedule import check_budget, estimate, longest_first, measured_runs, reservation
 
     results = Path(results) if results is not None else plan.results
     if results is None:
@@ -405,17 +272,42 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
         raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
     if gpus is not None and (not gpus or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus)):
         raise UsageError(f"gpus must be a non-empty list of GPU indices >= 0, got {gpus!r}")
+    if checkpoint_steps is not None and (isinstance(checkpoint_steps, bool) or not isinstance(checkpoint_steps, int)
+                                         or checkpoint_steps < 1):
+        raise UsageError(f"checkpoint_steps must be an integer >= 1, got {checkpoint_steps!r}")
+    if gpu_memory_gib is not None:
+        try:
+            gpu_memory_gib = check_budget(gpu_memory_gib)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     results.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir is not None else results.parent / f".{results.name}.runs"
     todo, done = pending(plan, results)
     if gpus and (workers == 1 or len(todo) <= 1):  # runs in this process (`_statuses`): set before CUDA is touched
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])
     summary: dict[str, Any] = {"planned": len(todo) + done, "skipped": done, "ok": 0, "failed": []}
-    jobs = [(run, plan.name, results, work, keep_runs) for run in todo]
+    measured = measured_runs(results) if todo else []
+    estimates = {}
+    for run in todo:
+        task = run.settings.get("task")
+        found = estimate(task, run.method, run.settings, measured)
+        if laplace is not None and run.method == "lora":  # its Laplace fit runs in the same reservation
+            fit = estimate(task, "laplace", run.settings, [m for m in measured if m["method"] == "laplace"])
+            if fit.memory_gib and (found.memory_gib or 0) < fit.memory_gib:
+                found = type(found)(fit.memory_gib, found.seconds, found.source)
+        estimates[run.run_id] = found
+    order = longest_first([r.run_id for r in todo], {k: e.seconds for k, e in estimates.items()})
+    by_id = {r.run_id: r for r in todo}
+    share = (gpu_memory_gib or 0.0) / max(1, -(-min(workers, max(1, len(todo))) // len(gpus or [0])))
+    jobs = [RunJob(by_id[k], plan.name, results, work, keep_runs, checkpoint_steps, laplace, dict(plan.overrides),
+                   reservation(estimates[k], gpu_memory_gib, share) if gpu_memory_gib else None) for k in order]
     bar = tqdm(total=len(jobs), desc=f"sweep {plan.name}", unit="run", disable=not progress)
-    for status in _statuses(jobs, workers, gpus):
+    for status in _statuses(jobs, workers, gpus, gpu_memory_gib):
         if status["status"] == "ok":
             summary["ok"] += 1
+            if status.get("laplace") not in (None, "ok"):
+                summary.setdefault("laplace_failed", []).append({"run_id": status["run_id"],
+                                                                 "error": status["laplace"]})
         else:
             summary["failed"].append(status)
             bar.write(f"failed: {status['run_id']}: {status['error']}")
@@ -424,21 +316,28 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     return summary
 
 
-def _statuses(jobs: list[tuple], workers: int, gpus: list[int] | None = None) -> Iterator[dict]:
-    if workers == 1 or len(jobs) <= 1:
+def _statuses(jobs: list[RunJob], workers: int, gpus: list[int] | None = None,
+              gpu_memory_gib: float | None = None) -> Iterator[dict]:
+    if workers == 1 or len(jobs) <= 1:  # one run at a time: nothing shares the GPU, no memory gate needed
         for job in jobs:
-            yield execute(*job)
+            yield execute(job)
         return
     import multiprocessing
 
+    from .sweep_schedule import MemoryGate
+
     # spawn: CUDA cannot be used in forked children; each worker imports the libraries once and trains many runs.
     # Progress bars read TQDM_DISABLE when tqdm is imported, so the children get it in their environment.
+    context = multiprocessing.get_context("spawn")
+    size = min(workers, len(jobs))
+    gate = None
+    if gpu_memory_gib is not None:
+        gate = MemoryGate(context, gpus or [0], gpu_memory_gib, slots=-(-size // len(gpus or [0])))
     saved = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init,
-                                                     initargs=(gpus,))
+    pool = context.Pool(size, initializer=worker_init, initargs=(gpus, gate))
     try:
-        yield from pool.imap_unordered(_execute_quietly, jobs)
+        yield from pool.imap_unordered(execute_in_worker, jobs)
         pool.close()
     except BaseException:
         pool.terminate()
@@ -451,4 +350,5 @@ def _statuses(jobs: list[tuple], workers: int, gpus: list[int] | None = None) ->
             os.environ["TQDM_DISABLE"] = saved
 
 
-__all__ = ["SCHEMA", "PlannedRun", "SweepPlan", "execute", "pending", "result_path", "run_sweep", "worker_gpu"]
+__all__ = ["PlannedRun", "RunJob", "SweepPlan", "execute", "pending", "result_path", "run_sweep", "worker_gpu",
+           "worker_init"]

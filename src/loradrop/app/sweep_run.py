@@ -1,0 +1,214 @@
+"""One run of a sweep, as a worker process trains it: `execute` trains a `PlannedRun` through `train_run.train` and
+writes its result JSON (or ``<id>.failed.json``).
+
+Beyond a plain training run it
+
+- **continues an interrupted run**: with ``checkpoint_steps`` every run saves a checkpoint that often, and a run whose
+  folder holds a checkpoint from an earlier, interrupted attempt (a sweep stopped by Ctrl-C or a time limit, the
+  folders kept on the machine) resumes from it instead of starting over (``--resume``; a checkpoint that does not
+  match the run's settings, or is damaged, is set aside and the run starts fresh). Each attempt's wall time is kept
+  in ``<work dir>/<run id>.attempts.json``; the result's ``wall_time_s`` is the sum over attempts and ``attempts``
+  lists the earlier ones, so a resumed run's cost is visible as such;
+- **fits Laplace-LoRA right after a plain-LoRA run** (``laplace``): the run folder is still there, so the Laplace
+  result (`laplace_sweep.score_one`) needs no ``--keep-runs`` and no second pass on the same machine;
+- **waits for GPU memory** (`sweep_schedule.MemoryGate`, ``--gpu-memory``) before it starts, and a run that still
+  runs out of GPU memory is tried once more with the GPU to itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .laplace_sweep import SOURCE_METHOD as LAPLACE_SOURCE_METHOD
+from .laplace_sweep import score_one, source_job
+from .provenance import hardware, versions
+from .results import SCHEMA
+from .runfolder import checkpoints, read_json, staging_path, write_json
+from .settings import TrainSettings
+from .sweep_files import PREDICTION_FILES, compact_predictions, read_rows, result_path
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep: its id, method, the axes that vary, and its settings (output set by the engine)."""
+
+    run_id: str
+    method: str
+    axes: dict[str, Any]
+    settings: dict[str, Any]
+
+    def train_settings(self, work_dir: Path, checkpoint_steps: int | None = None) -> TrainSettings:
+        """The run's `TrainSettings` in `work_dir`; `checkpoint_steps` sets ``save_steps`` where the plan does not."""
+        extra = {"save_steps": checkpoint_steps} if checkpoint_steps and not self.settings.get("save_steps") else {}
+        return TrainSettings.from_dict({**self.settings, **extra, "output": str(work_dir / self.run_id),
+                                        "overwrite": True})
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """What a worker needs to train one run: the run, where its result and folder go, and the sweep's options."""
+
+    run: PlannedRun
+    plan_name: str
+    results: Path
+    work_dir: Path
+    keep_runs: bool = False
+    checkpoint_steps: int | None = None
+    laplace: str | None = None  # the Laplace prior ("auto", ...) to fit after a plain-LoRA run; None: no Laplace
+    overrides: dict[str, Any] = field(default_factory=dict)  # the sweep's --set values (model folder, data root)
+    reserve_gib: float | None = None  # GPU memory to reserve before starting (with a MemoryGate)
+
+
+def _attempts_file(job: RunJob) -> Path:
+    return job.work_dir / f"{job.run.run_id}.attempts.json"
+
+
+def _earlier_attempts(job: RunJob) -> list[dict[str, Any]]:
+    path = _attempts_file(job)
+    try:
+        data = read_json(path) if path.is_file() else []
+    except UsageError:
+        return []
+    return data if isinstance(data, list) else []
+
+
+def _train(job: RunJob) -> Any:
+    """Train the run, resuming an interrupted attempt's last checkpoint when there is one."""
+    from .train_run import train
+
+    settings = job.run.train_settings(job.work_dir, job.checkpoint_steps)
+    output = Path(settings.output)
+    if checkpoints(output) or checkpoints(staging_path(output)):
+        try:
+            return train(settings.replace(overwrite=False, resume=True))
+        except UsageError as err:  # settings changed since, or a damaged checkpoint: start over, and say why
+            print(f"loradrop sweep: {job.run.run_id}: not resumed ({err}); training from the start")
+    return train(settings)
+
+
+def execute(job: RunJob) -> dict:
+    """Train one planned run and write its result JSON (or ``<id>.failed.json``); returns a short status."""
+    from .provenance import peak_memory, release_memory, reset_peak_memory
+
+    run, results = job.run, job.results
+    failed = results / f"{run.run_id}.failed.json"
+    earlier = _earlier_attempts(job)
+    start = time.perf_counter()
+    outcome = "interrupted"
+    try:
+        reset_peak_memory()
+        run_result = _train(job)
+        wall = time.perf_counter() - start
+        metrics = run_result.metrics
+        folder = run_result.output
+        result = {
+            "schema": SCHEMA, "plan": job.plan_name, "run_id": run.run_id, "method": run.method, "axes": run.axes,
+            "settings": run.settings, "status": "ok", "versions": versions(), "hardware": hardware(),
+            "wall_time_s": wall + sum(a.get("seconds", 0.0) for a in earlier), "peak_memory_mib": peak_memory(),
+            "metrics": metrics, "loss_history": read_json(folder / "loss_history.json"),
+            "predictions": {k: compact_predictions(read_rows(folder / name)) for k, name in PREDICTION_FILES.items()},
+        }
+        if earlier:
+            result["attempts"] = earlier
+        ood_sets = ((metrics or {}).get("uncertainty") or {}).get("ood_sets") or []
+        if ood_sets:  # every OOD set's rows, by task (the first is also `ood`)
+            result["predictions"]["ood_sets"] = {
+                part["task"]: compact_predictions(read_rows(folder / part["predictions"])) for part in ood_sets}
+        write_json(result_path(results, run.run_id), result, compact=True)
+        failed.unlink(missing_ok=True)
+        outcome = "ok"
+        _attempts_file(job).unlink(missing_ok=True)
+        status: dict[str, Any] = {"run_id": run.run_id, "status": "ok", "seconds": wall}
+        if job.laplace is not None and run.method == LAPLACE_SOURCE_METHOD:
+            release_memory()
+            fit = score_one(source_job(result_path(results, run.run_id), result, folder), results, job.work_dir,
+                            prior=job.laplace, overrides=job.overrides)
+            status["laplace"] = fit["status"] if fit["status"] == "ok" else fit.get("error", "failed")
+        if not job.keep_runs:
+            shutil.rmtree(folder, ignore_errors=True)
+        return status
+    except Exception as err:  # one failed run must not stop the sweep; the error is kept with its traceback
+        outcome = "failed"
+        write_json(failed, {"schema": SCHEMA, "run_id": run.run_id, "method": run.method, "axes": run.axes,
+                            "settings": run.settings, "status": "failed", "error": f"{type(err).__name__}: {err}",
+                            "traceback": traceback.format_exc()})
+        return {"run_id": run.run_id, "status": "failed", "error": f"{type(err).__name__}: {err}",
+                "seconds": time.perf_counter() - start}
+    finally:
+        if outcome != "ok":  # the time an interrupted or failed attempt spent counts when the run is resumed
+            with contextlib.suppress(OSError):
+                write_json(_attempts_file(job), [*earlier, {"seconds": round(time.perf_counter() - start, 1),
+                                                            "outcome": outcome}])
+        release_memory()  # the next run of this worker (or of another worker on the GPU) gets the memory back
+
+
+def is_out_of_memory(status: dict[str, Any]) -> bool:
+    error = str(status.get("error") or "")
+    return status.get("status") != "ok" and ("OutOfMemoryError" in error or "CUDA out of memory" in error)
+
+
+# ------------------------------------------------------------------------------------------------ the pool's workers
+_GATE: Any = None  # the pool's MemoryGate (sweep_schedule), set by `worker_init`
+_GPU = 0
+_SLOT = 0
+
+
+def worker_gpu(gpus: list[int], worker: int) -> int:
+    """The GPU of worker number `worker` (1-based, as multiprocessing numbers pool workers): round robin."""
+    return gpus[(worker - 1) % len(gpus)]
+
+
+def worker_init(gpus: list[int] | None = None, gate: Any = None) -> None:
+    """A worker process: quiet, one compute thread each (many runs share the machine), and with `gpus` its own
+    GPU (set before torch is imported, so every run of this worker sees that one card as cuda:0); with `gate`, its
+    runs reserve GPU memory before they start."""
+    import multiprocessing
+
+    global _GATE, _GPU, _SLOT
+    # (k,): from the parent's process counter, consecutive for a pool's workers, so round robin over them;
+    # a worker that replaces a crashed one takes the next number (the load may then be uneven)
+    identity = multiprocessing.current_process()._identity
+    number = identity[0] if identity else 1
+    if gpus:
+        _GPU = worker_gpu(gpus, number)
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(_GPU)
+    _GATE, _SLOT = gate, (number - 1) // max(1, len(gpus or [0]))
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    torch.set_num_threads(max(1, int(os.environ.get("LORADROP_WORKER_THREADS", "1"))))
+    transformers.logging.set_verbosity_error()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def execute_in_worker(job: RunJob) -> dict:
+    """A pool worker's run: its output kept out of the sweep's progress bar, and, with a memory gate, started once its
+    memory is reserved; a run that runs out of GPU memory anyway is tried once more with the whole budget."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if _GATE is None or job.reserve_gib is None:
+            return execute(job)
+        with _GATE.reserve(_GPU, job.reserve_gib, _SLOT):
+            status = execute(job)
+        if is_out_of_memory(status) and job.reserve_gib < _GATE.budget:
+            with _GATE.reserve(_GPU, _GATE.budget, _SLOT):
+                status = {**execute(job), "retried_alone": True}
+        return status
+
+
+__all__ = ["PlannedRun", "RunJob", "execute", "execute_in_worker", "is_out_of_memory", "worker_gpu", "worker_init"]

@@ -1,0 +1,137 @@
+"""Scheduling a sweep on a shared GPU (`loradrop.app.sweep_schedule`): estimates from finished runs, the admission
+rule, the memory gate across real worker processes, the out-of-memory retry, and the CLI's checks."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from loradrop.app import sweep_run
+from loradrop.app.sweep_schedule import (
+    OVERHEAD_GIB,
+    SLACK,
+    MemoryGate,
+    admissible,
+    estimate,
+    longest_first,
+    measured_runs,
+    members_per_step,
+    reservation,
+)
+
+
+def _result(folder: Path, run_id: str, task: str, method: str, peak_mib: float, wall: float, **settings) -> None:
+    data = {"schema": "loradrop.sweep.run/1", "run_id": run_id, "method": method, "status": "ok",
+            "settings": {"task": task, **settings}, "peak_memory_mib": {"cuda": peak_mib, "rss": 1.0},
+            "wall_time_s": wall}
+    (folder / f"{run_id}.json").write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_estimates_come_from_the_finished_runs(tmp_path: Path) -> None:
+    _result(tmp_path, "arc__lora__lr-1", "arc", "lora", 8 * 1024, 160.0, no_lora_dropout=True)
+    _result(tmp_path, "arc__lora__lr-2", "arc", "lora", 9 * 1024, 140.0, no_lora_dropout=True)
+    _result(tmp_path, "arc__ld1__lr-1", "arc", "ld1", 10 * 1024, 200.0, p=0.5, samples=1)
+    (tmp_path / "arc__ld4__lr-1.failed.json").write_text(json.dumps({"status": "failed", "method": "ld4"}))
+    (tmp_path / "notes.json").write_text("not json")
+    measured = measured_runs(tmp_path)
+    assert len(measured) == 3 and all(m["members"] == 1 for m in measured)
+    # same task and method: the largest peak and the longest wall time of its runs
+    got = estimate("arc", "lora", {"no_lora_dropout": True}, measured)
+    assert (got.memory_gib, got.seconds, got.source) == (9.0, 160.0, "measured")
+    # same task, a method not run yet: the smallest per-member peak of the others, times its members per step
+    got = estimate("arc", "ld4", {"p": 0.5, "samples": 4}, measured)
+    assert (got.memory_gib, got.seconds, got.source) == (32.0, 800.0, "scaled")
+    assert estimate("arc", "ld4c", {"p": 0.5, "samples": 4, "chunk_size": 2}, measured).memory_gib == 16.0
+    assert estimate("boolq", "lora", {}, measured).source == "unknown"
+    assert members_per_step({"p": 0.5, "samples": 4, "no_lora_dropout": True}) == 1
+    assert members_per_step({"p": 0.0, "samples": 4}) == 1 and members_per_step({"samples": 3}) == 3
+
+    # a reservation: estimate plus overhead, with slack; an even share when unknown; never over the budget
+    assert reservation(got, 100.0, 10.0) == pytest.approx((32.0 + OVERHEAD_GIB) * SLACK)
+    assert reservation(got, 20.0, 10.0) == 20.0
+    assert reservation(estimate("boolq", "lora", {}, measured), 100.0, 12.5) == 12.5
+    # the longest first, unknown ones before them, ties in plan order
+    assert longest_first(["a", "b", "c", "d"], {"a": 10.0, "b": None, "c": 30.0, "d": 10.0}) == ["b", "c", "a", "d"]
+
+
+def test_admission_backfills_but_never_starves() -> None:
+    assert admissible(30, used=60, budget=100, me=1, waiting={1: 100.0}, now=101.0)
+    assert not admissible(50, used=60, budget=100, me=1, waiting={1: 100.0}, now=101.0)
+    assert admissible(500, used=0, budget=100, me=1, waiting={1: 100.0}, now=101.0)  # alone on a free GPU
+    # a small run may pass a large one that waits (backfilling) until the large one has waited `patience`
+    waiting = {0: 100.0, 1: 150.0}
+    assert admissible(10, used=60, budget=100, me=1, waiting=waiting, now=160.0, patience=120.0)
+    assert not admissible(10, used=60, budget=100, me=1, waiting=waiting, now=230.0, patience=120.0)
+    assert not admissible(50, used=60, budget=100, me=0, waiting=waiting, now=230.0, patience=120.0)
+    assert admissible(50, used=40, budget=100, me=0, waiting=waiting, now=230.0, patience=120.0)
+
+
+def _hold(gate: MemoryGate, slot: int, gib: float, log) -> None:
+    with gate.reserve(0, gib, slot):
+        log.put(("start", slot, gate.used(0), time.time()))
+        time.sleep(1.5)
+        log.put(("end", slot, gate.used(0), time.time()))
+
+
+def test_the_gate_keeps_worker_processes_within_the_budget() -> None:
+    """Four processes ask for 40, 40, 40 and 150 GiB of a 100 GiB budget: at most two 40s run together, and the run
+    larger than the budget runs alone."""
+    context = multiprocessing.get_context("spawn")
+    gate = MemoryGate(context, [0], 100.0, slots=4)
+    log = context.Queue()
+    procs = [context.Process(target=_hold, args=(gate, slot, gib, log)) for slot, gib in enumerate((40, 40, 40, 150))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    events = sorted((log.get(timeout=5) for _ in range(8)), key=lambda e: e[3])
+    assert all(p.exitcode == 0 for p in procs)
+    running, peak = set(), 0.0
+    for kind, slot, used, _ in events:
+        assert used <= 100.0 + 1e-9
+        if kind == "start":
+            running.add(slot)
+            assert 3 not in running or running == {3}, running  # the oversized run is alone
+            peak = max(peak, used)
+        else:
+            running.discard(slot)
+    assert peak == 100.0  # the oversized run took the whole budget
+    assert 80.0 in [used for kind, _, used, _ in events if kind == "start"]  # and two of the 40s shared the GPU
+    assert gate.used(0) == 0.0
+
+
+def test_a_run_out_of_gpu_memory_is_tried_again_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gate = MemoryGate(multiprocessing.get_context("spawn"), [0], 80.0, slots=2)
+    seen = []
+
+    def fake_execute(job):
+        seen.append(gate.used(0))
+        if len(seen) == 1:
+            return {"run_id": "r", "status": "failed", "error": "OutOfMemoryError: CUDA out of memory. Tried to ..."}
+        return {"run_id": "r", "status": "ok"}
+
+    monkeypatch.setattr(sweep_run, "execute", fake_execute)
+    monkeypatch.setattr(sweep_run, "_GATE", gate)
+    job = sweep_run.RunJob(None, "p", tmp_path, tmp_path, reserve_gib=10.0)  # type: ignore[arg-type]
+    assert sweep_run.execute_in_worker(job) == {"run_id": "r", "status": "ok", "retried_alone": True}
+    assert seen == [10.0, 80.0] and gate.used(0) == 0.0
+    # other failures are not retried
+    monkeypatch.setattr(sweep_run, "execute", lambda job: {"run_id": "r", "status": "failed", "error": "ValueError"})
+    assert sweep_run.execute_in_worker(job)["status"] == "failed"
+
+
+@pytest.mark.parametrize("args, fragment", [(["--gpu-memory", "0"], "--gpu-memory: must be a number > 0"),
+                                            (["--gpu-memory", "nan"], "--gpu-memory: must be a number > 0"),
+                                            (["--checkpoint-steps", "0"], "--checkpoint-steps: must be an integer")])
+def test_bad_schedule_options_get_one_line(tmp_path: Path, capsys, args: list[str], fragment: str) -> None:
+    from loradrop.cli import main
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("name: x\nbase: {task: rte}\nmethods: {lora: {no_lora_dropout: true}}\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as info:
+        main(["sweep", str(plan), *args])
+    assert info.value.code == 2 and fragment in capsys.readouterr().err
