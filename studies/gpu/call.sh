@@ -5,12 +5,16 @@
 # every 60 s, so a call cut off early still returns what it did. $OUT holds two files: res.tar.xz and call.log.
 # Every job is a resumable `loradrop sweep`: a job cut off by LIMIT continues in the next call.
 # (The SQuAD runs of #11 that this script also ran are done: squad_main.yaml has its 3 seeds per method.)
-#   1. commonsense tune.yaml (#14, phase 1), run folders kept for Laplace
-#   2. commonsense main.yaml (phase 2; its select_from pointed at the tune results here); meanwhile, in the
-#      background, Laplace-LoRA over tune's lora runs at the lr chosen for lora (the only ones the report reads)
-#   3. instruct plan.yaml (Alpaca-999 / LIMA -> MMLU); meanwhile Laplace-LoRA over main's lora runs
+#   1. commonsense tune.yaml (#14, phase 1)
+#   2. commonsense main.yaml (phase 2; its select_from pointed at the tune results here)
+#   3. instruct plan.yaml (Alpaca-999 / LIMA -> MMLU)
+# Every sweep runs behind the GPU memory gate (--gpu-memory: a run starts once its peak, estimated from the finished
+# runs of its task, fits beside the running ones; the longest runs start first), saves a checkpoint every 50 steps and
+# continues an interrupted run from it in the next call (--checkpoint-steps), and the commonsense sweeps fit
+# Laplace-LoRA right after each plain-LoRA run, in its worker (--laplace), so no run folder has to outlive its run.
 # Knobs: LIMIT (s, default 540; keep it under the call's timeout_s and the session's device time left), STAGE
-# (/tmp/gpu), WORKERS (default: the machine's cores, at most 12 per GPU), GPUS (default: all), SETS (extra sweep
+# (/tmp/gpu), WORKERS (default: the machine's cores, at most 16 per GPU), GPUS (default: all), GPU_MEMORY (GiB per GPU
+# for the gate; default 85% of the first GPU's memory), CHECKPOINT_STEPS (50), SETS (extra sweep
 # arguments for every sweep, e.g. "--set epochs=1": a local dry run uses tiny settings), ONLY (run-id globs for the
 # LLM sweeps), JOBS (default "tune main laplace instruct"), PY (python3), SITE (the staged site; a local dry run on
 # another Python points it elsewhere).
@@ -26,7 +30,7 @@ mkdir -p "$S/res" "$S/data" "$S/site" "$L" "$OUT"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
   OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 PYTHONPATH="${SITE:-$S/site}:$PWD/src" LORADROP_DATA_DIR="$S/data"
 PY=${PY:-python3}
-pack() {  # every result JSON (not the run folders, which stay here for Laplace) and every log, replaced atomically
+pack() {  # every result JSON (not the run folders, which stay here for interrupted runs) and every log, atomically
   tar cJf "$OUT/res.tar.xz.tmp" -C "$S" --exclude='.*.runs' --exclude='*.runs' res logs 2>/dev/null \
     && mv "$OUT/res.tar.xz.tmp" "$OUT/res.tar.xz"
 }
@@ -70,34 +74,27 @@ fi
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [ "${NGPU:-0}" -gt 1 ] && GPUS=${GPUS:-$(seq -s, 0 $(( NGPU - 1 )))}
 C=$(nproc --all)  # --all: nproc alone honours the OMP_NUM_THREADS=1 exported above
-# 12 runs per GPU at most: 16 SmolLM2 runs sharing one H200 ran it out of memory (cloze rows, N = 4 members)
-G1=$(( ${NGPU:-0} > 0 ? NGPU : 1 )); W=${WORKERS:-$(( C < 12 * G1 ? C : 12 * G1 ))}
+# 16 runs per GPU at most (the host's 16 cores ran at a load of 16 with 16 runs); the memory gate decides how many of
+# them train at once: 12 ungated runs ran the H200 out of memory (LoRA Dropout N = 4 on ARC-C peaks at 33 GB)
+G1=$(( ${NGPU:-0} > 0 ? NGPU : 1 )); W=${WORKERS:-$(( C < 16 * G1 ? C : 16 * G1 ))}
+MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+GM=${GPU_MEMORY:-$( [ -n "$MEM" ] && echo $(( MEM * 85 / 100 / 1024 )) )}
 read -r -a EXTRA <<< "${SETS:-}"
-BASE=(--set "model=$S/smol" "${EXTRA[@]}" --workers "$W" ${GPUS:+--gpus "$GPUS"})
+BASE=(--set "model=$S/smol" "${EXTRA[@]}" --workers "$W" ${GPUS:+--gpus "$GPUS"} ${GM:+--gpu-memory "$GM"}
+      --checkpoint-steps "${CHECKPOINT_STEPS:-50}")
 ONLYARGS=()
 set -f; for o in ${ONLY:-}; do ONLYARGS+=(--only "$o"); done; set +f  # run-id globs, e.g. for a local dry run
 SW=("${BASE[@]}" "${ONLYARGS[@]}")
 CS=studies/commonsense
-chosen_lora() {  # --only for the tune runs of lora at the lr main.yaml's select_from chose for their task: the only
-  # tune runs whose Laplace result the report reads (its Laplace row follows LoRA's selection), 6 fits instead of 18
-  ONLY="${ONLY:-}" $PY - "$CS/tune.yaml" "$S/main.yaml" <<'PY'
-import os, sys
-from loradrop.app.sweep import SweepPlan
-only = os.environ["ONLY"].split()
-tune, main = (SweepPlan.load(p, only=only) for p in sys.argv[1:3])
-lr = {r.settings["task"]: r.settings["lr"] for r in main.runs() if r.method == "lora"}
-print(" ".join(f"--only {r.run_id}" for r in tune.runs() if r.method == "lora" and r.settings["lr"] == lr.get(r.settings["task"])))
-PY
-}
 ( while :; do
     echo "$(date +%s) $(nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null | tr '\n' ' ') load $(cut -d' ' -f1 /proc/loadavg)" >> "$L/smi.txt"
     sleep 10; [ $(( $(date +%s) % 60 )) -lt 10 ] && pack
   done ) &
 LOOP=$!
-pending() { $PY -m loradrop sweep "$@" --dry-run 2>/dev/null | grep -o '^[a-z: ]*[0-9]* to run' | tail -1 | grep -o '[0-9]*' || echo "?"; }
-sweep() {  # $1: name, rest: sweep arguments; runs until LIMIT - 25 s (SIGINT, then kill: the sweep resumes next call).
-  # Runs that failed (out of memory when many share a GPU: 38 of 56 in the first cloze call, before the sweep freed
-  # each run's CUDA cache) are retried at once with half the workers, twice at most, while each try finishes some.
+pending() { $PY -m loradrop sweep "$@" --dry-run 2>/dev/null | grep -o '^[0-9]* to run' | tail -1 | grep -o '[0-9]*' || echo "?"; }
+sweep() {  # $1: name, rest: sweep arguments; runs until LIMIT - 25 s (SIGINT, then kill: the sweep, and each run from
+  # its last checkpoint, resume next call). Runs that failed are retried at once with half the workers, twice at most,
+  # while each try finishes some (before the memory gate, 38 of 56 runs of a call ran out of GPU memory).
   local name=$1; shift
   local n m rc t w=$W try=0 more=(); n=$(pending "$@")
   [ "$n" = 0 ] && { log "$name: done"; return 0; }
@@ -113,7 +110,6 @@ sweep() {  # $1: name, rest: sweep arguments; runs until LIMIT - 25 s (SIGINT, t
   done
 }
 has() { [[ " ${JOBS:-tune main laplace instruct} " == *" $1 "* ]]; }
-BG=()
 probe() {  # which precision / attention backend trains SmolLM2 without NaN gradients on this GPU. The first call's
   # tune runs (bf16, transformers' default sdpa attention) stopped with a NaN gradient norm (finite loss) at the same
   # step for every lr and method: 20 of 26 runs, on WinoGrande-S at step 17, BoolQ at step 3, OBQA 28, WG-M 98, ARC-E
@@ -157,24 +153,16 @@ if [ -f "$S/smol/config.json" ]; then
   fi
 fi
 if [ -f "$S/smol/config.json" ]; then
-  has tune && sweep tune $CS/tune.yaml --results "$S/res/cs_tune" --keep-runs "${SW[@]}"
+  LAP=(); has laplace && LAP=(--laplace)
+  has tune && sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}"
   sed "s|^select_from: .*|select_from: $S/res/cs_tune|" $CS/main.yaml > "$S/main.yaml"
   if [ "$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${SW[@]}")" = 0 ]; then
-    if has laplace; then
-      read -r -a CHOSEN <<< "$(chosen_lora 2> "$L/chosen_lora.err")"
-      [ ${#CHOSEN[@]} -gt 0 ] || { log "chosen_lora failed (logs/chosen_lora.err): Laplace on every tune lr"; CHOSEN=("${ONLYARGS[@]}"); }
-      ( sweep laplace_tune $CS/tune.yaml --results "$S/res/cs_tune" --laplace "${BASE[@]}" "${CHOSEN[@]}" ) & BG+=($!)
-    fi
-    has main && sweep main "$S/main.yaml" --results "$S/res/cs_main" --keep-runs "${SW[@]}"
-    if has laplace && [ "$(pending "$S/main.yaml" --results "$S/res/cs_main" "${SW[@]}")" = 0 ]; then
-      ( sweep laplace_main "$S/main.yaml" --results "$S/res/cs_main" --laplace "${SW[@]}" ) & BG+=($!)
-    fi
+    has main && sweep main "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}"
   fi
   has instruct && sweep instruct studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}"
 else
   log "SmolLM2 not staged yet (needs .carry/s1, s2 and s3 carried on this machine): the LLM jobs wait"
 fi
-[ ${#BG[@]} -gt 0 ] && wait "${BG[@]}"
 kill $LOOP 2>/dev/null; wait $LOOP 2>/dev/null  # (its last sleep ends by itself)
 for d in "$S"/res/*/; do
   [ -d "$d" ] && echo "$(basename "$d"): $(ls "$d" | grep -c '\.json$') results, $(ls "$d" | grep -c '\.failed\.json$') of them failed"

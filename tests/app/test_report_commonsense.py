@@ -173,6 +173,16 @@ def test_published_layout_ood_shape_risk_and_cost(results: Path, tmp_path: Path)
     ratio = runs[("lora_peft_dropout", 0)]["metrics"]["wall_time"]["train_s"] / np.mean(train)
     assert rows["lora_peft_dropout"]["train / LoRA"] == f"{ratio:.2f}x"
 
+    # a run continued from a checkpoint (`attempts`) timed only its last attempt: it counts for memory, not time
+    resumed = tmp_path / "resumed"
+    shutil.copytree(results, resumed)
+    path = resumed / "openbookqa__lora__seed-1.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "attempts": [{"seconds": 99.0, "outcome": "interrupted"}]}))
+    md = write_report([resumed], tmp_path / "R2.md").read_text(encoding="utf-8")
+    _, rows = _table(md, "### Cost per method (commonsense tasks)")
+    assert rows["lora"]["train (s)"] == f"{train[0]:.1f}"
+
 
 @pytest.mark.slow
 def test_deep_ensemble_row_on_shared_test_examples(results: Path, tmp_path: Path) -> None:

@@ -245,3 +245,22 @@ def test_an_interrupted_run_continues_from_its_checkpoint(data_root: Path, bert_
     gap = np.abs(np.array(restarted["predictions"]["test"]["single_probs"])
                  - np.array(fresh["predictions"]["test"]["single_probs"])).max()
     assert gap > 1e-4, gap
+
+
+def test_a_killed_attempt_counts_until_its_last_write(tmp_path: Path) -> None:
+    """An attempt killed outright (SIGKILL: no chance to record its end) is on record as started; the next attempt
+    counts its time up to the last write to its run folder."""
+    from loradrop.app.sweep import PlannedRun, RunJob
+    from loradrop.app.sweep_run import _earlier_attempts
+
+    job = RunJob(PlannedRun("r", "lora", {}, {}), "p", tmp_path / "res", tmp_path / "work")
+    staging = tmp_path / "work" / ".r.partial" / "checkpoint-2"
+    staging.mkdir(parents=True)
+    (staging / "adapter.safetensors").write_bytes(b"x")
+    os.utime(staging / "adapter.safetensors", (1000.0 + 42.0, 1000.0 + 42.0))
+    for folder in (staging, staging.parent):
+        os.utime(folder, (1000.0, 1000.0))
+    (tmp_path / "work" / "r.attempts.json").write_text(json.dumps([
+        {"seconds": 5.0, "outcome": "interrupted"}, {"started": 1000.0, "outcome": "started"}]))
+    assert _earlier_attempts(job) == [{"seconds": 5.0, "outcome": "interrupted"},
+                                      {"seconds": 42.0, "outcome": "killed"}]

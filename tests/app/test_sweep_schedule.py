@@ -44,7 +44,7 @@ def test_estimates_come_from_the_finished_runs(tmp_path: Path) -> None:
     assert (got.memory_gib, got.seconds, got.source) == (9.0, 160.0, "measured")
     # same task, a method not run yet: the smallest per-member peak of the others, times its members per step
     got = estimate("arc", "ld4", {"p": 0.5, "samples": 4}, measured)
-    assert (got.memory_gib, got.seconds, got.source) == (32.0, 800.0, "scaled")
+    assert (got.memory_gib, got.seconds, got.source) == (32.0, 200.0, "scaled")
     assert estimate("arc", "ld4c", {"p": 0.5, "samples": 4, "chunk_size": 2}, measured).memory_gib == 16.0
     assert estimate("boolq", "lora", {}, measured).source == "unknown"
     assert members_per_step({"p": 0.5, "samples": 4, "no_lora_dropout": True}) == 1

@@ -307,9 +307,10 @@ def cost_lines(study: Study, tasks: Sequence[str]) -> list[str]:
         if run.task in tasks:
             memory = run.result.get("peak_memory_mib") or {}
             mem = number(memory.get("cuda"))
+            resumed = bool(run.result.get("attempts"))  # its times cover only the last attempt: left out
             per.setdefault((run.task, run.method), []).append({
-                "train": number(dig(run.metrics, "wall_time", "train_s")),
-                "eval": number(dig(run.metrics, "wall_time", "eval_s")),
+                "train": math.nan if resumed else number(dig(run.metrics, "wall_time", "train_s")),
+                "eval": math.nan if resumed else number(dig(run.metrics, "wall_time", "eval_s")),
                 "n": number(dig(run.metrics, "eval", "single", "n")),
                 "mem": mem if math.isfinite(mem) else number(memory.get("rss"))})
     def nanmean(values: Sequence[float]) -> float:  # NaN, not a RuntimeWarning, when nothing was measured
@@ -345,7 +346,8 @@ def cost_lines(study: Study, tasks: Sequence[str]) -> list[str]:
             "are the mean over tasks of each task's ratio to `lora`. Test eval is the run's scoring of its test "
             "split: the single pass AND its M-member ensemble (the `lora` runs too: their test-only masks), so it "
             "does not separate single-pass from ensemble inference; OOD sets and the validation split are scored "
-            "outside it. Derived rows: the deep ensemble costs k = "
+            "outside it. Runs continued from a checkpoint after an interruption (`attempts` in their result) count "
+            "for memory, not for time. Derived rows: the deep ensemble costs k = "
             f"{'/'.join(map(str, k)) or '–'} LoRA trainings and k forward passes per example; temperature scaling "
             "one scalar fit on validation predictions (LoRA's cost).", "", _table(rows, cols), ""]
 

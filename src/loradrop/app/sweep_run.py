@@ -72,13 +72,30 @@ def _attempts_file(job: RunJob) -> Path:
     return job.work_dir / f"{job.run.run_id}.attempts.json"
 
 
+def _last_write(job: RunJob) -> float | None:
+    """When the run's folders (the interrupted attempt's checkpoints and log) were last written to."""
+    output = job.work_dir / job.run.run_id
+    times = [p.stat().st_mtime for folder in (output, staging_path(output)) if folder.is_dir()
+             for p in folder.rglob("*")]
+    return max(times) if times else None
+
+
 def _earlier_attempts(job: RunJob) -> list[dict[str, Any]]:
+    """The run's earlier attempts. An attempt recorded as started and never finished was killed (SIGKILL, or the pool
+    terminated before it could say): its time is counted up to the last write to its run folder."""
     path = _attempts_file(job)
     try:
         data = read_json(path) if path.is_file() else []
     except UsageError:
         return []
-    return data if isinstance(data, list) else []
+    out = []
+    for attempt in data if isinstance(data, list) else []:
+        if isinstance(attempt, dict) and attempt.get("outcome") == "started":
+            last = _last_write(job)
+            attempt = {"seconds": round(max(0.0, (last or attempt["started"]) - attempt["started"]), 1),
+                       "outcome": "killed"}
+        out.append(attempt)
+    return out
 
 
 def _train(job: RunJob) -> Any:
@@ -104,6 +121,9 @@ def execute(job: RunJob) -> dict:
     earlier = _earlier_attempts(job)
     start = time.perf_counter()
     outcome = "interrupted"
+    with contextlib.suppress(OSError):  # on record before anything runs, in case this attempt is killed outright
+        job.work_dir.mkdir(parents=True, exist_ok=True)
+        write_json(_attempts_file(job), [*earlier, {"started": time.time(), "outcome": "started"}])
     try:
         reset_peak_memory()
         run_result = _train(job)

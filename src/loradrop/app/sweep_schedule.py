@@ -10,7 +10,7 @@ and gives it back when it ends; a run that does not fit waits for others to fini
   method in the results folder, else
 - the smallest peak of the task's finished runs under other methods, each divided by its members per step (LoRA
   Dropout's ``samples``, at most ``chunk_size``), times this run's (N masks per step cost about N times the activation
-  memory of one), else
+  memory of one; the wall time is the task's longest, unscaled: the members of a step run as one batched pass), else
 - unknown: an even share of the budget (budget / workers on that GPU), as without the gate;
 
 plus `OVERHEAD_GIB` for the CUDA context and allocator slack, times `SLACK`. A reservation larger than the budget is
@@ -85,7 +85,7 @@ def estimate(task: Any, method: str, settings: Mapping[str, Any], measured: Iter
         return Estimate(max(memory) if memory else None, max(seconds) if seconds else None, "measured")
     members = members_per_step(settings)
     memory = [m["memory_gib"] / m["members"] * members for m in same_task if m["memory_gib"]]
-    seconds = [m["seconds"] / m["members"] * members for m in same_task if m["seconds"]]
+    seconds = [m["seconds"] for m in same_task if m["seconds"]]  # members share a batched pass: not N times longer
     if memory or seconds:
         return Estimate(min(memory) if memory else None, max(seconds) if seconds else None, "scaled")
     return Estimate(None, None, "unknown")
