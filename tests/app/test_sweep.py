@@ -52,6 +52,16 @@ def test_plan_expansion_ids_and_validation(tmp_path: Path) -> None:
     assert by_id["rte__lora__lr-0.02_seed-0"].settings["epochs"] == 3
     assert by_id["rte__ld__lr-0.02_p-0.1_seed-0"].settings["lr"] == 0.02  # a grid axis beats task/method settings
     assert all(r.settings["model"] == "/elsewhere" and r.settings["ensemble"] == 4 for r in by_id.values())
+    # a task's own values for a grid axis (a wider lr grid for one task); a list for another setting stays a setting
+    plan.task_settings = {"rte": {"lr": [0.02, 0.05], "ood_task": ["mrpc", "cola"]}}
+    plan.grid["task"] = ["rte", "mrpc"]
+    ids = [r.run_id for r in plan.runs()]
+    assert len(ids) == 18 and ids[:4] == ["rte__lora__lr-0.02_seed-0", "rte__lora__lr-0.02_seed-1",
+                                          "rte__lora__lr-0.05_seed-0", "rte__lora__lr-0.05_seed-1"]
+    assert "mrpc__lora__lr-0.02_seed-0" in ids and not [i for i in ids if i.startswith("mrpc") and "0.05" in i]
+    by_id = {r.run_id: r for r in plan.runs()}
+    assert by_id["rte__ld__lr-0.05_p-0.5_seed-1"].settings["ood_task"] == ["mrpc", "cola"]
+    assert by_id["rte__ld__lr-0.05_p-0.5_seed-1"].settings["lr"] == 0.05
 
 
 @pytest.mark.parametrize("text, fragment", [

@@ -11,7 +11,8 @@ A plan::
       lora: {no_lora_dropout: true}
       lora_dropout: {p: 0.5, samples: 4}
       p_sweep: {p: [0.1, 0.3, 0.5], samples: [1, 4]}
-    task_settings:                      # per task, or per task and method ("task/method"), before the method's
+    task_settings:                      # per task, or per task and method ("task/method"), before the method's;
+                                        # a list for a grid axis is that task's own values (e.g. lr: [...])
       sst2: {max_train_samples: 10000}
       mrpc/lora_dropout: {lr: 2.0e-3}
     select_from: tune.yaml              # optional: each task/method's lr from a tuning sweep (plan or results)
@@ -45,7 +46,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,8 @@ class SweepPlan:
             spec = dict(spec or {})
             local = {k: v for k, v in spec.items() if isinstance(v, list)}
             fixed = {k: v for k, v in spec.items() if not isinstance(v, list)}
-            axes_lists = {**grid, **local}
-            for values in itertools.product(*axes_lists.values()):
-                axes = dict(zip(axes_lists, values))
+            for values, names in _combinations(grid, local, self.task_settings):
+                axes = dict(zip(names, values))
                 task = axes.get("task", self.base.get("task"))
                 run_id = _run_id(method, axes)
                 if self.only and not any(fnmatch.fnmatchcase(run_id, pattern) for pattern in self.only):
@@ -211,6 +211,20 @@ def _phase_one_choices(source: Path) -> tuple[dict[tuple[str, str], dict[str, An
     choices = {key: {"lr": c[0].lr, **dict(c[0].local)}
                for key, c in (study.choices.items() if study else ()) if len(c) == 1}
     return choices, unfinished
+
+
+def _combinations(grid: dict[str, list[Any]], local: dict[str, list[Any]],
+                  task_settings: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[tuple, list[str]]]:
+    """Every combination of the grid's axes and a method's own (`local`), task by task: a task's settings may give a
+    grid axis its own list of values for that task (e.g. a wider lr grid where the best lr sat at the edge)."""
+    tasks = grid.get("task", [None])
+    for task in tasks:
+        own = {k: v for k, v in (task_settings.get(task) or {}).items()
+               if k in grid and k != "task" and isinstance(v, list)} if task is not None else {}
+        axes_lists = {**grid, **({"task": [task]} if "task" in grid else {}), **own, **local}
+        names = list(axes_lists)
+        for values in itertools.product(*axes_lists.values()):
+            yield values, names
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
