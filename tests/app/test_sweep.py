@@ -274,3 +274,32 @@ def test_a_killed_attempt_counts_until_its_last_write(tmp_path: Path) -> None:
         {"seconds": 5.0, "outcome": "interrupted"}, {"started": 1000.0, "outcome": "started"}]))
     assert _earlier_attempts(job) == [{"seconds": 5.0, "outcome": "interrupted"},
                                       {"seconds": 42.0, "outcome": "killed"}]
+
+
+def test_laplace_in_the_worker_keeps_the_folder_only_when_its_fit_fails(data_root: Path, bert_dir: Path,
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`laplace`: right after a `lora` run, its Laplace fit gets the run's result and folder; a failed fit keeps the
+    folder for the pass after the sweep, a successful one lets it go (the real fit: test_laplace_sweep.py)."""
+    import loradrop.app.sweep_run as sweep_run
+    from loradrop.app.sweep import RunJob
+
+    plan = SweepPlan.load(write_plan(tmp_path, str(bert_dir)))
+    run = next(r for r in plan.runs() if r.run_id == "rte__lora__lr-0.02_seed-0")
+    calls = []
+
+    def fit(job, results, work, *, prior, overrides):
+        calls.append((job.run_id, job.source["run_id"], job.run_folder.is_dir(), prior))
+        return {"run_id": job.run_id, "status": "failed", "error": "ValueError: no"} if len(calls) == 1 else \
+            {"run_id": job.run_id, "status": "ok"}
+
+    monkeypatch.setattr(sweep_run, "score_one", fit)
+    for n, expected in ((1, "ValueError: no"), (2, "ok")):
+        results, work = tmp_path / f"res{n}", tmp_path / f"work{n}"
+        results.mkdir()
+        status = sweep_run.execute(RunJob(run, plan.name, results, work, laplace="val_nll"))
+        assert status["status"] == "ok" and status["laplace"] == expected
+        assert calls[-1] == ("rte__laplace__lr-0.02_seed-0", run.run_id, True, "val_nll")
+        assert (work / run.run_id).is_dir() == (expected != "ok")
+    assert "laplace" not in sweep_run.execute(RunJob(next(r for r in plan.runs() if r.method == "ld"), plan.name,
+                                                     tmp_path / "res1", tmp_path / "work1", laplace="auto"))

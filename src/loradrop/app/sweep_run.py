@@ -10,7 +10,8 @@ Beyond a plain training run it
   in ``<work dir>/<run id>.attempts.json``; the result's ``wall_time_s`` is the sum over attempts and ``attempts``
   lists the earlier ones, so a resumed run's cost is visible as such;
 - **fits Laplace-LoRA right after a plain-LoRA run** (``laplace``): the run folder is still there, so the Laplace
-  result (`laplace_sweep.score_one`) needs no ``--keep-runs`` and no second pass on the same machine;
+  result (`laplace_sweep.score_one`) needs no ``--keep-runs`` and no second pass (a failed fit keeps the folder, for
+  the pass after the sweep or the next one);
 - **waits for GPU memory** (`sweep_schedule.MemoryGate`, ``--gpu-memory``) before it starts, and a run that still
   runs out of GPU memory is tried once more with the GPU to itself.
 """
@@ -153,7 +154,7 @@ def execute(job: RunJob) -> dict:
             fit = score_one(source_job(result_path(results, run.run_id), result, folder), results, job.work_dir,
                             prior=job.laplace, overrides=job.overrides)
             status["laplace"] = fit["status"] if fit["status"] == "ok" else fit.get("error", "failed")
-        if not job.keep_runs:
+        if not job.keep_runs and status.get("laplace") in (None, "ok"):  # a failed fit keeps it, to be tried again
             shutil.rmtree(folder, ignore_errors=True)
         return status
     except Exception as err:  # one failed run must not stop the sweep; the error is kept with its traceback
