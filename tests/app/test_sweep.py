@@ -62,6 +62,12 @@ def test_plan_expansion_ids_and_validation(tmp_path: Path) -> None:
     by_id = {r.run_id: r for r in plan.runs()}
     assert by_id["rte__ld__lr-0.05_p-0.5_seed-1"].settings["ood_task"] == ["mrpc", "cola"]
     assert by_id["rte__ld__lr-0.05_p-0.5_seed-1"].settings["lr"] == 0.05
+    plan.grid.pop("task")  # the task in base: its own lr list still applies
+    plan.base["task"] = "rte"
+    assert len(plan.runs()) == 12
+    plan.task_settings = {"rte/ld": {"lr": [0.02, 0.05]}}  # a task/method's list for a grid axis is refused
+    with pytest.raises(SettingsError, match="belongs to a task's own settings"):
+        plan.runs()
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -196,7 +202,7 @@ def test_workers_are_spread_over_the_gpus(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_run_continues_from_its_checkpoint(data_root: Path, bert_dir: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """`checkpoint_steps`: a run stopped after step 2 (Ctrl-C in its worker) continues from checkpoint-2 on the next
     sweep, and ends with the same predictions as a run that was never stopped; its result counts both attempts'
     time and lists the first. Without a usable checkpoint (settings changed since) the run starts over."""
@@ -223,12 +229,16 @@ def test_an_interrupted_run_continues_from_its_checkpoint(data_root: Path, bert_
     monkeypatch.setattr(train_run, "train", real)
     staging = work / f".{run.run_id}.partial"
     assert (staging / "checkpoint-2").is_dir() and not (results / f"{run.run_id}.json").exists()
-    attempts = json.loads((work / f"{run.run_id}.attempts.json").read_text())
+    record = json.loads((work / f"{run.run_id}.attempts.json").read_text())
+    attempts = record["attempts"]
+    assert record["settings"] == run.settings
     assert len(attempts) == 1 and attempts[0]["outcome"] == "interrupted" and attempts[0]["seconds"] > 0
 
-    assert execute(job)["status"] == "ok"
+    status = execute(job)
+    assert status["status"] == "ok"
     resumed = json.loads((results / f"{run.run_id}.json").read_text())
-    assert resumed["attempts"] == attempts and resumed["wall_time_s"] > attempts[0]["seconds"]
+    assert resumed["attempts"] == attempts
+    assert resumed["wall_time_s"] == pytest.approx(status["seconds"] + attempts[0]["seconds"])
     assert resumed["metrics"]["train"]["resumed_from"] == "checkpoint-2"
     assert not (work / f"{run.run_id}.attempts.json").exists() and not staging.exists()
 
@@ -241,18 +251,27 @@ def test_an_interrupted_run_continues_from_its_checkpoint(data_root: Path, bert_
         for key in ("single_probs", "ensemble_probs"):
             np.testing.assert_allclose(resumed["predictions"][split][key], fresh["predictions"][split][key], atol=2e-6)
 
-    # a checkpoint of other settings is not resumed: the run starts over (and says so)
-    other = PlannedRun(run.run_id, run.method, run.axes, {**run.settings, "lr": 0.01})
-    monkeypatch.setattr(train_run, "train", lambda settings, **kw: real(settings, callbacks=[Stop()]))
-    with pytest.raises(KeyboardInterrupt):
-        execute(job)
-    monkeypatch.setattr(train_run, "train", real)
-    (results / f"{run.run_id}.json").unlink()
-    assert execute(RunJob(other, plan.name, results, work, checkpoint_steps=1))["status"] == "ok"
-    restarted = json.loads((results / f"{run.run_id}.json").read_text())
-    assert restarted["metrics"]["train"]["resumed_from"] is None and restarted["settings"]["lr"] == 0.01
+    # a checkpoint of other settings is not resumed, even of a setting --resume does not compare (epoch_eval): the
+    # run starts over, says so, and its time leaves the interrupted attempt out
+    restarts = []
+    for other in (PlannedRun(run.run_id, run.method, run.axes, {**run.settings, "lr": 0.01}),
+                  PlannedRun(run.run_id, run.method, run.axes, {**run.settings, "epoch_eval": False})):
+        monkeypatch.setattr(train_run, "train", lambda settings, **kw: real(settings, callbacks=[Stop()]))
+        with pytest.raises(KeyboardInterrupt):
+            execute(job)
+        monkeypatch.setattr(train_run, "train", real)
+        (results / f"{run.run_id}.json").unlink()
+        capsys.readouterr()
+        status = execute(RunJob(other, plan.name, results, work, checkpoint_steps=1))
+        assert status["status"] == "ok"
+        assert "not resumed (its checkpoint was trained with other settings)" in capsys.readouterr().err
+        restarted = json.loads((results / f"{run.run_id}.json").read_text())
+        assert restarted["metrics"]["train"]["resumed_from"] is None and restarted["settings"] == other.settings
+        assert "attempts" not in restarted and restarted["discarded_attempts"][0]["outcome"] == "interrupted"
+        assert restarted["wall_time_s"] == pytest.approx(status["seconds"])
+        restarts.append(restarted)
     # (the tolerance above tells runs apart: another lr moves the predictions by far more)
-    gap = np.abs(np.array(restarted["predictions"]["test"]["single_probs"])
+    gap = np.abs(np.array(restarts[0]["predictions"]["test"]["single_probs"])  # the run at lr 0.01
                  - np.array(fresh["predictions"]["test"]["single_probs"])).max()
     assert gap > 1e-4, gap
 
@@ -270,10 +289,10 @@ def test_a_killed_attempt_counts_until_its_last_write(tmp_path: Path) -> None:
     os.utime(staging / "adapter.safetensors", (1000.0 + 42.0, 1000.0 + 42.0))
     for folder in (staging, staging.parent):
         os.utime(folder, (1000.0, 1000.0))
-    (tmp_path / "work" / "r.attempts.json").write_text(json.dumps([
-        {"seconds": 5.0, "outcome": "interrupted"}, {"started": 1000.0, "outcome": "started"}]))
-    assert _earlier_attempts(job) == [{"seconds": 5.0, "outcome": "interrupted"},
-                                      {"seconds": 42.0, "outcome": "killed"}]
+    (tmp_path / "work" / "r.attempts.json").write_text(json.dumps({"settings": {"lr": 1}, "attempts": [
+        {"seconds": 5.0, "outcome": "interrupted"}, {"started": 1000.0, "outcome": "started"}]}))
+    assert _earlier_attempts(job) == ([{"seconds": 5.0, "outcome": "interrupted"},
+                                       {"seconds": 42.0, "outcome": "killed"}], {"lr": 1})
 
 
 def test_laplace_in_the_worker_keeps_the_folder_only_when_its_fit_fails(data_root: Path, bert_dir: Path,

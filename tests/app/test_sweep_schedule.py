@@ -45,14 +45,19 @@ def test_estimates_come_from_the_finished_runs(tmp_path: Path) -> None:
     # same task, a method not run yet: the smallest per-member peak of the others, times its members per step
     got = estimate("arc", "ld4", {"p": 0.5, "samples": 4}, measured)
     assert (got.memory_gib, got.seconds, got.source) == (32.0, 200.0, "scaled")
+    scaled = got
     assert estimate("arc", "ld4c", {"p": 0.5, "samples": 4, "chunk_size": 2}, measured).memory_gib == 16.0
     assert estimate("boolq", "lora", {}, measured).source == "unknown"
+    # the same method with a samples axis: its measured peak per member, times this run's members
+    _result(tmp_path, "arc__sens__lr-1_samples-1", "arc", "sens", 10 * 1024, 200.0, p=0.5, samples=1)
+    got = estimate("arc", "sens", {"p": 0.5, "samples": 8}, measured_runs(tmp_path))
+    assert (got.memory_gib, got.source) == (80.0, "measured")
     assert members_per_step({"p": 0.5, "samples": 4, "no_lora_dropout": True}) == 1
     assert members_per_step({"p": 0.0, "samples": 4}) == 1 and members_per_step({"samples": 3}) == 3
 
     # a reservation: estimate plus overhead, with slack; an even share when unknown; never over the budget
-    assert reservation(got, 100.0, 10.0) == pytest.approx((32.0 + OVERHEAD_GIB) * SLACK)
-    assert reservation(got, 20.0, 10.0) == 20.0
+    assert reservation(scaled, 100.0, 10.0) == pytest.approx((32.0 + OVERHEAD_GIB) * SLACK)
+    assert reservation(scaled, 20.0, 10.0) == 20.0
     assert reservation(estimate("boolq", "lora", {}, measured), 100.0, 12.5) == 12.5
     # the longest first, unknown ones before them, ties in plan order
     assert longest_first(["a", "b", "c", "d"], {"a": 10.0, "b": None, "c": 30.0, "d": 10.0}) == ["b", "c", "a", "d"]
@@ -104,6 +109,38 @@ def test_the_gate_keeps_worker_processes_within_the_budget() -> None:
     assert gate.used(0) == 0.0
 
 
+def _hold_forever(gate: MemoryGate, gib: float, log) -> None:
+    with gate.reserve(0, gib):
+        log.put("holding")
+        time.sleep(600)
+
+
+def test_a_dead_worker_gives_its_memory_back() -> None:
+    """A worker killed while it holds a reservation (or while it waits) must not wedge the others: its entry is
+    dropped at the next look, and a run needing the whole budget gets it."""
+    import os
+    import signal
+
+    context = multiprocessing.get_context("spawn")
+    gate = MemoryGate(context, [0], 100.0, slots=2)
+    log = context.Queue()
+    holder = context.Process(target=_hold_forever, args=(gate, 70.0, log))
+    holder.start()
+    assert log.get(timeout=60) == "holding" and gate.used(0) == 70.0
+    waiter = context.Process(target=_hold_forever, args=(gate, 50.0, log))  # does not fit: waits
+    waiter.start()
+    time.sleep(3)
+    assert gate.used(0) == 70.0
+    os.kill(waiter.pid, signal.SIGKILL)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(timeout=10)
+    waiter.join(timeout=10)
+    start = time.time()
+    with gate.reserve(0, 100.0):
+        assert gate.used(0) == 100.0
+    assert time.time() - start < 5 and gate.used(0) == 0.0
+
+
 def test_a_run_out_of_gpu_memory_is_tried_again_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     gate = MemoryGate(multiprocessing.get_context("spawn"), [0], 80.0, slots=2)
     seen = []
@@ -119,9 +156,13 @@ def test_a_run_out_of_gpu_memory_is_tried_again_alone(monkeypatch: pytest.Monkey
     job = sweep_run.RunJob(None, "p", tmp_path, tmp_path, reserve_gib=10.0)  # type: ignore[arg-type]
     assert sweep_run.execute_in_worker(job) == {"run_id": "r", "status": "ok", "retried_alone": True}
     assert seen == [10.0, 80.0] and gate.used(0) == 0.0
-    # other failures are not retried
+    # other failures are not retried, nor is a run that already had the whole budget
     monkeypatch.setattr(sweep_run, "execute", lambda job: {"run_id": "r", "status": "failed", "error": "ValueError"})
     assert sweep_run.execute_in_worker(job)["status"] == "failed"
+    seen.clear()
+    monkeypatch.setattr(sweep_run, "execute", fake_execute)
+    whole = sweep_run.RunJob(None, "p", tmp_path, tmp_path, reserve_gib=80.0)  # type: ignore[arg-type]
+    assert sweep_run.execute_in_worker(whole)["status"] == "failed" and seen == [80.0]
 
 
 @pytest.mark.parametrize("args, fragment", [(["--gpu-memory", "0"], "--gpu-memory: must be a number > 0"),

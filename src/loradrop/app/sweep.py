@@ -129,7 +129,7 @@ class SweepPlan:
             spec = dict(spec or {})
             local = {k: v for k, v in spec.items() if isinstance(v, list)}
             fixed = {k: v for k, v in spec.items() if not isinstance(v, list)}
-            for values, names in _combinations(grid, local, self.task_settings):
+            for values, names in _combinations(grid, local, self.task_settings, self.base.get("task")):
                 axes = dict(zip(names, values))
                 task = axes.get("task", self.base.get("task"))
                 run_id = _run_id(method, axes)
@@ -214,11 +214,15 @@ def _phase_one_choices(source: Path) -> tuple[dict[tuple[str, str], dict[str, An
 
 
 def _combinations(grid: dict[str, list[Any]], local: dict[str, list[Any]],
-                  task_settings: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[tuple, list[str]]]:
+                  task_settings: Mapping[str, Mapping[str, Any]],
+                  base_task: Any = None) -> Iterator[tuple[tuple, list[str]]]:
     """Every combination of the grid's axes and a method's own (`local`), task by task: a task's settings may give a
     grid axis its own list of values for that task (e.g. a wider lr grid where the best lr sat at the edge)."""
-    tasks = grid.get("task", [None])
-    for task in tasks:
+    for key, values in task_settings.items():
+        if "/" in str(key) and any(k in grid and isinstance(v, list) for k, v in (values or {}).items()):
+            raise SettingsError([f"task_settings {key!r}: a list for a grid axis belongs to a task's own settings "
+                                 "(every method of the task gets the same values), not to a task/method's"])
+    for task in grid.get("task", [base_task]):
         own = {k: v for k, v in (task_settings.get(task) or {}).items()
                if k in grid and k != "task" and isinstance(v, list)} if task is not None else {}
         axes_lists = {**grid, **({"task": [task]} if "task" in grid else {}), **own, **local}
@@ -284,8 +288,9 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
         raise UsageError("no results folder: give --results or a 'results' key in the plan")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
-    if gpus is not None and (not gpus or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus)):
-        raise UsageError(f"gpus must be a non-empty list of GPU indices >= 0, got {gpus!r}")
+    if gpus is not None and (not gpus or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus)
+                             or len(set(gpus)) != len(gpus)):
+        raise UsageError(f"gpus must be a non-empty list of distinct GPU indices >= 0, got {gpus!r}")
     if checkpoint_steps is not None and (isinstance(checkpoint_steps, bool) or not isinstance(checkpoint_steps, int)
                                          or checkpoint_steps < 1):
         raise UsageError(f"checkpoint_steps must be an integer >= 1, got {checkpoint_steps!r}")

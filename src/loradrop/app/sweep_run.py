@@ -5,10 +5,12 @@ Beyond a plain training run it
 
 - **continues an interrupted run**: with ``checkpoint_steps`` every run saves a checkpoint that often, and a run whose
   folder holds a checkpoint from an earlier, interrupted attempt (a sweep stopped by Ctrl-C or a time limit, the
-  folders kept on the machine) resumes from it instead of starting over (``--resume``; a checkpoint that does not
-  match the run's settings, or is damaged, is set aside and the run starts fresh). Each attempt's wall time is kept
-  in ``<work dir>/<run id>.attempts.json``; the result's ``wall_time_s`` is the sum over attempts and ``attempts``
-  lists the earlier ones, so a resumed run's cost is visible as such;
+  folders kept on the machine) resumes from it instead of starting over (``--resume``; a checkpoint of other
+  settings than the run's now, every setting compared, or a damaged one is set aside and the run starts fresh,
+  saying so on stderr). Each attempt's wall time and the run's settings are kept in
+  ``<work dir>/<run id>.attempts.json``; a resumed run's ``wall_time_s`` is the sum over its attempts and
+  ``attempts`` lists the earlier ones, so its cost is visible as such (a run trained anew after failed attempts
+  lists them as ``discarded_attempts``, outside its time);
 - **fits Laplace-LoRA right after a plain-LoRA run** (``laplace``): the run folder is still there, so the Laplace
   result (`laplace_sweep.score_one`) needs no ``--keep-runs`` and no second pass (a failed fit keeps the folder, for
   the pass after the sweep or the next one);
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -81,36 +85,60 @@ def _last_write(job: RunJob) -> float | None:
     return max(times) if times else None
 
 
-def _earlier_attempts(job: RunJob) -> list[dict[str, Any]]:
-    """The run's earlier attempts. An attempt recorded as started and never finished was killed (SIGKILL, or the pool
-    terminated before it could say): its time is counted up to the last write to its run folder."""
+def _earlier_attempts(job: RunJob) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The run's earlier attempts and the settings they ran with (None when unknown). An attempt recorded as started
+    and never finished was killed (SIGKILL, or the pool terminated before it could say): its time is counted up to
+    the last write to its run folder."""
     path = _attempts_file(job)
     try:
-        data = read_json(path) if path.is_file() else []
+        data = read_json(path) if path.is_file() else {}
     except UsageError:
-        return []
+        return [], None
+    if not isinstance(data, dict):
+        return [], None
     out = []
-    for attempt in data if isinstance(data, list) else []:
+    for attempt in data.get("attempts") or []:
         if isinstance(attempt, dict) and attempt.get("outcome") == "started":
             last = _last_write(job)
             attempt = {"seconds": round(max(0.0, (last or attempt["started"]) - attempt["started"]), 1),
                        "outcome": "killed"}
         out.append(attempt)
-    return out
+    settings = data.get("settings")
+    return out, settings if isinstance(settings, dict) else None
 
 
-def _train(job: RunJob) -> Any:
-    """Train the run, resuming an interrupted attempt's last checkpoint when there is one."""
+def _resumable(job: RunJob, settings: TrainSettings, stored: dict[str, Any] | None) -> str | None:
+    """Why the interrupted attempt's checkpoint cannot be continued (None: it can): there is none, it ran with other
+    settings than the run has now (every setting compared, not only those `--resume` checks), or it is damaged."""
+    from .integrity import verify_manifest
+    from .runfolder import plan_run
+
+    output = Path(settings.output)
+    if not (checkpoints(output) or checkpoints(staging_path(output))):
+        return "no checkpoint"
+    if stored is None or json.dumps(stored, sort_keys=True, default=str) != json.dumps(
+            job.run.settings, sort_keys=True, default=str):
+        return "its checkpoint was trained with other settings"
+    try:
+        plan = plan_run(output, resume=True, overwrite=False)
+        if plan.resume_from is not None:
+            verify_manifest(plan.resume_from)
+    except UsageError as err:
+        return str(err)
+    return None
+
+
+def _train(job: RunJob, stored: dict[str, Any] | None) -> tuple[Any, bool]:
+    """Train the run, continuing an interrupted attempt's last checkpoint when it can; (result, whether resumed)."""
     from .train_run import train
 
     settings = job.run.train_settings(job.work_dir, job.checkpoint_steps)
-    output = Path(settings.output)
-    if checkpoints(output) or checkpoints(staging_path(output)):
-        try:
-            return train(settings.replace(overwrite=False, resume=True))
-        except UsageError as err:  # settings changed since, or a damaged checkpoint: start over, and say why
-            print(f"loradrop sweep: {job.run.run_id}: not resumed ({err}); training from the start")
-    return train(settings)
+    why = _resumable(job, settings, stored)
+    if why is None:
+        return train(settings.replace(overwrite=False, resume=True)), True
+    if why != "no checkpoint":
+        print(f"loradrop sweep: {job.run.run_id}: not resumed ({why}); training from the start", file=sys.stderr)
+    return train(settings), False
 
 
 def execute(job: RunJob) -> dict:
@@ -119,27 +147,32 @@ def execute(job: RunJob) -> dict:
 
     run, results = job.run, job.results
     failed = results / f"{run.run_id}.failed.json"
-    earlier = _earlier_attempts(job)
+    earlier, stored = _earlier_attempts(job)
     start = time.perf_counter()
     outcome = "interrupted"
-    with contextlib.suppress(OSError):  # on record before anything runs, in case this attempt is killed outright
-        job.work_dir.mkdir(parents=True, exist_ok=True)
-        write_json(_attempts_file(job), [*earlier, {"started": time.time(), "outcome": "started"}])
+
+    def record(attempt: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            job.work_dir.mkdir(parents=True, exist_ok=True)
+            write_json(_attempts_file(job), {"settings": run.settings, "attempts": [*earlier, attempt]})
+
+    record({"started": time.time(), "outcome": "started"})  # on record first, in case this attempt is killed outright
     try:
         reset_peak_memory()
-        run_result = _train(job)
+        run_result, resumed = _train(job, stored)
         wall = time.perf_counter() - start
         metrics = run_result.metrics
         folder = run_result.output
         result = {
             "schema": SCHEMA, "plan": job.plan_name, "run_id": run.run_id, "method": run.method, "axes": run.axes,
             "settings": run.settings, "status": "ok", "versions": versions(), "hardware": hardware(),
-            "wall_time_s": wall + sum(a.get("seconds", 0.0) for a in earlier), "peak_memory_mib": peak_memory(),
-            "metrics": metrics, "loss_history": read_json(folder / "loss_history.json"),
+            "wall_time_s": wall + (sum(a.get("seconds", 0.0) for a in earlier) if resumed else 0.0),
+            "peak_memory_mib": peak_memory(), "metrics": metrics,
+            "loss_history": read_json(folder / "loss_history.json"),
             "predictions": {k: compact_predictions(read_rows(folder / name)) for k, name in PREDICTION_FILES.items()},
         }
-        if earlier:
-            result["attempts"] = earlier
+        if earlier:  # continued from them (their time is in wall_time_s), or trained anew after them (it is not)
+            result["attempts" if resumed else "discarded_attempts"] = earlier
         ood_sets = ((metrics or {}).get("uncertainty") or {}).get("ood_sets") or []
         if ood_sets:  # every OOD set's rows, by task (the first is also `ood`)
             result["predictions"]["ood_sets"] = {
@@ -151,8 +184,11 @@ def execute(job: RunJob) -> dict:
         status: dict[str, Any] = {"run_id": run.run_id, "status": "ok", "seconds": wall}
         if job.laplace is not None and run.method == LAPLACE_SOURCE_METHOD:
             release_memory()
-            fit = score_one(source_job(result_path(results, run.run_id), result, folder), results, job.work_dir,
-                            prior=job.laplace, overrides=job.overrides)
+            try:
+                fit = score_one(source_job(result_path(results, run.run_id), result, folder), results,
+                                job.work_dir, prior=job.laplace, overrides=job.overrides)
+            except Exception as err:  # the LoRA result stands; the fit is tried again from the kept folder
+                fit = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
             status["laplace"] = fit["status"] if fit["status"] == "ok" else fit.get("error", "failed")
         if not job.keep_runs and status.get("laplace") in (None, "ok"):  # a failed fit keeps it, to be tried again
             shutil.rmtree(folder, ignore_errors=True)
@@ -166,9 +202,7 @@ def execute(job: RunJob) -> dict:
                 "seconds": time.perf_counter() - start}
     finally:
         if outcome != "ok":  # the time an interrupted or failed attempt spent counts when the run is resumed
-            with contextlib.suppress(OSError):
-                write_json(_attempts_file(job), [*earlier, {"seconds": round(time.perf_counter() - start, 1),
-                                                            "outcome": outcome}])
+            record({"seconds": round(time.perf_counter() - start, 1), "outcome": outcome})
         release_memory()  # the next run of this worker (or of another worker on the GPU) gets the memory back
 
 

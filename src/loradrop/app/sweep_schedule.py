@@ -7,7 +7,7 @@ up past the card: then runs die with CUDA out-of-memory errors partway through, 
 and gives it back when it ends; a run that does not fit waits for others to finish. The estimate of a run is
 
 - the largest peak (``peak_memory_mib.cuda``, PyTorch's allocated peak) of a finished run of the same task and
-  method in the results folder, else
+  method in the results folder (per member of a step, times this run's members), else
 - the smallest peak of the task's finished runs under other methods, each divided by its members per step (LoRA
   Dropout's ``samples``, at most ``chunk_size``), times this run's (N masks per step cost about N times the activation
   memory of one; the wall time is the task's longest, unscaled: the members of a step run as one batched pass), else
@@ -16,14 +16,16 @@ and gives it back when it ends; a run that does not fit waits for others to fini
 plus `OVERHEAD_GIB` for the CUDA context and allocator slack, times `SLACK`. A reservation larger than the budget is
 cut to the budget (the run then has the GPU to itself). Waiting runs are admitted as soon as they fit, in any order
 (backfilling, so a large run does not hold the small ones behind it); a run that has waited `PATIENCE_S` seconds stops
-the others from starting until it fits, so it cannot be starved. The same finished runs give each run an expected
-wall time; the sweep starts the longest first (an interrupted call then loses the short runs, not the long ones).
+the others from starting until it fits, so it cannot be starved. A worker that dies gives its reservation back.
+The same finished runs give each run an expected wall time; the sweep starts the longest first (an interrupted call
+then loses the short runs, not the long ones).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -79,11 +81,12 @@ def estimate(task: Any, method: str, settings: Mapping[str, Any], measured: Iter
     """The estimate of one run (see the module docstring)."""
     same_task = [m for m in measured if m["task"] == task]
     same = [m for m in same_task if m["method"] == method]
-    memory = [m["memory_gib"] for m in same if m["memory_gib"]]
+    members = members_per_step(settings)
+    # the same method may have a local samples axis (e.g. samples: [1, 4]): its peaks scale with members too
+    memory = [m["memory_gib"] / m["members"] * members for m in same if m["memory_gib"]]
     seconds = [m["seconds"] for m in same if m["seconds"]]
     if memory or seconds:
         return Estimate(max(memory) if memory else None, max(seconds) if seconds else None, "measured")
-    members = members_per_step(settings)
     memory = [m["memory_gib"] / m["members"] * members for m in same_task if m["memory_gib"]]
     seconds = [m["seconds"] for m in same_task if m["seconds"]]  # members share a batched pass: not N times longer
     if memory or seconds:
@@ -118,52 +121,93 @@ def admissible(need: float, used: float, budget: float, me: int, waiting: Mappin
 
 class MemoryGate:
     """Memory reservations per GPU, shared by a pool's worker processes (multiprocessing primitives of one context,
-    handed to the workers when the pool starts). ``with gate.reserve(gpu, gib):`` blocks until the run fits."""
+    handed to the workers when the pool starts). ``with gate.reserve(gpu, gib):`` blocks until the run fits.
+
+    A table of entries (state, GPU, GiB, process id, waiting since) under one lock, polled: a worker that dies
+    (killed by the host, a crash) cannot wedge the others, because an entry whose process is gone is dropped at the
+    next look, and nobody waits on a notification a dead process would have to acknowledge (as a `Condition` does)."""
+
+    FREE, WAITING, HOLDING = 0, 1, 2
+    POLL_S = 0.5
 
     def __init__(self, context: Any, gpus: list[int], budget_gib: float, slots: int) -> None:
+        if len(set(gpus)) != len(gpus):
+            raise ValueError(f"the gate's GPUs must be distinct, got {gpus}")
         self.budget = float(budget_gib)
         self.gpus = list(gpus)
-        self.slots = slots
-        self._cond = context.Condition()
-        self._used = context.Array("d", len(self.gpus))
-        self._since = context.Array("d", slots * len(self.gpus))  # waiting since (0: not waiting), per worker slot
+        size = 4 * max(1, slots) * len(self.gpus)  # room for every worker, replacements included
+        self._lock = context.Lock()
+        self._state = context.Array("i", size, lock=False)
+        self._gpu = context.Array("i", size, lock=False)
+        self._pid = context.Array("i", size, lock=False)
+        self._gib = context.Array("d", size, lock=False)
+        self._since = context.Array("d", size, lock=False)
 
-    def reserve(self, gpu: int, gib: float, slot: int) -> _Reservation:
-        return _Reservation(self, self.gpus.index(gpu) if gpu in self.gpus else 0, min(gib, self.budget),
-                            slot % self.slots)
+    def reserve(self, gpu: int, gib: float, slot: int = 0) -> _Reservation:
+        """`slot` is accepted for callers that number their workers; entries are claimed by process id."""
+        return _Reservation(self, self.gpus.index(gpu) if gpu in self.gpus else 0, min(gib, self.budget))
 
-    def _waiting(self, g: int) -> dict[int, float]:
-        base = g * self.slots
-        return {s: self._since[base + s] for s in range(self.slots) if self._since[base + s] > 0}
+    def _drop_dead(self) -> None:
+        for i, pid in enumerate(self._pid):
+            if self._state[i] != self.FREE and not _alive(pid):
+                self._state[i] = self.FREE
 
-    def _acquire(self, g: int, gib: float, slot: int) -> None:
-        with self._cond:
-            self._since[g * self.slots + slot] = time.time()
-            while not admissible(gib, self._used[g], self.budget, slot, self._waiting(g), time.time()):
-                self._cond.wait(timeout=5.0)  # re-checked at least every 5 s: patience is a matter of time
-            self._since[g * self.slots + slot] = 0.0
-            self._used[g] += gib
-            self._cond.notify_all()
+    def _used(self, g: int) -> float:
+        return sum(self._gib[i] for i in range(len(self._state)) if self._state[i] == self.HOLDING
+                   and self._gpu[i] == g)
 
-    def _release(self, g: int, gib: float) -> None:
-        with self._cond:
-            self._used[g] = max(0.0, self._used[g] - gib)
-            self._cond.notify_all()
+    def _acquire(self, g: int, gib: float) -> int:
+        with self._lock:
+            self._drop_dead()
+            entry = next((i for i, state in enumerate(self._state) if state == self.FREE), None)
+            if entry is None:
+                raise RuntimeError("the memory gate has no free entry (more live workers than it was sized for)")
+            self._state[entry], self._gpu[entry], self._gib[entry] = self.WAITING, g, gib
+            self._pid[entry], self._since[entry] = os.getpid(), time.time()
+        try:
+            while True:
+                with self._lock:
+                    self._drop_dead()
+                    waiting = {i: self._since[i] for i in range(len(self._state))
+                               if self._state[i] == self.WAITING and self._gpu[i] == g}
+                    if admissible(gib, self._used(g), self.budget, entry, waiting, time.time()):
+                        self._state[entry] = self.HOLDING
+                        return entry
+                time.sleep(self.POLL_S)
+        except BaseException:  # interrupted while waiting: leave no entry behind
+            with self._lock:
+                self._state[entry] = self.FREE
+            raise
+
+    def _release(self, entry: int) -> None:
+        with self._lock:
+            self._state[entry] = self.FREE
 
     def used(self, gpu: int) -> float:
-        return self._used[self.gpus.index(gpu) if gpu in self.gpus else 0]
+        with self._lock:
+            return self._used(self.gpus.index(gpu) if gpu in self.gpus else 0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process of that id: alive
+        return True
+    return True
 
 
 class _Reservation:
-    def __init__(self, gate: MemoryGate, g: int, gib: float, slot: int) -> None:
-        self.gate, self.g, self.gib, self.slot = gate, g, gib, slot
+    def __init__(self, gate: MemoryGate, g: int, gib: float) -> None:
+        self.gate, self.g, self.gib, self.entry = gate, g, gib, -1
 
     def __enter__(self) -> _Reservation:
-        self.gate._acquire(self.g, self.gib, self.slot)
+        self.entry = self.gate._acquire(self.g, self.gib)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.gate._release(self.g, self.gib)
+        self.gate._release(self.entry)
 
 
 def check_budget(gpu_memory_gib: Any) -> float:
