@@ -76,7 +76,7 @@ def test_admission_backfills_but_never_starves() -> None:
 
 
 def _hold(gate: MemoryGate, slot: int, gib: float, log) -> None:
-    with gate.reserve(0, gib, slot):
+    with gate.reserve(0, gib):
         log.put(("start", slot, gate.used(0), time.time()))
         time.sleep(1.5)
         log.put(("end", slot, gate.used(0), time.time()))
@@ -86,7 +86,7 @@ def test_the_gate_keeps_worker_processes_within_the_budget() -> None:
     """Four processes ask for 40, 40, 40 and 150 GiB of a 100 GiB budget: at most two 40s run together, and the run
     larger than the budget runs alone."""
     context = multiprocessing.get_context("spawn")
-    gate = MemoryGate(context, [0], 100.0, slots=4)
+    gate = MemoryGate(context, [0], 100.0, workers=4)
     log = context.Queue()
     procs = [context.Process(target=_hold, args=(gate, slot, gib, log)) for slot, gib in enumerate((40, 40, 40, 150))]
     for p in procs:
@@ -122,7 +122,7 @@ def test_a_dead_worker_gives_its_memory_back() -> None:
     import signal
 
     context = multiprocessing.get_context("spawn")
-    gate = MemoryGate(context, [0], 100.0, slots=2)
+    gate = MemoryGate(context, [0], 100.0, workers=2)
     log = context.Queue()
     holder = context.Process(target=_hold_forever, args=(gate, 70.0, log))
     holder.start()
@@ -142,7 +142,7 @@ def test_a_dead_worker_gives_its_memory_back() -> None:
 
 
 def test_a_run_out_of_gpu_memory_is_tried_again_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    gate = MemoryGate(multiprocessing.get_context("spawn"), [0], 80.0, slots=2)
+    gate = MemoryGate(multiprocessing.get_context("spawn"), [0], 80.0, workers=2)
     seen = []
 
     def fake_execute(job):

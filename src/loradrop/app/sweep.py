@@ -47,11 +47,13 @@ import fnmatch
 import itertools
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import SettingsError, UsageError
+from .laplace_sweep import METHOD as LAPLACE_METHOD
+from .laplace_sweep import SOURCE_METHOD as LAPLACE_SOURCE_METHOD
 from .runfolder import read_json
 from .settings import TrainSettings
 from .sweep_files import result_path
@@ -310,14 +312,15 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     for run in todo:
         task = run.settings.get("task")
         found = estimate(task, run.method, run.settings, measured)
-        if laplace is not None and run.method == "lora":  # its Laplace fit runs in the same reservation
-            fit = estimate(task, "laplace", run.settings, [m for m in measured if m["method"] == "laplace"])
+        if laplace is not None and run.method == LAPLACE_SOURCE_METHOD:  # its fit runs in the same reservation
+            fit = estimate(task, LAPLACE_METHOD, run.settings, [m for m in measured if m["method"] == LAPLACE_METHOD])
             if fit.memory_gib and (found.memory_gib or 0) < fit.memory_gib:
-                found = type(found)(fit.memory_gib, found.seconds, found.source)
+                found = replace(found, memory_gib=fit.memory_gib)
         estimates[run.run_id] = found
     order = longest_first([r.run_id for r in todo], {k: e.seconds for k, e in estimates.items()})
     by_id = {r.run_id: r for r in todo}
-    share = (gpu_memory_gib or 0.0) / max(1, -(-min(workers, max(1, len(todo))) // len(gpus or [0])))
+    per_gpu = -(-min(workers, max(1, len(todo))) // len(gpus or [0]))  # workers sharing a GPU (rounded up)
+    share = (gpu_memory_gib or 0.0) / per_gpu  # an unknown run's reservation: an even share of its GPU
     jobs = [RunJob(by_id[k], plan.name, results, work, keep_runs, checkpoint_steps, laplace, dict(plan.overrides),
                    reservation(estimates[k], gpu_memory_gib, share) if gpu_memory_gib else None) for k in order]
     bar = tqdm(total=len(jobs), desc=f"sweep {plan.name}", unit="run", disable=not progress)
@@ -351,7 +354,7 @@ def _statuses(jobs: list[RunJob], workers: int, gpus: list[int] | None = None,
     size = min(workers, len(jobs))
     gate = None
     if gpu_memory_gib is not None:
-        gate = MemoryGate(context, gpus or [0], gpu_memory_gib, slots=-(-size // len(gpus or [0])))
+        gate = MemoryGate(context, gpus or [0], gpu_memory_gib, workers=size)
     saved = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     pool = context.Pool(size, initializer=worker_init, initargs=(gpus, gate))

@@ -214,7 +214,6 @@ def is_out_of_memory(status: dict[str, Any]) -> bool:
 # ------------------------------------------------------------------------------------------------ the pool's workers
 _GATE: Any = None  # the pool's MemoryGate (sweep_schedule), set by `worker_init`
 _GPU = 0
-_SLOT = 0
 
 
 def worker_gpu(gpus: list[int], worker: int) -> int:
@@ -228,7 +227,7 @@ def worker_init(gpus: list[int] | None = None, gate: Any = None) -> None:
     runs reserve GPU memory before they start."""
     import multiprocessing
 
-    global _GATE, _GPU, _SLOT
+    global _GATE, _GPU
     # (k,): from the parent's process counter, consecutive for a pool's workers, so round robin over them;
     # a worker that replaces a crashed one takes the next number (the load may then be uneven)
     identity = multiprocessing.current_process()._identity
@@ -236,7 +235,7 @@ def worker_init(gpus: list[int] | None = None, gate: Any = None) -> None:
     if gpus:
         _GPU = worker_gpu(gpus, number)
         os.environ["CUDA_VISIBLE_DEVICES"] = str(_GPU)
-    _GATE, _SLOT = gate, (number - 1) // max(1, len(gpus or [0]))
+    _GATE = gate
     os.environ["TQDM_DISABLE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -258,10 +257,10 @@ def execute_in_worker(job: RunJob) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         if _GATE is None or job.reserve_gib is None:
             return execute(job)
-        with _GATE.reserve(_GPU, job.reserve_gib, _SLOT):
+        with _GATE.reserve(_GPU, job.reserve_gib):
             status = execute(job)
         if is_out_of_memory(status) and job.reserve_gib < _GATE.budget:
-            with _GATE.reserve(_GPU, _GATE.budget, _SLOT):
+            with _GATE.reserve(_GPU, _GATE.budget):
                 status = {**execute(job), "retried_alone": True}
         return status
 

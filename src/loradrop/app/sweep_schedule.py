@@ -130,12 +130,12 @@ class MemoryGate:
     FREE, WAITING, HOLDING = 0, 1, 2
     POLL_S = 0.5
 
-    def __init__(self, context: Any, gpus: list[int], budget_gib: float, slots: int) -> None:
+    def __init__(self, context: Any, gpus: list[int], budget_gib: float, workers: int) -> None:
         if len(set(gpus)) != len(gpus):
             raise ValueError(f"the gate's GPUs must be distinct, got {gpus}")
         self.budget = float(budget_gib)
         self.gpus = list(gpus)
-        size = 4 * max(1, slots) * len(self.gpus)  # room for every worker, replacements included
+        size = 4 * max(1, workers)  # an entry per waiting or holding process: every worker, replacements included
         self._lock = context.Lock()
         self._state = context.Array("i", size, lock=False)
         self._gpu = context.Array("i", size, lock=False)
@@ -143,8 +143,7 @@ class MemoryGate:
         self._gib = context.Array("d", size, lock=False)
         self._since = context.Array("d", size, lock=False)
 
-    def reserve(self, gpu: int, gib: float, slot: int = 0) -> _Reservation:
-        """`slot` is accepted for callers that number their workers; entries are claimed by process id."""
+    def reserve(self, gpu: int, gib: float) -> _Reservation:
         return _Reservation(self, self.gpus.index(gpu) if gpu in self.gpus else 0, min(gib, self.budget))
 
     def _drop_dead(self) -> None:
