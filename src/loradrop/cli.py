@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--checkpoint-steps", type=_positive_int, default=None, metavar="N",
                        help="every run saves a checkpoint each N steps, and a run interrupted earlier (its folder "
                             "still in --work-dir) continues from its last one instead of starting over")
+    sweep.add_argument("--deadline", type=_positive_float, default=None, metavar="SECONDS",
+                       help="start a run only if it is expected (from the finished runs of its task and method) to "
+                            "end within SECONDS from now; the others stay pending, listed as deferred (e.g. the "
+                            "device time left on a lent GPU)")
     sweep.add_argument("--work-dir", default=None, help="where run folders are built (default: beside --results)")
     sweep.add_argument("--keep-runs", action="store_true", help="keep each run folder (adapters, logs)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
@@ -230,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a setting of every run (e.g. --set model=/path/to/minilm); repeatable")
     sweep.add_argument("--laplace", nargs="?", const="auto", default=None, choices=LAPLACE_PRIORS,
                        help="score Laplace-LoRA on every run of method 'lora': right after it trains, in its worker, "
-                            "and afterwards on every kept lora run folder without a Laplace result (needs "
+                            "first on every kept lora run folder without a Laplace result (a fit cut off earlier), "
+                            "and afterwards on those whose fit failed (needs "
                             "laplace-torch): one result of method 'laplace' each (loradrop.app.laplace_sweep)")
 
     tasks_cmd = sub.add_parser("tasks", help="list the registered tasks, their metrics and whether their data is here")
@@ -278,9 +283,14 @@ def _sweep(args: argparse.Namespace) -> int:
         require_laplace()  # before any training
     summary = run_sweep(plan, results, workers=args.workers, work_dir=args.work_dir, keep_runs=args.keep_runs,
                         gpus=args.gpus, gpu_memory_gib=args.gpu_memory, checkpoint_steps=args.checkpoint_steps,
-                        laplace=args.laplace)
+                        laplace=args.laplace, deadline_s=args.deadline)
+    deferred = summary.get("deferred") or []
     print(f"sweep {plan.name}: {summary['ok']} ran, {summary['skipped']} done already, {len(summary['failed'])} "
-          f"failed (of {summary['planned']})", flush=True)
+          f"failed, {len(deferred)} deferred (of {summary['planned']})"
+          + (f"; {summary['laplace_ok']} earlier runs' Laplace fits done" if summary.get("laplace_ok") else ""),
+          flush=True)
+    for run_id in deferred:
+        print(f"  deferred: {run_id} (expected to end after the deadline; still pending)", file=sys.stderr)
     for failure in summary["failed"]:
         print(f"  failed: {failure['run_id']}: {failure['error']}", file=sys.stderr)
     for failure in summary.get("laplace_failed", []):

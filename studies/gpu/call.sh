@@ -14,7 +14,10 @@
 # Laplace-LoRA right after each plain-LoRA run, in its worker (--laplace), so no run folder has to outlive its run.
 # Knobs: LIMIT (s, default 540; keep it under the call's timeout_s and the session's device time left), STAGE
 # (/tmp/gpu), WORKERS (default: the machine's cores, at most 16 per GPU), GPUS (default: all), GPU_MEMORY (GiB per GPU
-# for the gate; default 85% of the first GPU's memory), CHECKPOINT_STEPS (50), SETS (extra sweep
+# for the gate; default 85% of the first GPU's memory), CHECKPOINT_STEPS (50), SESSION_LEFT (s: the device time the
+# session has left at this call's start, `budget_left_s` less this call's transfers; the sweeps then start only runs
+# expected to end before it, --deadline, so the lease does not end on half-done runs; default: no deadline), NO_MPS
+# (set: no CUDA MPS daemon, the runs take turns on the GPU as before), SETS (extra sweep
 # arguments for every sweep, e.g. "--set epochs=1": a local dry run uses tiny settings), ONLY (run-id globs for the
 # LLM sweeps), JOBS (default "tune main laplace instruct"), PY (python3), SITE (the staged site; a local dry run on
 # another Python points it elsewhere).
@@ -70,6 +73,27 @@ if [ -d "$S/site/peft" ] && [ ! -f "$L/env.txt" ]; then
   log "environment: $(sed -n 's/^3\.[0-9.]* torch/torch/p' "$L/env.txt")"
 fi
 
+# ---- CUDA MPS: without it, the processes sharing a GPU take turns on it (time slices), each running kernels too
+# small to fill it (a 135M model at batch 16); with it, their kernels run side by side. Started once per machine,
+# checked with a small training step, and stopped again if that fails. Runs record it (hardware.cuda_mps).
+mps() {
+  [ -n "${NO_MPS:-}" ] && return 0
+  command -v nvidia-cuda-mps-control > /dev/null || { [ -f "$L/mps.txt" ] || echo "off: nvidia-cuda-mps-control not found" > "$L/mps.txt"; return 0; }
+  grep -q '^failed' "$L/mps.txt" 2>/dev/null && return 0
+  export CUDA_MPS_PIPE_DIRECTORY="$S/mps/pipe" CUDA_MPS_LOG_DIRECTORY="$S/mps/log"
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  grep -q '^on' "$L/mps.txt" 2>/dev/null && pgrep -x nvidia-cuda-mps-control > /dev/null && return 0  # an earlier call's
+  pgrep -x nvidia-cuda-mps-control > /dev/null || nvidia-cuda-mps-control -d
+  if timeout 120 $PY -c "import torch; x = torch.randn(512, 512, device='cuda', requires_grad=True); (x @ x).sum().backward(); torch.cuda.synchronize(); assert torch.isfinite(x.grad).all(); print('ok')" > "$L/mps_probe.txt" 2>&1; then
+    echo "on: $(nvidia-cuda-mps-control -V 2>/dev/null | head -1)" > "$L/mps.txt"
+  else
+    echo quit | nvidia-cuda-mps-control; sleep 2
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    echo "failed: a CUDA step through MPS failed (logs/mps_probe.txt); runs take turns on the GPU" > "$L/mps.txt"
+  fi
+}
+[ -f "$S/smol/config.json" ] && [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -gt 0 ] && { mps; log "MPS: $(cat "$L/mps.txt" 2>/dev/null)"; }
+
 # ---- the jobs
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [ "${NGPU:-0}" -gt 1 ] && GPUS=${GPUS:-$(seq -s, 0 $(( NGPU - 1 )))}
@@ -91,7 +115,13 @@ CS=studies/commonsense
     sleep 10; [ $(( $(date +%s) % 60 )) -lt 10 ] && pack
   done ) &
 LOOP=$!
-pending() { $PY -m loradrop sweep "$@" --dry-run 2>/dev/null | grep -o '^[0-9]* to run' | tail -1 | grep -o '[0-9]*' || echo "?"; }
+pending() {  # runs to train plus, with --laplace, Laplace fits of earlier runs (their folders are on this machine)
+  local out; out=$($PY -m loradrop sweep "$@" --dry-run 2>/dev/null) || { echo "?"; return; }
+  echo "$out" | grep -oE '^(laplace: )?[0-9]+ to run' | grep -oE '[0-9]+' | awk '{s += $1} END {print s + 0}'
+}
+deadline() {  # --deadline: the session's device time left, less this call's packing and transfers
+  [ -n "${SESSION_LEFT:-}" ] && echo --deadline $(( SESSION_LEFT - $(elapsed) - 45 > 1 ? SESSION_LEFT - $(elapsed) - 45 : 1 ))
+}
 sweep() {  # $1: name, rest: sweep arguments; runs until LIMIT - 25 s (SIGINT, then kill: the sweep, and each run from
   # its last checkpoint, resume next call). Runs that failed are retried at once with half the workers, twice at most,
   # while each try finishes some (before the memory gate, 38 of 56 runs of a call ran out of GPU memory).
@@ -100,11 +130,14 @@ sweep() {  # $1: name, rest: sweep arguments; runs until LIMIT - 25 s (SIGINT, t
   [ "$n" = 0 ] && { log "$name: done"; return 0; }
   while :; do
     t=$(( $(left) - 25 )); [ $t -gt 20 ] || { log "$name: no time left ($n to run)"; return 1; }
-    log "$name: start ($n to run, $t s${more[*]:+, ${more[*]}})"
-    timeout -k 15 -s INT $t $PY -m loradrop sweep "$@" "${more[@]}" >> "$L/$name.log" 2>&1; rc=$?
+    local dl; dl=$(deadline)
+    log "$name: start ($n to run, $t s${dl:+, $dl}${more[*]:+, ${more[*]}})"
+    timeout -k 15 -s INT $t $PY -m loradrop sweep "$@" "${more[@]}" $dl >> "$L/$name.log" 2>&1; rc=$?
     log "$name: rc=$rc after $(elapsed) s"
     [ $rc = 124 ] && return $rc
     m=$(pending "$@"); [ "$m" = 0 ] && return 0
+    local deferred; deferred=$(grep -oE '[0-9]+ deferred' "$L/$name.log" | tail -1 | grep -oE '[0-9]+')
+    [ "${deferred:-0}" -gt 0 ] && { log "$name: $deferred runs deferred: expected to end after the session"; return 1; }
     try=$(( try + 1 )); { [ $try -le 2 ] && [ "$m" != "$n" ]; } || return 1
     n=$m; w=$(( (w + 1) / 2 )); more=(--workers "$w")
   done

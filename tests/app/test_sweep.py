@@ -97,7 +97,7 @@ def test_sweep_runs_skips_and_retries(data_root: Path, bert_dir: Path, tmp_path:
     plan.methods = {"lora": {**plan.methods["lora"], "ood_task": "mrpc", "conformal_alpha": 0.2}}
     plan.grid["seed"] = [0]
     summary = run_sweep(plan, progress=False)
-    assert summary == {"planned": 1, "skipped": 0, "ok": 1, "failed": []}
+    assert summary == {"planned": 1, "skipped": 0, "ok": 1, "failed": [], "deferred": []}
     result = json.loads((tmp_path / "res" / "rte__lora__lr-0.02_seed-0.json").read_text())
     assert result["schema"] == "loradrop.sweep.run/1" and result["status"] == "ok"
     assert result["axes"] == {"task": "rte", "lr": 0.02, "seed": 0} and result["method"] == "lora"
@@ -124,7 +124,7 @@ def test_sweep_runs_skips_and_retries(data_root: Path, bert_dir: Path, tmp_path:
     assert not list((tmp_path / ".res.runs").glob("*")), "run folders are removed after their result is written"
 
     again = run_sweep(plan, progress=False)  # nothing left to do
-    assert again == {"planned": 1, "skipped": 1, "ok": 0, "failed": []}
+    assert again == {"planned": 1, "skipped": 1, "ok": 0, "failed": [], "deferred": []}
 
     plan.grid["seed"] = [0, 1]
     plan.overrides = {"max_seq_len": 4}  # a setting that fails inside the run (tokenizer windows too short)
@@ -157,7 +157,7 @@ def test_killed_sweep_continues_where_it_stopped(data_root: Path, bert_dir: Path
     proc = subprocess.run([*cmd, "--workers", "2", "--gpu-memory", "8", "--checkpoint-steps", "2"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"{6 - len(done_before)} ran, {len(done_before)} done already, 0 failed (of 6)" in proc.stdout
+    assert f"{6 - len(done_before)} ran, {len(done_before)} done already, 0 failed, 0 deferred (of 6)" in proc.stdout
     assert len(list(results.glob("*.json"))) == 6 and not list(results.glob("*.failed.json"))
     assert not list(results.glob(".*.tmp"))
     dry = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)

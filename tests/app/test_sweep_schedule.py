@@ -165,7 +165,73 @@ def test_a_run_out_of_gpu_memory_is_tried_again_alone(monkeypatch: pytest.Monkey
     assert sweep_run.execute_in_worker(whole)["status"] == "failed" and seen == [80.0]
 
 
-@pytest.mark.parametrize("args, fragment", [(["--gpu-memory", "0"], "--gpu-memory: must be a number > 0"),
+def test_a_run_that_would_end_past_the_deadline_is_not_started(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """`--deadline`: a run whose expected time (less what its earlier attempts did) would take it past the deadline is
+    deferred without training; unknown times and no deadline never defer."""
+    from loradrop.app.sweep_run import PlannedRun, RunJob, expected_left, run_job, too_late
+
+    monkeypatch.setattr(sweep_run, "execute", lambda job: {"run_id": job.run_id, "status": "ok"})
+    now = time.time()
+    run = PlannedRun("r", "lora", {}, {})
+    job = RunJob(run, "p", tmp_path / "res", tmp_path / "work", expected_s=100.0, finish_by=now + 50)
+    assert too_late(job, now) and run_job(job) == {"run_id": "r", "status": "deferred", "expected_s": 100.0}
+    assert not too_late(RunJob(run, "p", tmp_path, tmp_path, expected_s=100.0, finish_by=now + 200), now)
+    assert too_late(RunJob(run, "p", tmp_path, tmp_path, expected_s=100.0, finish_by=now + 105), now)  # 10% margin
+    assert not too_late(RunJob(run, "p", tmp_path, tmp_path, expected_s=None, finish_by=now + 1), now)
+    assert run_job(RunJob(run, "p", tmp_path, tmp_path, expected_s=100.0)) == {"run_id": "r", "status": "ok"}
+    # a resumed run expects its estimate less its earlier attempts' time, but at least a quarter of it
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "r.attempts.json").write_text(json.dumps({"settings": {}, "attempts": [
+        {"seconds": 60.0, "outcome": "interrupted"}]}))
+    assert expected_left(job) == 40.0 and not too_late(job, now)
+    (tmp_path / "work" / "r.attempts.json").write_text(json.dumps({"settings": {}, "attempts": [
+        {"seconds": 95.0, "outcome": "interrupted"}]}))
+    assert expected_left(job) == 25.0
+
+
+def test_earlier_runs_laplace_fits_go_first_and_late_runs_are_deferred(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    """With `laplace`, a finished LoRA run whose fit was cut off (its result there, no Laplace result, its run folder
+    kept) is fitted before anything trains, and its folder then goes; with a deadline shorter than the runs measured
+    so far, the pending runs are deferred, not started."""
+    from loradrop.app.runfolder import ADAPTER_DIR
+    from loradrop.app.sweep import SweepPlan, pending, run_sweep
+
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text("name: x\nbase: {task: rte, model: minilm}\ngrid: {seed: [0, 1, 2]}\n"
+                         "methods: {lora: {no_lora_dropout: true}}\n", encoding="utf-8")
+    plan = SweepPlan.load(plan_file)
+    results, work = tmp_path / "res", tmp_path / "work"
+    results.mkdir()
+    done = plan.runs()[0]
+    (results / f"{done.run_id}.json").write_text(json.dumps({
+        "schema": "loradrop.sweep.run/1", "run_id": done.run_id, "method": "lora", "axes": done.axes,
+        "settings": done.settings, "status": "ok", "wall_time_s": 1000.0, "metrics": {}}), encoding="utf-8")
+    (work / done.run_id / ADAPTER_DIR).mkdir(parents=True)
+    (work / done.run_id / ADAPTER_DIR / "adapter_config.json").write_text("{}", encoding="utf-8")
+    order = []
+
+    def fit(job, results, work, *, prior, overrides):
+        order.append(("fit", job.run_id, job.run_folder.is_dir()))
+        return {"run_id": job.run_id, "status": "ok"}
+
+    monkeypatch.setattr(sweep_run, "score_one", fit)
+    monkeypatch.setattr(sweep_run, "execute", lambda job: order.append(("train", job.run_id)) or
+                        {"run_id": job.run_id, "status": "ok"})
+    summary = run_sweep(plan, results, work_dir=work, laplace="auto", deadline_s=60.0, progress=False)
+    assert order == [("fit", "laplace__seed-0", True)]
+    assert not (work / done.run_id).exists()  # the fit is done: its folder goes
+    assert summary["laplace_ok"] == 1 and summary["ok"] == 0 and summary["failed"] == []
+    assert summary["deferred"] == ["lora__seed-1", "lora__seed-2"]  # 1000 s measured, 60 s left
+    assert len(pending(plan, results)[0]) == 2
+    order.clear()
+    summary = run_sweep(plan, results, work_dir=work, laplace="auto", deadline_s=5000.0, progress=False)
+    assert order == [("train", "lora__seed-1"), ("train", "lora__seed-2")] and summary["ok"] == 2
+
+
+@pytest.mark.parametrize("args, fragment", [(["--deadline", "0"], "--deadline: must be a number > 0"),
+                                            (["--gpu-memory", "0"], "--gpu-memory: must be a number > 0"),
                                             (["--gpu-memory", "nan"], "--gpu-memory: must be a number > 0"),
                                             (["--checkpoint-steps", "0"], "--checkpoint-steps: must be an integer")])
 def test_bad_schedule_options_get_one_line(tmp_path: Path, capsys, args: list[str], fragment: str) -> None:

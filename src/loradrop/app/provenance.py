@@ -33,7 +33,10 @@ def hardware() -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                    gpu_count=torch.cuda.device_count())
+                    gpu_count=torch.cuda.device_count(),
+                    # pointed at a CUDA MPS daemon (kernels of processes sharing the GPU run side by side): it
+                    # changes the wall times of runs that share a GPU, so the cost tables can tell such runs apart
+                    cuda_mps="CUDA_MPS_PIPE_DIRECTORY" in os.environ)
     return info
 
 

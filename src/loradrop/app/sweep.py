@@ -46,6 +46,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,11 +55,12 @@ from typing import Any
 from ..errors import SettingsError, UsageError
 from .laplace_sweep import METHOD as LAPLACE_METHOD
 from .laplace_sweep import SOURCE_METHOD as LAPLACE_SOURCE_METHOD
+from .laplace_sweep import plan_laplace
 from .runfolder import read_json
 from .settings import TrainSettings
 from .sweep_files import result_path
 from .sweep_files import run_id as _run_id
-from .sweep_run import PlannedRun, RunJob, execute, execute_in_worker, worker_gpu, worker_init
+from .sweep_run import FitJob, PlannedRun, RunJob, execute, execute_in_worker, run_job, worker_gpu, worker_init
 
 PLAN_KEYS = {"name", "description", "results", "base", "grid", "methods", "task_settings", "select_from"}
 ENGINE_OWNED = {"output", "resume", "overwrite"}
@@ -273,14 +275,18 @@ def pending(plan: SweepPlan, results: Path) -> tuple[list[PlannedRun], int]:
 def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: int = 1,
               work_dir: str | Path | None = None, keep_runs: bool = False, progress: bool = True,
               gpus: list[int] | None = None, gpu_memory_gib: float | None = None,
-              checkpoint_steps: int | None = None, laplace: str | None = None) -> dict[str, Any]:
+              checkpoint_steps: int | None = None, laplace: str | None = None,
+              deadline_s: float | None = None) -> dict[str, Any]:
     """Run every pending run of `plan` (`workers` at a time; with `gpus`, worker k trains on GPU gpus[k mod n],
     so one sweep fills a machine with several cards); returns counts and the failures.
 
     `gpu_memory_gib`: each GPU's memory budget; the workers' runs then reserve their estimated memory before they
     start (`sweep_schedule`). `checkpoint_steps`: every run saves a checkpoint this often, and a run interrupted
     earlier continues from its last one (`sweep_run`). `laplace`: the Laplace prior to fit after each plain-LoRA
-    run, in the same worker (`laplace_sweep.score_one`). With measured runs in `results`, the longest start first."""
+    run, in the same worker (`laplace_sweep.score_one`); the fits of earlier LoRA runs whose folders are still in
+    the work dir (a fit cut off by a time limit) come first. `deadline_s`: seconds from now by which runs must end;
+    a run expected to end later is not started (``deferred`` in the summary; it stays pending). With measured runs in
+    `results`, the longest start first."""
     from tqdm.auto import tqdm
 
     from .sweep_schedule import check_budget, estimate, longest_first, measured_runs, reservation
@@ -296,6 +302,10 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     if checkpoint_steps is not None and (isinstance(checkpoint_steps, bool) or not isinstance(checkpoint_steps, int)
                                          or checkpoint_steps < 1):
         raise UsageError(f"checkpoint_steps must be an integer >= 1, got {checkpoint_steps!r}")
+    if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
+                                   or not deadline_s > 0 or deadline_s == float("inf")):
+        raise UsageError(f"deadline must be a number of seconds > 0, got {deadline_s!r}")
+    finish_by = time.time() + deadline_s if deadline_s is not None else None
     if gpu_memory_gib is not None:
         try:
             gpu_memory_gib = check_budget(gpu_memory_gib)
@@ -304,10 +314,11 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     results.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir is not None else results.parent / f".{results.name}.runs"
     todo, done = pending(plan, results)
-    if gpus and (workers == 1 or len(todo) <= 1):  # runs in this process (`_statuses`): set before CUDA is touched
+    fits = plan_laplace(results, work, only=plan.only).todo if laplace is not None else []
+    if gpus and (workers == 1 or len(todo) + len(fits) <= 1):  # runs in this process: set before CUDA is touched
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])
-    summary: dict[str, Any] = {"planned": len(todo) + done, "skipped": done, "ok": 0, "failed": []}
-    measured = measured_runs(results) if todo else []
+    summary: dict[str, Any] = {"planned": len(todo) + done, "skipped": done, "ok": 0, "failed": [], "deferred": []}
+    measured = measured_runs(results) if todo or fits else []
     estimates = {}
     for run in todo:
         task = run.settings.get("task")
@@ -319,14 +330,26 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
         estimates[run.run_id] = found
     order = longest_first([r.run_id for r in todo], {k: e.seconds for k, e in estimates.items()})
     by_id = {r.run_id: r for r in todo}
-    per_gpu = -(-min(workers, max(1, len(todo))) // len(gpus or [0]))  # workers sharing a GPU (rounded up)
+    per_gpu = -(-min(workers, max(1, len(todo) + len(fits))) // len(gpus or [0]))  # workers sharing a GPU (rounded up)
     share = (gpu_memory_gib or 0.0) / per_gpu  # an unknown run's reservation: an even share of its GPU
-    jobs = [RunJob(by_id[k], plan.name, results, work, keep_runs, checkpoint_steps, laplace, dict(plan.overrides),
-                   reservation(estimates[k], gpu_memory_gib, share) if gpu_memory_gib else None) for k in order]
+    jobs: list[RunJob | FitJob] = []
+    for fit in fits:  # first: each needs its run folder, which lives only as long as this machine
+        settings = fit.source.get("settings") or {}
+        found = estimate(settings.get("task"), LAPLACE_METHOD, settings,
+                         [m for m in measured if m["method"] == LAPLACE_METHOD])
+        jobs.append(FitJob(fit, results, work, laplace, keep_runs, dict(plan.overrides),
+                           reservation(found, gpu_memory_gib, share) if gpu_memory_gib else None, found.seconds,
+                           finish_by))
+    jobs += [RunJob(by_id[k], plan.name, results, work, keep_runs, checkpoint_steps, laplace, dict(plan.overrides),
+                    reservation(estimates[k], gpu_memory_gib, share) if gpu_memory_gib else None,
+                    estimates[k].seconds, finish_by) for k in order]
     bar = tqdm(total=len(jobs), desc=f"sweep {plan.name}", unit="run", disable=not progress)
     for status in _statuses(jobs, workers, gpus, gpu_memory_gib):
-        if status["status"] == "ok":
-            summary["ok"] += 1
+        if status["status"] == "deferred":
+            summary["deferred"].append(status["run_id"])
+        elif status["status"] == "ok":
+            counter = "laplace_ok" if status.get("fit_only") else "ok"  # a fit of an earlier run, or a trained run
+            summary[counter] = summary.get(counter, 0) + 1
             if status.get("laplace") not in (None, "ok"):
                 summary.setdefault("laplace_failed", []).append({"run_id": status["run_id"],
                                                                  "error": status["laplace"]})
@@ -338,11 +361,11 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     return summary
 
 
-def _statuses(jobs: list[RunJob], workers: int, gpus: list[int] | None = None,
+def _statuses(jobs: list[RunJob | FitJob], workers: int, gpus: list[int] | None = None,
               gpu_memory_gib: float | None = None) -> Iterator[dict]:
     if workers == 1 or len(jobs) <= 1:  # one run at a time: nothing shares the GPU, no memory gate needed
         for job in jobs:
-            yield execute(job)
+            yield run_job(job)
         return
     import multiprocessing
 

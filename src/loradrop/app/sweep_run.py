@@ -15,7 +15,15 @@ Beyond a plain training run it
   result (`laplace_sweep.score_one`) needs no ``--keep-runs`` and no second pass (a failed fit keeps the folder, for
   the pass after the sweep or the next one);
 - **waits for GPU memory** (`sweep_schedule.MemoryGate`, ``--gpu-memory``) before it starts, and a run that still
-  runs out of GPU memory is tried once more with the GPU to itself.
+  runs out of GPU memory is tried once more with the GPU to itself;
+- **starts only if it can end in time** (``--deadline``): a run (or fit) whose expected time, from the finished runs
+  of the results folder, would take it past the sweep's deadline is left pending (status ``deferred``), so the end of
+  a GPU lease is not spent on runs it would cut off. A resumed run expects its time less what its earlier attempts
+  did.
+
+A `FitJob` is a Laplace fit whose plain-LoRA run finished earlier (its fit was cut off or failed) and whose run
+folder is still in the work dir: the sweep puts these first, as they need that folder, which lives only as long as
+the machine.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from typing import Any
 
 from ..errors import UsageError
 from .laplace_sweep import SOURCE_METHOD as LAPLACE_SOURCE_METHOD
-from .laplace_sweep import score_one, source_job
+from .laplace_sweep import LaplaceJob, score_one, source_job
 from .provenance import hardware, versions
 from .results import SCHEMA
 from .runfolder import checkpoints, read_json, staging_path, write_json
@@ -71,6 +79,34 @@ class RunJob:
     laplace: str | None = None  # the Laplace prior ("auto", ...) to fit after a plain-LoRA run; None: no Laplace
     overrides: dict[str, Any] = field(default_factory=dict)  # the sweep's --set values (model folder, data root)
     reserve_gib: float | None = None  # GPU memory to reserve before starting (with a MemoryGate)
+    expected_s: float | None = None  # expected wall time (`sweep_schedule.estimate`), None when unknown
+    finish_by: float | None = None  # time.time() by which the run should end (``--deadline``); None: no deadline
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """A pending Laplace fit of a plain-LoRA run that finished earlier, from its kept run folder."""
+
+    fit: LaplaceJob
+    results: Path
+    work_dir: Path
+    prior: str = "auto"
+    keep_runs: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    reserve_gib: float | None = None
+    expected_s: float | None = None
+    finish_by: float | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.fit.run_id
+
+
+TIME_SLACK = 1.1  # expected times come from runs that shared the GPU differently: a little margin
 
 
 def _attempts_file(job: RunJob) -> Path:
@@ -206,6 +242,48 @@ def execute(job: RunJob) -> dict:
         release_memory()  # the next run of this worker (or of another worker on the GPU) gets the memory back
 
 
+def execute_fit(job: FitJob) -> dict:
+    """Fit and score one pending Laplace job (`laplace_sweep.score_one`); its run folder goes once the fit is done
+    (kept when it fails, to be tried again, or with ``keep_runs``)."""
+    from .provenance import release_memory
+
+    try:
+        fit = score_one(job.fit, job.results, job.work_dir, prior=job.prior, overrides=job.overrides)
+    finally:
+        release_memory()
+    if fit["status"] == "ok" and not job.keep_runs:
+        shutil.rmtree(job.fit.run_folder, ignore_errors=True)
+    return {"run_id": job.fit.source.get("run_id", job.run_id), "status": "ok", "fit_only": True,
+            "laplace": "ok" if fit["status"] == "ok" else fit.get("error", "failed")}
+
+
+def expected_left(job: RunJob | FitJob) -> float | None:
+    """Seconds the job is expected to take from now: its estimate, less the time of the earlier attempts it will
+    continue (at least a quarter of the estimate: a resumed run reloads its model and evaluates in full)."""
+    if job.expected_s is None:
+        return None
+    done = 0.0
+    if isinstance(job, RunJob):
+        earlier, _ = _earlier_attempts(job)
+        done = sum(float(a.get("seconds") or 0.0) for a in earlier)
+    return max(job.expected_s - done, 0.25 * job.expected_s)
+
+
+def too_late(job: RunJob | FitJob, now: float | None = None) -> bool:
+    """Whether the job, started now, is expected to end after its deadline (never when either is unknown)."""
+    left = expected_left(job)
+    if job.finish_by is None or left is None:
+        return False
+    return (time.time() if now is None else now) + TIME_SLACK * left > job.finish_by
+
+
+def run_job(job: RunJob | FitJob) -> dict:
+    """Train the run (or fit the Laplace job), or defer it when it would end past its deadline."""
+    if too_late(job):  # checked when the job would start: after any wait for memory
+        return {"run_id": job.run_id, "status": "deferred", "expected_s": expected_left(job)}
+    return execute_fit(job) if isinstance(job, FitJob) else execute(job)
+
+
 def is_out_of_memory(status: dict[str, Any]) -> bool:
     error = str(status.get("error") or "")
     return status.get("status") != "ok" and ("OutOfMemoryError" in error or "CUDA out of memory" in error)
@@ -251,18 +329,20 @@ def worker_init(gpus: list[int] | None = None, gate: Any = None) -> None:
         pass
 
 
-def execute_in_worker(job: RunJob) -> dict:
-    """A pool worker's run: its output kept out of the sweep's progress bar, and, with a memory gate, started once its
-    memory is reserved; a run that runs out of GPU memory anyway is tried once more with the whole budget."""
+def execute_in_worker(job: RunJob | FitJob) -> dict:
+    """A pool worker's run (or Laplace fit): its output kept out of the sweep's progress bar, with a memory gate
+    started once its memory is reserved, and not started at all when it would end past its deadline; a run that runs
+    out of GPU memory anyway is tried once more with the whole budget."""
     with contextlib.redirect_stdout(io.StringIO()):
         if _GATE is None or job.reserve_gib is None:
-            return execute(job)
+            return run_job(job)
         with _GATE.reserve(_GPU, job.reserve_gib):
-            status = execute(job)
+            status = run_job(job)
         if is_out_of_memory(status) and job.reserve_gib < _GATE.budget:
             with _GATE.reserve(_GPU, _GATE.budget):
-                status = {**execute(job), "retried_alone": True}
+                status = {**run_job(job), "retried_alone": True}
         return status
 
 
-__all__ = ["PlannedRun", "RunJob", "execute", "execute_in_worker", "is_out_of_memory", "worker_gpu", "worker_init"]
+__all__ = ["FitJob", "PlannedRun", "RunJob", "execute", "execute_fit", "execute_in_worker", "expected_left",
+           "is_out_of_memory", "run_job", "too_late", "worker_gpu", "worker_init"]
