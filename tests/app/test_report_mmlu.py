@@ -45,7 +45,8 @@ def test_instruct_sweep_reports_the_mmlu_table(data_root: Path, llama_dir: Path,
     plan.overrides = {"model": str(llama_dir), "max_train_samples": 8, "max_eval_samples": 6, "epochs": 1,
                       "batch_size": 4, "max_seq_len": 256, "ensemble": 2, "bf16": False, "lr": 1.0e-3}
     results = tmp_path / "res"
-    assert run_sweep(plan, results, progress=False) == {"planned": 4, "skipped": 0, "ok": 4, "failed": [], "deferred": []}
+    assert run_sweep(plan, results, progress=False) == {"planned": 4, "skipped": 0, "ok": 4, "failed": [],
+                                                        "deferred": []}
     data = {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
     evals = {k: v["metrics"]["eval"] for k, v in data.items()}
     assert all(e["single"]["mmlu_0shot"]["n"] == 6 and e["single"]["mmlu_5shot"]["n"] == 6 for e in evals.values())
