@@ -339,6 +339,7 @@ def cost_lines(study: Study, tasks: Sequence[str]) -> list[str]:
     if not rows:
         return []
     k = sorted({len(c.runs) for t in tasks for c in study.choices.get((t, "lora"), [])})
+    sharing = [(run.result.get("hardware") or {}).get("cuda_mps") for run in study.runs if run.task in tasks]
     cols = ["method", "tasks", "train (s)", "test eval (s)", "test eval (ms / example)", "peak memory (MiB)",
             "train / LoRA", "eval / LoRA", "memory / LoRA"]
     return ["### Cost per method (commonsense tasks)", "",
@@ -347,7 +348,10 @@ def cost_lines(study: Study, tasks: Sequence[str]) -> list[str]:
             "split: the single pass AND its M-member ensemble (the `lora` runs too: their test-only masks), so it "
             "does not separate single-pass from ensemble inference; OOD sets and the validation split are scored "
             "outside it. Runs continued from a checkpoint after an interruption (`attempts` in their result) count "
-            "for memory, not for time. Derived rows: the deep ensemble costs k = "
+            "for memory, not for time. The times are those of runs sharing a GPU with others (the sweep's workers), "
+            f"{sum(x is True for x in sharing)} of {len(sharing)} of them under CUDA MPS (kernels of the sharing "
+            "processes side by side; `hardware.cuda_mps`), the rest taking turns: they compare methods only as "
+            "far as the methods shared the GPU alike. Derived rows: the deep ensemble costs k = "
             f"{'/'.join(map(str, k)) or '–'} LoRA trainings and k forward passes per example; temperature scaling "
             "one scalar fit on validation predictions (LoRA's cost).", "", _table(rows, cols), ""]
 
