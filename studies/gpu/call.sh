@@ -18,7 +18,9 @@
 # for the gate; default 85% of the first GPU's memory), CHECKPOINT_STEPS (50), SESSION_LEFT (s: the device time the
 # session has left at this call's start, `budget_left_s` less this call's transfers; the sweeps then start only runs
 # expected to end before it, --deadline, so the lease does not end on half-done runs; default: no deadline), NO_MPS
-# (set: no CUDA MPS daemon, the runs take turns on the GPU as before), SETS (extra sweep
+# (set: no CUDA MPS daemon, the runs take turns on the GPU as before), MPS_BENCH (set: on this machine's first call
+# with SmolLM2, measure K = MPS_BENCH_PROCS (12) training processes with and without MPS first, studies/gpu/mps_bench.py,
+# about 80 s), SETS (extra sweep
 # arguments for every sweep, e.g. "--set epochs=1": a local dry run uses tiny settings), ONLY (run-id globs for the
 # LLM sweeps), JOBS (default "tune main laplace instruct"), PY (python3), SITE (the staged site; a local dry run on
 # another Python points it elsewhere).
@@ -210,6 +212,16 @@ if [ -d "$S/site/peft" ] && [ ! -f "$L/env.txt" ]; then
   log "environment: $(sed -n 's/^3\.[0-9.]* torch/torch/p' "$L/env.txt")"
 fi
 
+bench() {  # $1: label; mps_bench.py: K training processes at once, total steps/s (logs/mps_bench.jsonl)
+  timeout 180 $PY studies/gpu/mps_bench.py --model "$S/smol" --procs "${MPS_BENCH_PROCS:-12}" --seconds 20 --label "$1" \
+    --out "$L/mps_bench.jsonl" >> "$L/mps_bench.txt" 2>&1
+  log "MPS bench, $1: $(tail -1 "$L/mps_bench.jsonl" 2>/dev/null | grep -o '"total_steps_per_s": [0-9.]*')"
+}
+if [ -n "${MPS_BENCH:-}" ] && [ -f "$S/smol/config.json" ] && [ ! -f "$L/mps_bench.jsonl" ] && [ -z "$(driver_pid)" ] \
+    && [ -z "${NO_MPS:-}" ] && ! pgrep -x nvidia-cuda-mps-control > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
+  bench time_slicing  # once per machine, before the daemon and the driver start (about 80 s for both)
+  mps; [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && bench mps
+fi
 [ -f "$S/smol/config.json" ] && [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -gt 0 ] && { mps; log "MPS: $(cat "$L/mps.txt" 2>/dev/null)"; }
 if [ -f "$S/smol/config.json" ]; then
   [ -f "$S/res/probe/decision.txt" ] || probe
