@@ -296,7 +296,10 @@ def _sweep(args: argparse.Namespace) -> int:
     for failure in summary.get("laplace_failed", []):
         print(f"  laplace failed after {failure['run_id']}: {failure['error']}", file=sys.stderr)
     failed = bool(summary["failed"] or summary.get("laplace_failed"))
-    if args.laplace is not None:
+    if args.laplace is not None and deferred:  # the fits left wait for the next sweep, which puts them first
+        print(f"laplace {plan.name}: no pass after the sweep (runs were deferred by --deadline); the next sweep fits "
+              "the kept LoRA runs first", flush=True)
+    elif args.laplace is not None:
         from .app.laplace_sweep import laplace_sweep
 
         if args.gpus:  # the Laplace fits run in this process: on the first of the sweep's GPUs

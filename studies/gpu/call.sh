@@ -31,7 +31,7 @@
 # finds no driver alive (the first, or the machine stopped it) starts one: its sweeps continue every interrupted run
 # from its last checkpoint. `logs/driver.log` says which happened.
 set -u
-cd "$(dirname "$0")/../.."
+cd "${DRIVER_REPO:-$(dirname "$0")/../..}"  # (a driver runs from a copy of this script in $STAGE)
 MODE=${1:-call}  # call: stage, start or watch the driver, pack; driver: run the jobs (started by a call)
 T0=$(date +%s); LIMIT=${LIMIT:-540}; S=${STAGE:-/tmp/gpu}
 L="$S/logs"
@@ -44,9 +44,11 @@ mkdir -p "$S/res" "$S/data" "$S/site" "$L" ${OUT:+"$OUT"}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
   OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 PYTHONPATH="${SITE:-$S/site}:$PWD/src" LORADROP_DATA_DIR="$S/data"
 PY=${PY:-python3}
-pack() {  # every result JSON (not the run folders, which stay here for interrupted runs) and every log, atomically
-  tar cJf "$OUT/res.tar.xz.tmp" -C "$S" --exclude='.*.runs' --exclude='*.runs' res logs 2>/dev/null \
-    && mv "$OUT/res.tar.xz.tmp" "$OUT/res.tar.xz"
+pack() {  # every result JSON (not the run folders, which stay here for interrupted runs) and every log, atomically;
+  # the driver goes on writing meanwhile, so tar may see a file change or go (exit 1): that pack still stands
+  tar cJf "$OUT/res.tar.xz.tmp" -C "$S" --exclude='.*.runs' --exclude='*.runs' --exclude='*.tmp' \
+    --warning=no-file-changed --warning=no-file-removed res logs 2>/dev/null
+  [ $? -le 1 ] && mv "$OUT/res.tar.xz.tmp" "$OUT/res.tar.xz"
 }
 
 # ---- CUDA MPS: without it, the processes sharing a GPU take turns on it (time slices), each running kernels too
@@ -58,12 +60,16 @@ mps() {
   grep -q '^failed' "$L/mps.txt" 2>/dev/null && return 0
   export CUDA_MPS_PIPE_DIRECTORY="$S/mps/pipe" CUDA_MPS_LOG_DIRECTORY="$S/mps/log"
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  grep -q '^on' "$L/mps.txt" 2>/dev/null && pgrep -x nvidia-cuda-mps-control > /dev/null && return 0  # an earlier call's
-  pgrep -x nvidia-cuda-mps-control > /dev/null || nvidia-cuda-mps-control -d
+  # (pgrep -f: the process name is cut to 15 characters, so -x never matches it)
+  grep -q '^on' "$L/mps.txt" 2>/dev/null && pgrep -f nvidia-cuda-mps-control > /dev/null && return 0  # an earlier call's
+  if [ -n "$(driver_pid)" ]; then  # the daemon died under a running driver: never start or stop one beneath it
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; return 0
+  fi
+  local started=; pgrep -f nvidia-cuda-mps-control > /dev/null || { nvidia-cuda-mps-control -d && started=1; }
   if timeout 120 $PY -c "import torch; x = torch.randn(512, 512, device='cuda', requires_grad=True); (x @ x).sum().backward(); torch.cuda.synchronize(); assert torch.isfinite(x.grad).all(); print('ok')" > "$L/mps_probe.txt" 2>&1; then
     echo "on: $(nvidia-cuda-mps-control -V 2>/dev/null | head -1)" > "$L/mps.txt"
   else
-    echo quit | nvidia-cuda-mps-control; sleep 2
+    [ -n "$started" ] && { echo quit | nvidia-cuda-mps-control; sleep 2; }  # only the daemon this call started
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
     echo "failed: a CUDA step through MPS failed (logs/mps_probe.txt); runs take turns on the GPU" > "$L/mps.txt"
   fi
@@ -103,10 +109,11 @@ sweep() {  # $1: name, rest: sweep arguments; in the driver, until done, deferre
   while :; do
     local dl; dl=$(deadline)
     log "$name: start ($n to run${dl:+, $dl}${more[*]:+, ${more[*]}})"
+    local from; from=$(( $(stat -c %s "$L/$name.log" 2>/dev/null || echo 0) + 1 ))
     $PY -m loradrop sweep "$@" "${more[@]}" $dl >> "$L/$name.log" 2>&1; rc=$?
     log "$name: rc=$rc after $(elapsed) s"
     m=$(pending "$@"); [ "$m" = 0 ] && return 0
-    local deferred; deferred=$(grep -oE '[0-9]+ deferred' "$L/$name.log" | tail -1 | grep -oE '[0-9]+')
+    local deferred; deferred=$(tail -c +"$from" "$L/$name.log" | grep -oE '[0-9]+ deferred' | tail -1 | grep -oE '[0-9]+')
     [ "${deferred:-0}" -gt 0 ] && { log "$name: $deferred runs deferred: expected to end after the session"; return 1; }
     try=$(( try + 1 )); { [ $try -le 2 ] && [ "$m" != "$n" ]; } || return 1
     n=$m; w=$(( (w + 1) / 2 )); more=(--workers "$w")
@@ -159,9 +166,14 @@ jobs_run() {  # the driver's work: tune -> main (once tune is done) -> instruct
   fi
   has instruct && sweep instruct studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}"
 }
-driver_pid() {  # the live driver's pid, or nothing
+driver_pid() {  # the live driver's pid, or nothing: started with setsid, it leads a session, and while any process
+  # of that session lives (its sweep and workers too, should its bash have died) it counts as running
   local pid; pid=$(cat "$S/driver.pid" 2>/dev/null) || return 0
-  kill -0 "$pid" 2>/dev/null && grep -q 'call.sh' "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"
+  if [ "$(ps -o sid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$pid" ] || { ! kill -0 "$pid" 2>/dev/null && [ -f "$S/driver.setsid" ]; }; then
+    pgrep -s "$pid" > /dev/null && echo "$pid"
+  else
+    kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q 'driver.sh driver' && echo "$pid"
+  fi
 }
 if [ "$MODE" = driver ]; then
   echo $$ > "$S/driver.pid"
@@ -218,27 +230,38 @@ bench() {  # $1: label; mps_bench.py: K training processes at once, total steps/
   log "MPS bench, $1: $(tail -1 "$L/mps_bench.jsonl" 2>/dev/null | grep -o '"total_steps_per_s": [0-9.]*')"
 }
 if [ -n "${MPS_BENCH:-}" ] && [ -f "$S/smol/config.json" ] && [ ! -f "$L/mps_bench.jsonl" ] && [ -z "$(driver_pid)" ] \
-    && [ -z "${NO_MPS:-}" ] && ! pgrep -x nvidia-cuda-mps-control > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
+    && [ -z "${NO_MPS:-}" ] && ! pgrep -f nvidia-cuda-mps-control > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
   bench time_slicing  # once per machine, before the daemon and the driver start (about 80 s for both)
   mps; [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && bench mps
 fi
 [ -f "$S/smol/config.json" ] && [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -gt 0 ] && { mps; log "MPS: $(cat "$L/mps.txt" 2>/dev/null)"; }
 if [ -f "$S/smol/config.json" ]; then
   [ -f "$S/res/probe/decision.txt" ] || probe
-  [ -n "${SESSION_LEFT:-}" ] && echo $(( T0 + SESSION_LEFT )) > "$S/session_end"
-  pid=$(driver_pid)
+  [ -n "${SESSION_LEFT:-}" ] && echo $(( T0 + ${SESSION_LEFT%.*} )) > "$S/session_end"  # (budget_left_s may be fractional)
+  start_driver() {
+    # a copy of this script: bash reads a script as it runs, and the next call's tree may replace the file
+    cp studies/gpu/call.sh "$S/driver.sh"
+    rm -f "$S/driver.setsid"; command -v setsid > /dev/null && { DETACH=setsid; touch "$S/driver.setsid"; } || DETACH=nohup
+    DRIVER_REPO=$PWD $DETACH bash "$S/driver.sh" driver < /dev/null >> "$L/driver.out" 2>&1 &
+    echo $! > "$S/driver.pid"; disown 2>/dev/null; sleep 3
+    log "driver $(driver_pid): started (LLM sweeps with: ${DECISION:-the settings of the plans})"
+  }
+  pid=$(driver_pid); restarted=
   if [ -n "$pid" ]; then
     log "driver $pid: still running from an earlier call (its sweeps went on between the calls)"
   elif decision; then
-    command -v setsid > /dev/null && DETACH=setsid || DETACH=nohup
-    $DETACH bash studies/gpu/call.sh driver < /dev/null >> "$L/driver.out" 2>&1 &
-    echo $! > "$S/driver.pid"; sleep 3
-    log "driver $(driver_pid): started (LLM sweeps with: ${DECISION:-the settings of the plans})"
+    start_driver
   else
     log "probe: no variant trains without NaN (res/probe/outcome.txt, logs/probe_*): the LLM jobs stop"
   fi
-  # watch it until LIMIT (it goes on after this call returns), packing every 60 s
-  while [ "$(left)" -gt 15 ] && [ -n "$(driver_pid)" ]; do
+  # watch it until LIMIT (it goes on after this call returns), packing every 60 s; one that stopped without
+  # finishing (killed) is started again, once a call
+  while [ "$(left)" -gt 15 ]; do
+    if [ -z "$(driver_pid)" ]; then
+      { [ -z "$restarted" ] && [ -f "$S/driver.pid" ] && ! tail -1 "$L/driver.log" 2>/dev/null | grep -q finished \
+        && decision; } || break
+      log "driver: stopped without finishing"; restarted=1; start_driver
+    fi
     sleep 10; [ $(( $(date +%s) % 60 )) -lt 10 ] && pack
   done
   [ -n "$(driver_pid)" ] || log "driver: not running (finished; logs/driver.log)"

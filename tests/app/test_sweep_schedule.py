@@ -52,6 +52,12 @@ def test_estimates_come_from_the_finished_runs(tmp_path: Path) -> None:
     _result(tmp_path, "arc__sens__lr-1_samples-1", "arc", "sens", 10 * 1024, 200.0, p=0.5, samples=1)
     got = estimate("arc", "sens", {"p": 0.5, "samples": 8}, measured_runs(tmp_path))
     assert (got.memory_gib, got.source) == (80.0, "measured")
+    # a resumed run (attempts) gives its peak, not its time (the sum of its attempts): the task's time stands in
+    data = json.loads((tmp_path / "arc__sens__lr-1_samples-1.json").read_text())
+    data["attempts"] = [{"seconds": 900.0, "outcome": "killed"}]
+    (tmp_path / "arc__sens__lr-1_samples-1.json").write_text(json.dumps(data))
+    got = estimate("arc", "sens", {"p": 0.5, "samples": 1}, measured_runs(tmp_path))
+    assert (got.memory_gib, got.seconds, got.source) == (10.0, 200.0, "measured")
     assert members_per_step({"p": 0.5, "samples": 4, "no_lora_dropout": True}) == 1
     assert members_per_step({"p": 0.0, "samples": 4}) == 1 and members_per_step({"samples": 3}) == 3
 
@@ -173,19 +179,22 @@ def test_a_run_that_would_end_past_the_deadline_is_not_started(monkeypatch: pyte
 
     monkeypatch.setattr(sweep_run, "execute", lambda job: {"run_id": job.run_id, "status": "ok"})
     now = time.time()
-    run = PlannedRun("r", "lora", {}, {})
+    run = PlannedRun("r", "lora", {}, {"task": "rte"})
     job = RunJob(run, "p", tmp_path / "res", tmp_path / "work", expected_s=100.0, finish_by=now + 50)
     assert too_late(job, now) and run_job(job) == {"run_id": "r", "status": "deferred", "expected_s": 100.0}
     assert not too_late(RunJob(run, "p", tmp_path, tmp_path, expected_s=100.0, finish_by=now + 200), now)
     assert too_late(RunJob(run, "p", tmp_path, tmp_path, expected_s=100.0, finish_by=now + 105), now)  # 10% margin
     assert not too_late(RunJob(run, "p", tmp_path, tmp_path, expected_s=None, finish_by=now + 1), now)
     assert run_job(RunJob(run, "p", tmp_path, tmp_path, expected_s=100.0)) == {"run_id": "r", "status": "ok"}
-    # a resumed run expects its estimate less its earlier attempts' time, but at least a quarter of it
+    # a run that will continue its checkpoint expects its estimate less its earlier attempts' time, but at least a
+    # quarter of it; one that starts over (here: no checkpoint) expects all of it
     (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "r.attempts.json").write_text(json.dumps({"settings": {}, "attempts": [
+    (tmp_path / "work" / "r.attempts.json").write_text(json.dumps({"settings": {"task": "rte"}, "attempts": [
         {"seconds": 60.0, "outcome": "interrupted"}]}))
+    assert expected_left(job) == 100.0 and too_late(job, now)
+    monkeypatch.setattr(sweep_run, "_resumable", lambda job, settings, stored: None)
     assert expected_left(job) == 40.0 and not too_late(job, now)
-    (tmp_path / "work" / "r.attempts.json").write_text(json.dumps({"settings": {}, "attempts": [
+    (tmp_path / "work" / "r.attempts.json").write_text(json.dumps({"settings": {"task": "rte"}, "attempts": [
         {"seconds": 95.0, "outcome": "interrupted"}]}))
     assert expected_left(job) == 25.0
 
@@ -210,24 +219,35 @@ def test_earlier_runs_laplace_fits_go_first_and_late_runs_are_deferred(monkeypat
         "settings": done.settings, "status": "ok", "wall_time_s": 1000.0, "metrics": {}}), encoding="utf-8")
     (work / done.run_id / ADAPTER_DIR).mkdir(parents=True)
     (work / done.run_id / ADAPTER_DIR / "adapter_config.json").write_text("{}", encoding="utf-8")
+    other = plan.runs()[1]  # a second kept run, whose fit fails: it keeps its folder and is not counted as done
+    (results / f"{other.run_id}.json").write_text(json.dumps({
+        "schema": "loradrop.sweep.run/1", "run_id": other.run_id, "method": "lora", "axes": other.axes,
+        "settings": other.settings, "status": "ok", "wall_time_s": 1000.0, "metrics": {}}), encoding="utf-8")
+    (work / other.run_id / ADAPTER_DIR).mkdir(parents=True)
+    (work / other.run_id / ADAPTER_DIR / "adapter_config.json").write_text("{}", encoding="utf-8")
+    # a Laplace fit measured at 500 s: a LoRA run's job (training, then its fit) expects 1000 + 500 s
+    (results / "laplace__seed-9.json").write_text(json.dumps({
+        "schema": "loradrop.sweep.run/1", "run_id": "laplace__seed-9", "method": "laplace", "status": "ok",
+        "settings": {"task": "rte"}, "wall_time_s": 500.0}), encoding="utf-8")
     order = []
 
     def fit(job, results, work, *, prior, overrides):
         order.append(("fit", job.run_id, job.run_folder.is_dir()))
-        return {"run_id": job.run_id, "status": "ok"}
+        return {"run_id": job.run_id, "status": "ok" if job.run_id.endswith("0") else "failed", "error": "boom"}
 
     monkeypatch.setattr(sweep_run, "score_one", fit)
     monkeypatch.setattr(sweep_run, "execute", lambda job: order.append(("train", job.run_id)) or
                         {"run_id": job.run_id, "status": "ok"})
-    summary = run_sweep(plan, results, work_dir=work, laplace="auto", deadline_s=60.0, progress=False)
-    assert order == [("fit", "laplace__seed-0", True)]
-    assert not (work / done.run_id).exists()  # the fit is done: its folder goes
+    summary = run_sweep(plan, results, work_dir=work, laplace="auto", deadline_s=1200.0, progress=False)
+    assert order == [("fit", "laplace__seed-0", True), ("fit", "laplace__seed-1", True)]
+    assert not (work / done.run_id).exists() and (work / other.run_id).exists()  # a failed fit keeps its folder
     assert summary["laplace_ok"] == 1 and summary["ok"] == 0 and summary["failed"] == []
-    assert summary["deferred"] == ["lora__seed-1", "lora__seed-2"]  # 1000 s measured, 60 s left
-    assert len(pending(plan, results)[0]) == 2
+    assert summary["laplace_failed"] == [{"run_id": other.run_id, "error": "boom"}]
+    assert summary["deferred"] == ["lora__seed-2"]  # 1.1 x (1000 + 500) s expected, 1200 s left
+    assert len(pending(plan, results)[0]) == 1
     order.clear()
     summary = run_sweep(plan, results, work_dir=work, laplace="auto", deadline_s=5000.0, progress=False)
-    assert order == [("train", "lora__seed-1"), ("train", "lora__seed-2")] and summary["ok"] == 2
+    assert order == [("fit", "laplace__seed-1", True), ("train", "lora__seed-2")] and summary["ok"] == 1
 
 
 @pytest.mark.parametrize("args, fragment", [(["--deadline", "0"], "--deadline: must be a number > 0"),

@@ -327,6 +327,8 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
             fit = estimate(task, LAPLACE_METHOD, run.settings, [m for m in measured if m["method"] == LAPLACE_METHOD])
             if fit.memory_gib and (found.memory_gib or 0) < fit.memory_gib:
                 found = replace(found, memory_gib=fit.memory_gib)
+            if found.seconds is not None and fit.seconds is not None:  # the fit runs in the same job, after training
+                found = replace(found, seconds=found.seconds + fit.seconds)
         estimates[run.run_id] = found
     order = longest_first([r.run_id for r in todo], {k: e.seconds for k, e in estimates.items()})
     by_id = {r.run_id: r for r in todo}
@@ -348,8 +350,10 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
         if status["status"] == "deferred":
             summary["deferred"].append(status["run_id"])
         elif status["status"] == "ok":
-            counter = "laplace_ok" if status.get("fit_only") else "ok"  # a fit of an earlier run, or a trained run
-            summary[counter] = summary.get(counter, 0) + 1
+            if not status.get("fit_only"):
+                summary["ok"] += 1
+            elif status.get("laplace") == "ok":  # a fit of an earlier run (a failed one is listed below)
+                summary["laplace_ok"] = summary.get("laplace_ok", 0) + 1
             if status.get("laplace") not in (None, "ok"):
                 summary.setdefault("laplace_failed", []).append({"run_id": status["run_id"],
                                                                  "error": status["laplace"]})

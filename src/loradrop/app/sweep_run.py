@@ -254,18 +254,25 @@ def execute_fit(job: FitJob) -> dict:
     if fit["status"] == "ok" and not job.keep_runs:
         shutil.rmtree(job.fit.run_folder, ignore_errors=True)
     return {"run_id": job.fit.source.get("run_id", job.run_id), "status": "ok", "fit_only": True,
-            "laplace": "ok" if fit["status"] == "ok" else fit.get("error", "failed")}
+            "laplace": "ok" if fit["status"] == "ok" else fit.get("error", "failed")}  # (the source run is fine)
 
 
 def expected_left(job: RunJob | FitJob) -> float | None:
-    """Seconds the job is expected to take from now: its estimate, less the time of the earlier attempts it will
-    continue (at least a quarter of the estimate: a resumed run reloads its model and evaluates in full)."""
+    """Seconds the job is expected to take from now: its estimate, less the time of the earlier attempts when it will
+    continue their checkpoint (at least a quarter of the estimate: a resumed run reloads its model and evaluates in
+    full); a run that will start over (no checkpoint, other settings, a damaged one) expects all of it."""
     if job.expected_s is None:
         return None
     done = 0.0
     if isinstance(job, RunJob):
-        earlier, _ = _earlier_attempts(job)
-        done = sum(float(a.get("seconds") or 0.0) for a in earlier)
+        earlier, stored = _earlier_attempts(job)
+        try:
+            resumes = bool(earlier) and _resumable(
+                job, job.run.train_settings(job.work_dir, job.checkpoint_steps), stored) is None
+        except Exception:  # bad settings: the run will fail and say so in its failed.json; no deferral on that
+            resumes = False
+        if resumes:
+            done = sum(float(a.get("seconds") or 0.0) for a in earlier)
     return max(job.expected_s - done, 0.25 * job.expected_s)
 
 

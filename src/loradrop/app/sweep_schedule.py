@@ -70,7 +70,9 @@ def measured_runs(results: Path) -> list[dict[str, Any]]:
             continue
         settings = data.get("settings") or {}
         peak = (data.get("peak_memory_mib") or {}).get("cuda")
-        wall = data.get("wall_time_s")
+        # a resumed run's wall time sums its attempts (each reloading the model, losing the steps after its last
+        # checkpoint): no measure of one run's time
+        wall = None if data.get("attempts") else data.get("wall_time_s")
         out.append({"task": settings.get("task"), "method": data.get("method"), "members": members_per_step(settings),
                     "memory_gib": peak / 1024 if isinstance(peak, (int, float)) and peak > 0 else None,
                     "seconds": wall if isinstance(wall, (int, float)) and wall > 0 else None})
@@ -85,13 +87,12 @@ def estimate(task: Any, method: str, settings: Mapping[str, Any], measured: Iter
     # the same method may have a local samples axis (e.g. samples: [1, 4]): its peaks scale with members too
     memory = [m["memory_gib"] / m["members"] * members for m in same if m["memory_gib"]]
     seconds = [m["seconds"] for m in same if m["seconds"]]
-    if memory or seconds:
-        return Estimate(max(memory) if memory else None, max(seconds) if seconds else None, "measured")
-    memory = [m["memory_gib"] / m["members"] * members for m in same_task if m["memory_gib"]]
-    seconds = [m["seconds"] for m in same_task if m["seconds"]]  # members share a batched pass: not N times longer
-    if memory or seconds:
-        return Estimate(min(memory) if memory else None, max(seconds) if seconds else None, "scaled")
-    return Estimate(None, None, "unknown")
+    task_memory = [m["memory_gib"] / m["members"] * members for m in same_task if m["memory_gib"]]
+    task_seconds = [m["seconds"] for m in same_task if m["seconds"]]  # members share a batched pass: not N times
+    # each falls back on its own: the same method's runs may all be resumed ones (a peak, no time of one run)
+    return Estimate(max(memory) if memory else min(task_memory) if task_memory else None,
+                    max(seconds) if seconds else max(task_seconds) if task_seconds else None,
+                    "measured" if memory or seconds else "scaled" if task_memory or task_seconds else "unknown")
 
 
 def reservation(estimate_: Estimate, budget_gib: float, share_gib: float) -> float:
