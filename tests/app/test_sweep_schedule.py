@@ -197,6 +197,13 @@ def test_a_run_that_would_end_past_the_deadline_is_not_started(monkeypatch: pyte
     (tmp_path / "work" / "r.attempts.json").write_text(json.dumps({"settings": {"task": "rte"}, "attempts": [
         {"seconds": 95.0, "outcome": "interrupted"}]}))
     assert expected_left(job) == 25.0
+    # behind a memory gate, a job that is too late already is deferred without waiting for memory
+    gate = MemoryGate(multiprocessing.get_context("spawn"), [0], 10.0, workers=2)
+    monkeypatch.setattr(sweep_run, "_GATE", gate)
+    late = RunJob(run, "p", tmp_path / "res", tmp_path / "nowork", reserve_gib=5.0, expected_s=100.0,
+                  finish_by=time.time() + 50)
+    with gate.reserve(0, 10.0):  # the GPU is full: a job that waited would block here
+        assert sweep_run.execute_in_worker(late)["status"] == "deferred"
 
 
 def test_earlier_runs_laplace_fits_go_first_and_late_runs_are_deferred(monkeypatch: pytest.MonkeyPatch,

@@ -341,7 +341,7 @@ def execute_in_worker(job: RunJob | FitJob) -> dict:
     started once its memory is reserved, and not started at all when it would end past its deadline; a run that runs
     out of GPU memory anyway is tried once more with the whole budget."""
     with contextlib.redirect_stdout(io.StringIO()):
-        if _GATE is None or job.reserve_gib is None:
+        if _GATE is None or job.reserve_gib is None or too_late(job):  # (too late already: no wait for memory)
             return run_job(job)
         with _GATE.reserve(_GPU, job.reserve_gib):
             status = run_job(job)
