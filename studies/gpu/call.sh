@@ -239,10 +239,14 @@ if [ -f "$S/smol/config.json" ]; then
   [ -f "$S/res/probe/decision.txt" ] || probe
   [ -n "${SESSION_LEFT:-}" ] && echo $(( T0 + ${SESSION_LEFT%.*} )) > "$S/session_end"  # (budget_left_s may be fractional)
   start_driver() {
-    # a copy of this script: bash reads a script as it runs, and the next call's tree may replace the file
-    cp studies/gpu/call.sh "$S/driver.sh"
+    # it runs from a copy of this script, the code and the plans: bash reads a script as it runs, and each call
+    # copies the working tree to the machine again, which a worker importing a module must not catch half done
+    rm -rf "$S/code" && mkdir -p "$S/code/studies/commonsense" "$S/code/studies/instruct" \
+      && cp -r src "$S/code/" && cp studies/commonsense/*.yaml "$S/code/studies/commonsense/" \
+      && cp studies/instruct/*.yaml "$S/code/studies/instruct/" && cp studies/gpu/call.sh "$S/driver.sh" \
+      || { log "driver: could not copy the code to $S/code"; return 1; }
     rm -f "$S/driver.setsid"; command -v setsid > /dev/null && { DETACH=setsid; touch "$S/driver.setsid"; } || DETACH=nohup
-    DRIVER_REPO=$PWD $DETACH bash "$S/driver.sh" driver < /dev/null >> "$L/driver.out" 2>&1 &
+    DRIVER_REPO="$S/code" $DETACH bash "$S/driver.sh" driver < /dev/null >> "$L/driver.out" 2>&1 &
     echo $! > "$S/driver.pid"; disown 2>/dev/null; sleep 3
     log "driver $(driver_pid): started (LLM sweeps with: ${DECISION:-the settings of the plans})"
   }
