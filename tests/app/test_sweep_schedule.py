@@ -52,12 +52,23 @@ def test_estimates_come_from_the_finished_runs(tmp_path: Path) -> None:
     _result(tmp_path, "arc__sens__lr-1_samples-1", "arc", "sens", 10 * 1024, 200.0, p=0.5, samples=1)
     got = estimate("arc", "sens", {"p": 0.5, "samples": 8}, measured_runs(tmp_path))
     assert (got.memory_gib, got.source) == (80.0, "measured")
-    # a resumed run (attempts) gives its peak, not its time (the sum of its attempts): the task's time stands in
+    # a resumed run's time (the sum of its attempts) is only an upper bound: a run measured in one go comes first,
+    # then the shortest resumed one of the same method, then the task's other methods
     data = json.loads((tmp_path / "arc__sens__lr-1_samples-1.json").read_text())
-    data["attempts"] = [{"seconds": 900.0, "outcome": "killed"}]
+    data["attempts"], data["wall_time_s"] = [{"seconds": 400.0, "outcome": "killed"}], 900.0
     (tmp_path / "arc__sens__lr-1_samples-1.json").write_text(json.dumps(data))
+    data["run_id"], data["wall_time_s"] = "arc__sens__lr-2_samples-1", 700.0
+    (tmp_path / "arc__sens__lr-2_samples-1.json").write_text(json.dumps(data))
     got = estimate("arc", "sens", {"p": 0.5, "samples": 1}, measured_runs(tmp_path))
-    assert (got.memory_gib, got.seconds, got.source) == (10.0, 200.0, "measured")
+    assert (got.memory_gib, got.seconds, got.source) == (10.0, 700.0, "measured")
+    _result(tmp_path, "arc__sens__lr-3_samples-1", "arc", "sens", 10 * 1024, 300.0, p=0.5, samples=1)
+    assert estimate("arc", "sens", {"p": 0.5, "samples": 1}, measured_runs(tmp_path)).seconds == 300.0
+    assert estimate("arc", "other", {}, measured_runs(tmp_path)).seconds == 300.0  # the task's longest clean run
+    # a method measured on other tasks: the task's longest run times the method's median ratio to the longest other
+    # method there (MC dropout's sequential test passes)
+    _result(tmp_path, "wg__lora__lr-1", "wg", "lora", 2 * 1024, 100.0, no_lora_dropout=True)
+    _result(tmp_path, "wg__mc__lr-1", "wg", "mc", 2 * 1024, 150.0, no_lora_dropout=True)
+    assert estimate("arc", "mc", {}, measured_runs(tmp_path)).seconds == pytest.approx(300.0 * 1.5)
     assert members_per_step({"p": 0.5, "samples": 4, "no_lora_dropout": True}) == 1
     assert members_per_step({"p": 0.0, "samples": 4}) == 1 and members_per_step({"samples": 3}) == 3
 

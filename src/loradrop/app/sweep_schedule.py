@@ -10,7 +10,9 @@ and gives it back when it ends; a run that does not fit waits for others to fini
   method in the results folder (per member of a step, times this run's members), else
 - the smallest peak of the task's finished runs under other methods, each divided by its members per step (LoRA
   Dropout's ``samples``, at most ``chunk_size``), times this run's (N masks per step cost about N times the activation
-  memory of one; the wall time is the task's longest, unscaled: the members of a step run as one batched pass), else
+  memory of one; the wall time is the task's longest, unscaled by members, as the members of a step run as one
+  batched pass, but times the method's median ratio, on the tasks where both ran, to the methods measured on this
+  task), else
 - unknown: an even share of the budget (budget / workers on that GPU), as without the gate;
 
 plus `OVERHEAD_GIB` for the CUDA context and allocator slack, times `SLACK`. A reservation larger than the budget is
@@ -26,8 +28,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +60,8 @@ def members_per_step(settings: Mapping[str, Any]) -> int:
 
 
 def measured_runs(results: Path) -> list[dict[str, Any]]:
-    """(task, method, members per step, peak GiB, wall s) of every successful result in `results` that recorded them."""
+    """(task, method, members per step, peak GiB, wall s; for a resumed run its summed wall s apart) of every successful
+    result in `results` that recorded them."""
     out = []
     for path in sorted(Path(results).glob("*.json")) if Path(results).is_dir() else []:
         if path.name.endswith(".failed.json"):
@@ -71,16 +75,34 @@ def measured_runs(results: Path) -> list[dict[str, Any]]:
         settings = data.get("settings") or {}
         peak = (data.get("peak_memory_mib") or {}).get("cuda")
         # a resumed run's wall time sums its attempts (each reloading the model, losing the steps after its last
-        # checkpoint): no measure of one run's time
-        wall = None if data.get("attempts") else data.get("wall_time_s")
+        # checkpoint): an upper bound on one run's time, used only where no run was measured in one go
+        wall = data.get("wall_time_s")
+        resumed = bool(data.get("attempts"))
         out.append({"task": settings.get("task"), "method": data.get("method"), "members": members_per_step(settings),
                     "memory_gib": peak / 1024 if isinstance(peak, (int, float)) and peak > 0 else None,
-                    "seconds": wall if isinstance(wall, (int, float)) and wall > 0 else None})
+                    "seconds": wall if isinstance(wall, (int, float)) and wall > 0 and not resumed else None,
+                    "seconds_resumed": wall if isinstance(wall, (int, float)) and wall > 0 and resumed else None})
     return out
+
+
+def method_time_ratio(method: str, task: Any, measured: Sequence[Mapping[str, Any]]) -> float:
+    """How much longer `method` runs than the methods measured on `task` (the longest of them), as the median over
+    the other tasks where `method` and some of those methods ran in one go (1 where none did): MC dropout's
+    sequential test passes, or LoRA Dropout's N members, make a run longer than plain LoRA's, which the task's own
+    runs of other methods alone would not show."""
+    known = {m["method"] for m in measured if m["task"] == task and m["method"] != method and m["seconds"]}
+    ratios = []
+    for other in sorted({str(m["task"]) for m in measured} - {str(task)}):
+        mine = [m["seconds"] for m in measured if m["task"] == other and m["method"] == method and m["seconds"]]
+        base = [m["seconds"] for m in measured if m["task"] == other and m["method"] in known and m["seconds"]]
+        if mine and base:
+            ratios.append(max(mine) / max(base))
+    return float(statistics.median(ratios)) if ratios else 1.0
 
 
 def estimate(task: Any, method: str, settings: Mapping[str, Any], measured: Iterable[Mapping[str, Any]]) -> Estimate:
     """The estimate of one run (see the module docstring)."""
+    measured = list(measured)
     same_task = [m for m in measured if m["task"] == task]
     same = [m for m in same_task if m["method"] == method]
     members = members_per_step(settings)
@@ -88,11 +110,17 @@ def estimate(task: Any, method: str, settings: Mapping[str, Any], measured: Iter
     memory = [m["memory_gib"] / m["members"] * members for m in same if m["memory_gib"]]
     seconds = [m["seconds"] for m in same if m["seconds"]]
     task_memory = [m["memory_gib"] / m["members"] * members for m in same_task if m["memory_gib"]]
-    task_seconds = [m["seconds"] for m in same_task if m["seconds"]]  # members share a batched pass: not N times
-    # each falls back on its own: the same method's runs may all be resumed ones (a peak, no time of one run)
-    return Estimate(max(memory) if memory else min(task_memory) if task_memory else None,
-                    max(seconds) if seconds else max(task_seconds) if task_seconds else None,
-                    "measured" if memory or seconds else "scaled" if task_memory or task_seconds else "unknown")
+    task_seconds = [m["seconds"] for m in same_task if m["seconds"] and m["method"] != method]
+    # each falls back on its own: the same method's runs may all be resumed ones (a peak, and only an upper bound on
+    # the time, the shortest of which is closer than another method's time)
+    upper = [m["seconds_resumed"] for m in same if m.get("seconds_resumed")]
+    task_upper = [m["seconds_resumed"] for m in same_task if m.get("seconds_resumed")]
+    # (members share a batched pass: not N times longer; another method's time is scaled by `method_time_ratio`)
+    time_s = max(seconds) if seconds else min(upper) if upper else \
+        max(task_seconds) * method_time_ratio(method, task, measured) if task_seconds else \
+        min(task_upper) if task_upper else None
+    return Estimate(max(memory) if memory else min(task_memory) if task_memory else None, time_s,
+                    "measured" if memory or seconds or upper else "scaled" if task_memory or time_s else "unknown")
 
 
 def reservation(estimate_: Estimate, budget_gib: float, share_gib: float) -> float:
