@@ -177,11 +177,12 @@ driver_pid() {  # the live driver's pid, or nothing: started with setsid, it lea
 }
 if [ "$MODE" = driver ]; then
   echo $$ > "$S/driver.pid"
-  ( while :; do
+  ( while kill -0 $$ 2> /dev/null; do  # (ends with the driver's bash even if that is killed: it must not keep the
+      # driver's session looking alive to driver_pid)
     echo "$(date +%s) $(nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null | tr '\n' ' ') load $(cut -d' ' -f1 /proc/loadavg)" >> "$L/smi.txt"
     sleep 10
   done ) &
-LOOP=$!
+  LOOP=$!
   trap 'kill $LOOP 2>/dev/null' EXIT
   if decision; then log "driver $$: started; LLM sweeps run with: ${DECISION:-the settings of the plans}"; jobs_run
   else log "driver $$: the NaN probe found no clean variant (res/probe/outcome.txt): the LLM jobs stop"; fi
