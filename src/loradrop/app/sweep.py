@@ -289,7 +289,7 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     `results`, the longest start first."""
     from tqdm.auto import tqdm
 
-    from .sweep_schedule import check_budget, estimate, longest_first, measured_runs, reservation
+    from .sweep_schedule import estimate, longest_first, measured_runs, positive_number, reservation
 
     results = Path(results) if results is not None else plan.results
     if results is None:
@@ -302,15 +302,14 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     if checkpoint_steps is not None and (isinstance(checkpoint_steps, bool) or not isinstance(checkpoint_steps, int)
                                          or checkpoint_steps < 1):
         raise UsageError(f"checkpoint_steps must be an integer >= 1, got {checkpoint_steps!r}")
-    if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
-                                   or not deadline_s > 0 or deadline_s == float("inf")):
-        raise UsageError(f"deadline must be a number of seconds > 0, got {deadline_s!r}")
+    try:
+        if gpu_memory_gib is not None:
+            gpu_memory_gib = positive_number(gpu_memory_gib, "the gpu memory budget (GiB)")
+        if deadline_s is not None:
+            deadline_s = positive_number(deadline_s, "the deadline (seconds)")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     finish_by = time.time() + deadline_s if deadline_s is not None else None
-    if gpu_memory_gib is not None:
-        try:
-            gpu_memory_gib = check_budget(gpu_memory_gib)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
     results.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir is not None else results.parent / f".{results.name}.runs"
     todo, done = pending(plan, results)
@@ -319,12 +318,13 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])
     summary: dict[str, Any] = {"planned": len(todo) + done, "skipped": done, "ok": 0, "failed": [], "deferred": []}
     measured = measured_runs(results) if todo or fits else []
+    fits_measured = [m for m in measured if m["method"] == LAPLACE_METHOD]  # a fit's time: only other fits'
     estimates = {}
     for run in todo:
         task = run.settings.get("task")
         found = estimate(task, run.method, run.settings, measured)
         if laplace is not None and run.method == LAPLACE_SOURCE_METHOD:  # its fit runs in the same reservation
-            fit = estimate(task, LAPLACE_METHOD, run.settings, [m for m in measured if m["method"] == LAPLACE_METHOD])
+            fit = estimate(task, LAPLACE_METHOD, run.settings, fits_measured)
             if fit.memory_gib and (found.memory_gib or 0) < fit.memory_gib:
                 found = replace(found, memory_gib=fit.memory_gib)
             if found.seconds is not None and fit.seconds is not None:  # the fit runs in the same job, after training
@@ -337,8 +337,7 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     jobs: list[RunJob | FitJob] = []
     for fit in fits:  # first: each needs its run folder, which lives only as long as this machine
         settings = fit.source.get("settings") or {}
-        found = estimate(settings.get("task"), LAPLACE_METHOD, settings,
-                         [m for m in measured if m["method"] == LAPLACE_METHOD])
+        found = estimate(settings.get("task"), LAPLACE_METHOD, settings, fits_measured)
         jobs.append(FitJob(fit, results, work, laplace, keep_runs, dict(plan.overrides),
                            reservation(found, gpu_memory_gib, share) if gpu_memory_gib else None, found.seconds,
                            finish_by))

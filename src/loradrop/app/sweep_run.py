@@ -218,15 +218,10 @@ def execute(job: RunJob) -> dict:
         outcome = "ok"
         _attempts_file(job).unlink(missing_ok=True)
         status: dict[str, Any] = {"run_id": run.run_id, "status": "ok", "seconds": wall}
-        if job.laplace is not None and run.method == LAPLACE_SOURCE_METHOD:
-            release_memory()
-            try:
-                fit = score_one(source_job(result_path(results, run.run_id), result, folder), results,
-                                job.work_dir, prior=job.laplace, overrides=job.overrides)
-            except Exception as err:  # the LoRA result stands; the fit is tried again from the kept folder
-                fit = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-            status["laplace"] = fit["status"] if fit["status"] == "ok" else fit.get("error", "failed")
-        if not job.keep_runs and status.get("laplace") in (None, "ok"):  # a failed fit keeps it, to be tried again
+        if job.laplace is not None and run.method == LAPLACE_SOURCE_METHOD:  # the LoRA result stands either way
+            status["laplace"] = fit_laplace(source_job(result_path(results, run.run_id), result, folder), results,
+                                            job.work_dir, job.laplace, job.overrides, job.keep_runs)
+        elif not job.keep_runs:
             shutil.rmtree(folder, ignore_errors=True)
         return status
     except Exception as err:  # one failed run must not stop the sweep; the error is kept with its traceback
@@ -242,19 +237,29 @@ def execute(job: RunJob) -> dict:
         release_memory()  # the next run of this worker (or of another worker on the GPU) gets the memory back
 
 
-def execute_fit(job: FitJob) -> dict:
-    """Fit and score one pending Laplace job (`laplace_sweep.score_one`); its run folder goes once the fit is done
-    (kept when it fails, to be tried again, or with ``keep_runs``)."""
+def fit_laplace(fit: LaplaceJob, results: Path, work_dir: Path, prior: str, overrides: dict[str, Any],
+                keep_runs: bool) -> str:
+    """Fit and score one Laplace job (`laplace_sweep.score_one`, which never raises for a failed fit), with the GPU
+    memory of what ran before it freed; its run folder goes once the fit is done (kept when it fails, to be tried
+    again, or with `keep_runs`). Returns ``"ok"`` or the error."""
     from .provenance import release_memory
 
+    release_memory()
     try:
-        fit = score_one(job.fit, job.results, job.work_dir, prior=job.prior, overrides=job.overrides)
+        out = score_one(fit, results, work_dir, prior=prior, overrides=overrides)
     finally:
         release_memory()
-    if fit["status"] == "ok" and not job.keep_runs:
-        shutil.rmtree(job.fit.run_folder, ignore_errors=True)
+    if out["status"] != "ok":
+        return str(out.get("error", "failed"))
+    if not keep_runs:
+        shutil.rmtree(fit.run_folder, ignore_errors=True)
+    return "ok"
+
+
+def execute_fit(job: FitJob) -> dict:
+    """A pending Laplace fit of an earlier run, as a pool job (`fit_laplace`); the source run itself is fine."""
     return {"run_id": job.fit.source.get("run_id", job.run_id), "status": "ok", "fit_only": True,
-            "laplace": "ok" if fit["status"] == "ok" else fit.get("error", "failed")}  # (the source run is fine)
+            "laplace": fit_laplace(job.fit, job.results, job.work_dir, job.prior, job.overrides, job.keep_runs)}
 
 
 def expected_left(job: RunJob | FitJob) -> float | None:
@@ -352,4 +357,4 @@ def execute_in_worker(job: RunJob | FitJob) -> dict:
 
 
 __all__ = ["FitJob", "PlannedRun", "RunJob", "execute", "execute_fit", "execute_in_worker", "expected_left",
-           "is_out_of_memory", "run_job", "too_late", "worker_gpu", "worker_init"]
+           "fit_laplace", "is_out_of_memory", "run_job", "too_late", "worker_gpu", "worker_init"]

@@ -238,13 +238,13 @@ class _Reservation:
         self.gate._release(self.entry)
 
 
-def check_budget(gpu_memory_gib: Any) -> float:
-    """A valid ``--gpu-memory`` value (GiB > 0, finite), or ValueError naming it."""
-    if isinstance(gpu_memory_gib, bool) or not isinstance(gpu_memory_gib, (int, float)) \
-            or not math.isfinite(gpu_memory_gib) or gpu_memory_gib <= 0:
-        raise ValueError(f"gpu memory budget must be a number of GiB > 0, got {gpu_memory_gib!r}")
-    return float(gpu_memory_gib)
+def positive_number(value: Any, what: str) -> float:
+    """`value` as a float when it is a finite number > 0 (not a bool), else ValueError naming it as `what`: the
+    ``--gpu-memory`` budget, the ``--deadline``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
-__all__ = ["OVERHEAD_GIB", "PATIENCE_S", "SLACK", "Estimate", "MemoryGate", "admissible", "check_budget", "estimate",
-           "longest_first", "measured_runs", "members_per_step", "reservation"]
+__all__ = ["OVERHEAD_GIB", "PATIENCE_S", "SLACK", "Estimate", "MemoryGate", "admissible", "estimate",
+           "longest_first", "measured_runs", "members_per_step", "positive_number", "reservation"]
