@@ -229,7 +229,8 @@ def main() -> None:
                         "median_step_s_max_over_ranks": max(r["median_step_s"] for r in gathered)})
         accelerator.print(f"{name}: median step {results[-1]['median_step_s_max_over_ranks']:.4f} s, "
                           f"memory {gathered[0]['memory']}")
-    if not accelerator.is_main_process:
+    if not accelerator.is_main_process:  # both ranks leave together: one rank destroying the gloo group while the
+        accelerator.wait_for_everyone()  # other still writes sometimes aborted it (SIGABRT, "terminate called ...")
         accelerator.end_training()
         return
     base = next((r for r in results if r["name"] == "lora"), None)
@@ -261,6 +262,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     accelerator.print(f"wrote {args.out}")
+    accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: left to interpreter shutdown, gloo can abort the exit
 
 
