@@ -108,7 +108,11 @@ def test_laplace_predictive_is_less_overconfident_than_the_map(overfit) -> None:
 
 
 @needs_laplace
-def test_jacobians_one_example_at_a_time_equal_the_whole_batch(overfit) -> None:
+@pytest.mark.parametrize("path", ["hooked", "one_at_a_time"])
+def test_jacobians_equal_laplace_torchs_whole_batch_jacobians(overfit, monkeypatch, path: str) -> None:
+    """Both ways `_moments` takes Jacobians (per-row hooks, one pass per class; laplace-torch one example at a time)
+    equal laplace-torch's jacrev over the whole batch, padding included."""
+    from loradrop.app import laplace_jacobians
     from loradrop.app.laplace_baseline import _moments
 
     model, train, _, test, _ = overfit
@@ -117,6 +121,9 @@ def test_jacobians_one_example_at_a_time_equal_the_whole_batch(overfit) -> None:
     batch["attention_mask"][:3, 7:] = 0  # padding no row of the first three uses: cut off for their Jacobians
     batch["input_ids"][:3, 7:] = 0
     whole_js, whole_f = fit.la.backend.jacobians({k: v for k, v in batch.items()})
+    assert laplace_jacobians.hooked_jacobians(fit.la.model, batch) is not None  # the hooks cover this model
+    if path == "one_at_a_time":
+        monkeypatch.setattr(laplace_jacobians, "hooked_jacobians", lambda net, batch: None)
     js, f_mu, present = _moments(fit.la, batch)
     assert present is None and js.shape == whole_js.shape == (6, 3, fit.n_params)
     # float32 Jacobians of differently shaped matmuls: 3 of 59,904 entries differed by up to 5e-5 on one CPU (AMD
@@ -124,6 +131,43 @@ def test_jacobians_one_example_at_a_time_equal_the_whole_batch(overfit) -> None:
     assert whole_js.abs().max() > 1e-2
     torch.testing.assert_close(js, whole_js, atol=2e-4, rtol=1e-3)
     torch.testing.assert_close(f_mu, whole_f, atol=2e-4, rtol=1e-3)
+
+
+def test_hooked_cloze_jacobians_equal_autograd_per_choice(llama_dir: Path) -> None:
+    """Cloze form: one backward pass over the whole batch (each choice's logit depends on its own row) gives every
+    choice's gradient, as autograd gives it one logit at a time (laplace-torch's layout: questions, choices,
+    parameters in `named_parameters` order); absent choices have zero Jacobians; a model the hooks cannot cover (a
+    trainable bias on a LoRA factor) falls back (None)."""
+    from transformers import LlamaForCausalLM
+
+    from loradrop.app.laplace_baseline import _ClozeLogits, lora_parameters_only
+    from loradrop.app.laplace_jacobians import hooked_jacobians
+    from loradrop.tasks.cloze_scoring import ClozeCollator
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM.from_pretrained(str(llama_dir)).eval()
+    model = get_peft_model(base, lora_config(target_modules=["q_proj", "v_proj"])).eval()
+    lora_parameters_only(model)
+    net = _ClozeLogits(model, num_choices=3, per_token=True)
+    g = torch.Generator().manual_seed(1)
+    features = [{"choice_ids": [torch.randint(5, 200, (4 + q + c,), generator=g).tolist() for c in range(n)],
+                 "cont_lens": [1 + (q + c) % 3 for c in range(n)], "labels": 0, "n_choices": n}
+                for q, n in enumerate((3, 2, 3))]  # the second question has only two of the three choices
+    batch = ClozeCollator(0, 3, train=False)(features)
+    js, f = hooked_jacobians(net, batch)
+    params = [p for p in net.parameters() if p.requires_grad]
+    logits = net(batch)
+    expected = torch.zeros_like(js)
+    for q, c in zip(*batch["choice_mask"].nonzero(as_tuple=True)):
+        grads = torch.autograd.grad(logits[q, c], params, retain_graph=True)
+        expected[q, c] = torch.cat([grad.flatten() for grad in grads])
+    assert js.shape == (3, 3, sum(p.numel() for p in params)) and expected.abs().max() > 1e-3
+    torch.testing.assert_close(js, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(f, logits.detach())
+    assert js[1, 2].abs().max() == 0  # the absent third choice
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.lora_A["default"].bias = torch.nn.Parameter(torch.zeros(layer.lora_A["default"].out_features))
+    assert hooked_jacobians(net, batch) is None
 
 
 @needs_laplace

@@ -7,10 +7,11 @@ import json
 import multiprocessing
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from loradrop.app import sweep_run
+from loradrop.app import sweep, sweep_run
 from loradrop.app.sweep_schedule import (
     OVERHEAD_GIB,
     SLACK,
@@ -266,6 +267,32 @@ def test_earlier_runs_laplace_fits_go_first_and_late_runs_are_deferred(monkeypat
     order.clear()
     summary = run_sweep(plan, results, work_dir=work, laplace="auto", deadline_s=5000.0, progress=False)
     assert order == [("fit", "laplace__seed-1", True), ("train", "lora__seed-2")] and summary["ok"] == 1
+
+
+def test_an_unmeasured_laplace_fit_counts_as_long_as_its_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With no Laplace fit measured yet, a LoRA run's job under `laplace` expects its training time twice (the fit
+    after it as long as the run): a deadline between the two defers it; without `laplace` it starts."""
+    from loradrop.app.sweep import SweepPlan, run_sweep
+
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text("name: x\nbase: {task: rte, model: minilm}\ngrid: {seed: [0, 1]}\n"
+                         "methods: {lora: {no_lora_dropout: true}}\n", encoding="utf-8")
+    plan = SweepPlan.load(plan_file)
+    results = tmp_path / "res"
+    results.mkdir()
+    done = plan.runs()[0]
+    (results / f"{done.run_id}.json").write_text(json.dumps({
+        "schema": "loradrop.sweep.run/1", "run_id": done.run_id, "method": "lora", "axes": done.axes,
+        "settings": done.settings, "status": "ok", "wall_time_s": 1000.0, "metrics": {}}), encoding="utf-8")
+    trained = []
+    monkeypatch.setattr(sweep_run, "execute", lambda job: trained.append(job.run_id) or
+                        {"run_id": job.run_id, "status": "ok"})
+    monkeypatch.setattr(sweep, "plan_laplace", lambda *a, **k: SimpleNamespace(todo=[]))  # no earlier fits
+    summary = run_sweep(plan, results, work_dir=tmp_path / "work", laplace="auto", deadline_s=2000.0,
+                        progress=False)
+    assert summary["deferred"] == ["lora__seed-1"] and trained == []  # 1.1 x (1000 + 1000) s > 2000 s
+    summary = run_sweep(plan, results, work_dir=tmp_path / "work", deadline_s=2000.0, progress=False)
+    assert summary["deferred"] == [] and trained == ["lora__seed-1"]  # 1.1 x 1000 s
 
 
 @pytest.mark.parametrize("args, fragment", [(["--deadline", "0"], "--deadline: must be a number > 0"),

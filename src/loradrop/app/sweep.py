@@ -327,8 +327,11 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
             fit = estimate(task, LAPLACE_METHOD, run.settings, fits_measured)
             if fit.memory_gib and (found.memory_gib or 0) < fit.memory_gib:
                 found = replace(found, memory_gib=fit.memory_gib)
-            if found.seconds is not None and fit.seconds is not None:  # the fit runs in the same job, after training
-                found = replace(found, seconds=found.seconds + fit.seconds)
+            if found.seconds is not None:  # the fit runs in the same job, after training; unmeasured, it is taken
+                # to last as long as the run (KFAC over the train split is one to two epochs' passes, plus the
+                # test and OOD sets' Jacobians): a deadline must not start a run whose fit it would cut off
+                found = replace(found, seconds=found.seconds + (fit.seconds if fit.seconds is not None
+                                                                else found.seconds))
         estimates[run.run_id] = found
     order = longest_first([r.run_id for r in todo], {k: e.seconds for k, e in estimates.items()})
     by_id = {r.run_id: r for r in todo}
