@@ -245,10 +245,15 @@ def fit_laplace(fit: LaplaceJob, results: Path, work_dir: Path, prior: str, over
     from .provenance import release_memory
 
     release_memory()
+    start = time.perf_counter()
+    # a line each at the start and the end (the sweep's log): a fit runs inside its run's job, unseen by the bar
+    print(f"loradrop sweep: {fit.run_id}: Laplace fit started", file=sys.stderr, flush=True)
     try:
         out = score_one(fit, results, work_dir, prior=prior, overrides=overrides)
     finally:
         release_memory()
+    print(f"loradrop sweep: {fit.run_id}: Laplace fit {'done' if out['status'] == 'ok' else 'failed'} after "
+          f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     if out["status"] != "ok":
         return str(out.get("error", "failed"))
     if not keep_runs:
