@@ -184,3 +184,26 @@ def test_train_refuses_acting_on_a_regression_task(tmp_path: Path, capsys) -> No
     assert len(err) == 1 and err[0].startswith("loradrop train: error:"), err
     assert "conformal_alpha need a task that predicts classes; 'stsb' is a regression task" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_moves_the_model_to_the_eval_device(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`loradrop eval` runs the model on `eval_device()` (the GPU when there is one; the CPU here), not where it was
+    loaded: the model is moved there before anything is scored. cpu:0 stands in for the GPU, so the move is seen."""
+    from loradrop.app import eval_run
+
+    assert eval_run.eval_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_run.eval_device() == torch.device("cuda")
+    monkeypatch.undo()
+    stand_in = torch.device("cpu", 0)
+    monkeypatch.setattr(eval_run, "eval_device", lambda: stand_in)
+    moved, original = [], torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        if stand_in in args or kwargs.get("device") == stand_in:
+            moved.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    assert main(["eval", "--adapter", str(run_dir), "--output", str(tmp_path / "eval")]) == 0
+    assert moved  # the PEFT model, once

@@ -28,6 +28,13 @@ from .settings import EvalSettings, ood_task_choices
 from .train_run import RunResult
 
 
+def eval_device() -> torch.device:
+    """Where `evaluate` runs the model: the first visible CUDA GPU when there is one (a sweep worker's
+    ``CUDA_VISIBLE_DEVICES`` names its own), else the CPU. Until 2026-12-03 the model stayed where it was loaded, on
+    the CPU, so ``loradrop eval`` and every Laplace-LoRA fit of a GPU sweep ran on one CPU core."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def find_run(adapter: Path) -> tuple[Path, Path, dict[str, Any] | None]:
     """(adapter folder, run folder, the run's metrics) for an adapter folder or a run folder."""
     if not adapter.exists():
@@ -144,7 +151,7 @@ def evaluate(settings: EvalSettings) -> RunResult:
     base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None,
                                    attn_implementation=attn_implementation), tokenizer)
     model = load_adapter(base, adapter_dir, model_name, has_loradrop)
-    model.eval()
+    model.to(eval_device()).eval()  # training runs on the GPU through the Trainer; evaluation must move it itself
     start = time.perf_counter()
     score_ood_set = None  # OOD sets are scored by the Laplace predictive too under --laplace
     if laplace:
