@@ -171,6 +171,20 @@ def test_hooked_cloze_jacobians_equal_autograd_per_choice(llama_dir: Path) -> No
 
 
 @needs_laplace
+def test_laplace_torchs_exit_on_a_failed_eigendecomposition_is_an_error(overfit, monkeypatch) -> None:
+    """laplace-torch calls exit() when a Kronecker factor's eigh fails even with jitter; in a sweep worker that
+    would end the process and hang the pool, so the fit raises an ordinary error instead."""
+    model, train, _, _, _ = overfit
+
+    def failing_eigh(*args, **kwargs):
+        raise RuntimeError("linalg.eigh: did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_eigh)
+    with pytest.raises(RuntimeError, match="laplace-torch gave up: the eigendecomposition"):
+        fit_laplace(model, train, None, _collate, batch_size=12)
+
+
+@needs_laplace
 def test_marglik_prior_needs_no_validation(overfit) -> None:
     model, train, _, test, _ = overfit
     fit = fit_laplace(model, train, None, _collate, batch_size=12)

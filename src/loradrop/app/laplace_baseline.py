@@ -282,7 +282,12 @@ def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, coll
     la = Laplace(net, "classification", subset_of_weights="all", hessian_structure="kron",
                  dict_key_x="choice_mask" if num_choices is not None else "input_ids")
     start = time.perf_counter()
-    la.fit(_loader(train, collator, batch_size))
+    try:
+        la.fit(_loader(train, collator, batch_size))
+    except SystemExit as err:  # laplace-torch calls exit() when a Kronecker factor's eigendecomposition fails twice:
+        # in a sweep's pool worker that would end the process and leave its job unanswered, hanging the sweep
+        raise RuntimeError("laplace-torch gave up: the eigendecomposition of a Kronecker factor did not converge, "
+                           "even with jitter") from err
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     if method == "marglik":
