@@ -112,3 +112,13 @@ def cli_train(args: list[str]) -> dict:
 
     assert main(args) == 0
     return json.loads((Path(args[args.index("--output") + 1]) / "metrics.json").read_text())
+
+
+def die_or_echo(job: str) -> dict:
+    """A pool target for the sweep's worker-death test: the job "die" SIGKILLs its own worker process."""
+    import os
+    import signal
+
+    if job == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"run_id": job, "status": "ok"}

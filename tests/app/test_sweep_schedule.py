@@ -295,6 +295,30 @@ def test_an_unmeasured_laplace_fit_counts_as_long_as_its_run(monkeypatch: pytest
     assert summary["deferred"] == [] and trained == ["lora__seed-1"]  # 1.1 x 1000 s
 
 
+def test_a_job_whose_worker_dies_fails_and_the_others_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker process killed outright (SIGKILL) loses its job: the sweep reports that job failed and the pool's
+    replacement worker runs the rest, instead of waiting for ever on a result that never comes (Pool.imap did)."""
+    import signal
+
+    from helpers import die_or_echo
+    from loradrop.app.sweep import _statuses
+
+    monkeypatch.setattr(sweep_run, "DEATH_GRACE_S", 0.5)
+
+    def hung(*_):
+        raise TimeoutError("the sweep waited for a job whose worker had died")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(240)
+    try:
+        statuses = {s["run_id"]: s for s in _statuses(["a", "die", "b", "c"], workers=2, target=die_or_echo)}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert statuses["die"]["status"] == "failed" and "worker process" in statuses["die"]["error"]
+    assert all(statuses[k] == {"run_id": k, "status": "ok"} for k in "abc")
+
+
 @pytest.mark.parametrize("args, fragment", [(["--deadline", "0"], "--deadline: must be a number > 0"),
                                             (["--gpu-memory", "0"], "--gpu-memory: must be a number > 0"),
                                             (["--gpu-memory", "nan"], "--gpu-memory: must be a number > 0"),

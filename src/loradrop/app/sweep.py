@@ -60,7 +60,17 @@ from .runfolder import read_json
 from .settings import TrainSettings
 from .sweep_files import result_path
 from .sweep_files import run_id as _run_id
-from .sweep_run import FitJob, PlannedRun, RunJob, execute, execute_in_worker, run_job, worker_gpu, worker_init
+from .sweep_run import (
+    FitJob,
+    PlannedRun,
+    RunJob,
+    execute,
+    execute_in_worker,
+    run_job,
+    tracked_results,
+    worker_gpu,
+    worker_init,
+)
 
 PLAN_KEYS = {"name", "description", "results", "base", "grid", "methods", "task_settings", "select_from"}
 ENGINE_OWNED = {"output", "resume", "overwrite"}
@@ -367,8 +377,10 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     return summary
 
 
-def _statuses(jobs: list[RunJob | FitJob], workers: int, gpus: list[int] | None = None,
-              gpu_memory_gib: float | None = None) -> Iterator[dict]:
+def _statuses(jobs: list[Any], workers: int, gpus: list[int] | None = None, gpu_memory_gib: float | None = None,
+              target: Any = execute_in_worker) -> Iterator[dict]:
+    """Each job's status as it ends: in this process one at a time, or in a pool of `workers` spawned processes
+    (`target`: what a worker runs per job; a job whose worker dies is reported failed, `tracked_results`)."""
     if workers == 1 or len(jobs) <= 1:  # one run at a time: nothing shares the GPU, no memory gate needed
         for job in jobs:
             yield run_job(job)
@@ -386,10 +398,14 @@ def _statuses(jobs: list[RunJob | FitJob], workers: int, gpus: list[int] | None 
         gate = MemoryGate(context, gpus or [0], gpu_memory_gib, workers=size)
     saved = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
-    pool = context.Pool(size, initializer=worker_init, initargs=(gpus, gate))
+    started = context.Array("i", len(jobs), lock=False)  # job index -> pid of its worker (0: not started)
+    pool = context.Pool(size, initializer=worker_init, initargs=(gpus, gate, started))
     try:
-        yield from pool.imap_unordered(execute_in_worker, jobs)
-        pool.close()
+        died = yield from tracked_results(pool, jobs, started, target)
+        if died:  # every job has answered either way
+            pool.terminate()
+        else:
+            pool.close()
     except BaseException:
         pool.terminate()
         raise

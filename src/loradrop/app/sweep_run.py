@@ -36,6 +36,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,7 @@ def is_out_of_memory(status: dict[str, Any]) -> bool:
 
 # ------------------------------------------------------------------------------------------------ the pool's workers
 _GATE: Any = None  # the pool's MemoryGate (sweep_schedule), set by `worker_init`
+_STARTED: Any = None  # the pool's table: job index -> pid of the worker that took it (`execute_tracked`)
 _GPU = 0
 
 
@@ -316,13 +318,14 @@ def worker_gpu(gpus: list[int], worker: int) -> int:
     return gpus[(worker - 1) % len(gpus)]
 
 
-def worker_init(gpus: list[int] | None = None, gate: Any = None) -> None:
+def worker_init(gpus: list[int] | None = None, gate: Any = None, started: Any = None) -> None:
     """A worker process: quiet, one compute thread each (many runs share the machine), and with `gpus` its own
     GPU (set before torch is imported, so every run of this worker sees that one card as cuda:0); with `gate`, its
-    runs reserve GPU memory before they start."""
+    runs reserve GPU memory before they start; `started`: the table `execute_tracked` writes."""
     import multiprocessing
 
-    global _GATE, _GPU
+    global _GATE, _GPU, _STARTED
+    _STARTED = started
     # (k,): from the parent's process counter, consecutive for a pool's workers, so round robin over them;
     # a worker that replaces a crashed one takes the next number (the load may then be uneven)
     identity = multiprocessing.current_process()._identity
@@ -361,5 +364,46 @@ def execute_in_worker(job: RunJob | FitJob) -> dict:
         return status
 
 
-__all__ = ["FitJob", "PlannedRun", "RunJob", "execute", "execute_fit", "execute_in_worker", "expected_left",
-           "fit_laplace", "is_out_of_memory", "run_job", "too_late", "worker_gpu", "worker_init"]
+def execute_tracked(item: tuple[int, Callable[[Any], dict], Any]) -> dict:
+    """Pool job `index`: the worker notes that it took it (its pid in the table), then runs ``target(job)``."""
+    index, target, job = item
+    if _STARTED is not None:
+        _STARTED[index] = os.getpid()
+    return target(job)
+
+
+DEATH_GRACE_S = 5.0  # a dead worker's job is failed only if its result has not come in by then (it may be in transit)
+
+
+def tracked_results(pool: Any, jobs: list[Any], started: Any, target: Callable[[Any], dict],
+                    poll_s: float = 0.2) -> Generator[dict, None, bool]:
+    """Each job's status as it ends, through `pool` (whose workers `worker_init` gave the `started` table). A job
+    whose worker process died (SIGKILL, the host's OOM killer, a crash in CUDA or the MPS server) is reported as
+    failed, and the others go on: with ``Pool.imap`` its result would never come, and the sweep would wait for it
+    for ever (a new worker replaces the dead one, the job itself is lost). Its run has no result, so it stays
+    pending and a later sweep trains it again (from its last checkpoint). Returns whether a worker died: the pool
+    then still counts the lost job as outstanding, so it must be terminated, not closed and joined (which would wait
+    for that job for ever)."""
+    from .sweep_schedule import _alive
+
+    waiting = {i: pool.apply_async(execute_tracked, ((i, target, job),)) for i, job in enumerate(jobs)}
+    dead_since: dict[int, float] = {}
+    while waiting:
+        for i, result in list(waiting.items()):
+            if result.ready():
+                del waiting[i]
+                yield result.get()
+            elif started[i] and not _alive(started[i]):
+                first = dead_since.setdefault(i, time.monotonic())
+                if time.monotonic() - first >= DEATH_GRACE_S:
+                    del waiting[i]
+                    yield {"run_id": getattr(jobs[i], "run_id", str(jobs[i])), "status": "failed",
+                           "error": f"its worker process (pid {started[i]}) died while running it"}
+        if waiting:
+            time.sleep(poll_s)
+    return bool(dead_since)
+
+
+__all__ = ["FitJob", "PlannedRun", "RunJob", "execute", "execute_fit", "execute_in_worker", "execute_tracked",
+           "expected_left", "fit_laplace", "is_out_of_memory", "run_job", "too_late", "tracked_results", "worker_gpu",
+           "worker_init"]
