@@ -30,8 +30,8 @@ from .train_run import RunResult
 
 def eval_device() -> torch.device:
     """Where `evaluate` runs the model: the first visible CUDA GPU when there is one (a sweep worker's
-    ``CUDA_VISIBLE_DEVICES`` names its own), else the CPU. Until 2026-12-03 the model stayed where it was loaded, on
-    the CPU, so ``loradrop eval`` and every Laplace-LoRA fit of a GPU sweep ran on one CPU core."""
+    ``CUDA_VISIBLE_DEVICES`` names its own), else the CPU. A model left where it was loaded stays on the CPU: every
+    ``loradrop eval`` and Laplace-LoRA fit of a GPU sweep then runs on one CPU core."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 

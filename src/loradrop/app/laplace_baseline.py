@@ -16,8 +16,9 @@ logits at the last prompt position, with a letter the question does not have hel
 has a zero Jacobian, so it adds nothing to the curvature or the predictive variance, and the predictive's softmax is
 taken over the question's own letters only, so an absent choice gets probability exactly 0. Runs trained with
 ``choice_scoring="cloze"`` (``loradrop.tasks.cloze_scoring``) are scored the same way by `_ClozeLogits`: the
-classifier's logits are the choices' log-likelihoods, from one LM row per choice; Jacobians are taken one question
-(its rows) at a time.
+classifier's logits are the choices' log-likelihoods, from one LM row per choice. The predictive's Jacobians come
+from `laplace_jacobians.hooked_jacobians` (one backward pass per batch in cloze form, one per class otherwise), with
+laplace-torch's, one question at a time, as the fallback (`_moments`).
 
 Only the app layer imports this module; the core never imports laplace-torch."""
 
