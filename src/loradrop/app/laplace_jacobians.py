@@ -4,8 +4,9 @@ predictive (`laplace_baseline`), in one or a few backward passes over a whole ba
 laplace-torch's own ``backend.jacobians`` (``torch.func.jacrev``) differentiates the whole ``(batch, C)`` output:
 batch·C backward passes, each through the whole batch. `laplace_baseline._moments` therefore took them one example
 at a time (C passes through that example alone): for the commonsense study's cloze-scored SmolLM2 runs (thousands
-of test and OOD questions each) a long series of tiny passes, launch-bound on a GPU. Measured on a 2-core CPU (real
-SmolLM2, 32 WinoGrande-S test questions), the Laplace predict step took 15.2 s this way against 30.9 s that way.
+of test and OOD questions each) a long series of tiny passes, launch-bound on a GPU. On a 2-core CPU (real SmolLM2,
+32 WinoGrande-S questions) the Jacobians take 11.5 s this way against 20.2 s that way, equal to 1e-5
+(`benchmarks/laplace_jacobians.py`, `benchmarks/results/laplace/jacobians_cpu.json`).
 
 Here the Jacobians come from the per-sample-gradient identity that Opacus and asdl use: every trainable parameter is
 the weight of an ``nn.Linear`` (the LoRA factors ``lora_A`` / ``lora_B``), and for a linear layer the gradient of a
