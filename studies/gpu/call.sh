@@ -7,7 +7,8 @@
 # last checkpoint under the next one.
 # (The SQuAD runs of #11 that this script also ran are done: squad_main.yaml has its 3 seeds per method.)
 #   1. commonsense tune.yaml (#14, phase 1)
-#   2. commonsense main.yaml (phase 2; its select_from pointed at the tune results here)
+#   2. commonsense main.yaml (phase 2, the tasks of its grid once their tune is done; its select_from pointed at
+#      the tune results here)
 #   3. instruct plan.yaml (Alpaca-999 / LIMA -> MMLU)
 # Every sweep runs behind the GPU memory gate (--gpu-memory: a run starts once its peak, estimated from the finished
 # runs of its task, fits beside the running ones; the longest runs start first), saves a checkpoint every 50 steps and
@@ -157,11 +158,18 @@ decision() {  # the NaN probe's settings for every LLM sweep (res/probe/decision
   DECISION=$(cut -d' ' -f2- -s "$S/res/probe/decision.txt" 2>/dev/null)
   read -r -a DEC <<< "$DECISION"; BASE+=("${DEC[@]}"); SW+=("${DEC[@]}")
 }
-jobs_run() {  # the driver's work: tune -> main (once tune is done) -> instruct
+jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -> instruct
   LAP=(); has laplace && LAP=(--laplace)
   has tune && sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}"
   sed "s|^select_from: .*|select_from: $S/res/cs_tune|" $CS/main.yaml > "$S/main.yaml"
-  if [ "$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${SW[@]}")" = 0 ]; then
+  # main.yaml's grid holds the tasks whose tune is final (see its header): main starts once their tune runs are done,
+  # whatever the other tasks' tune still has to do (here select_from names a results folder, which cannot see
+  # missing runs, so the driver checks)
+  local t ready=()
+  for t in $($PY -c "import yaml; print(' '.join(t.replace('_', '-') for t in yaml.safe_load(open('$CS/main.yaml'))['grid']['task']))"); do
+    ready+=(--only "${t}__*")
+  done
+  if [ "$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${SW[@]}" "${ready[@]}")" = 0 ]; then
     has main && sweep main "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}"
   fi
   has instruct && sweep instruct studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}"
