@@ -319,6 +319,33 @@ def test_available_memory_on_cpu_with_and_without_psutil(monkeypatch):
     assert available_memory(torch.device("meta")) is None
 
 
+def test_cuda_memory_budget_caps_what_the_chunks_count_as_free(monkeypatch):
+    """Processes sharing a GPU: the automatic chunks are sized from what this process's budget leaves, not from the
+    whole card's free memory; the budget is restored on exit, and bad budgets are refused."""
+    from loradrop import ensemble as ens
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib)
+    cuda = torch.device("cuda", 0)
+    assert ens.available_memory(cuda) == 62 * gib  # the card's free memory and the cache's unused 2 GiB
+    with loradrop.cuda_memory_budget(10 * gib):
+        assert ens.available_memory(cuda) == 7 * gib  # 10 GiB less the 3 allocated
+        with ens.cuda_memory_budget(2 * gib):
+            assert ens.available_memory(cuda) == 0  # already over: one member at a time
+        assert ens.available_memory(cuda) == 7 * gib
+        with ens.cuda_memory_budget(None):
+            assert ens.available_memory(cuda) == 62 * gib
+    with ens.cuda_memory_budget(100 * gib):
+        assert ens.available_memory(cuda) == 62 * gib  # the card's free memory is still the limit
+    assert ens._CUDA_BUDGET is None and ens.available_memory(cuda) == 62 * gib
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="nbytes must be None or an integer >= 0"), ens.cuda_memory_budget(bad):
+            pass
+    assert ens._CUDA_BUDGET is None
+
+
 def test_out_of_memory_halves_the_automatic_chunk(tiny_bert, monkeypatch):
     """On a CUDA out-of-memory error the automatic chunking retries the same members, fewer at a time."""
     from loradrop import ensemble as ens

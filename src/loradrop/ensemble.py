@@ -136,13 +136,36 @@ ACTIVATION_WIDTHS = 4  # activations of the widest size alive at once, per token
 MASK_BYTES = 32  # per member and mask feature: the float mask and the int64 temporaries of its hash
 
 
+_CUDA_BUDGET: int | None = None  # bytes of allocated CUDA tensors this process keeps to (`cuda_memory_budget`)
+
+
+@contextlib.contextmanager
+def cuda_memory_budget(nbytes: int | None) -> Iterator[None]:
+    """While the context lasts, the automatic chunking (`available_memory`) counts at most `nbytes` of allocated CUDA
+    tensors as this process's, however much the card has free. For processes sharing one GPU (a sweep's workers,
+    each having reserved its share): sized from the whole card's free memory, one process's ensemble pass would take
+    the room the others' runs grow into, and they would run out of memory. None: no budget. Nothing is enforced:
+    only the chunk sizes follow it (a single member larger than the budget still runs)."""
+    global _CUDA_BUDGET
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
+        raise ValueError(f"nbytes must be None or an integer >= 0, got {nbytes!r}")
+    before, _CUDA_BUDGET = _CUDA_BUDGET, nbytes
+    try:
+        yield
+    finally:
+        _CUDA_BUDGET = before
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes free for new tensors on `device`: CUDA: the driver's free memory plus what torch's caching allocator
-    holds unused (``torch.cuda.mem_get_info``); CPU: ``psutil.virtual_memory().available`` when psutil is installed,
-    else ``MemAvailable`` of /proc/meminfo; None where unknown (then nothing is chunked automatically)."""
+    holds unused (``torch.cuda.mem_get_info``), at most what `cuda_memory_budget` leaves; CPU:
+    ``psutil.virtual_memory().available`` when psutil is installed, else ``MemAvailable`` of /proc/meminfo; None where
+    unknown (then nothing is chunked automatically)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        allocated = torch.cuda.memory_allocated(device)
+        card = int(free + torch.cuda.memory_reserved(device) - allocated)
+        return card if _CUDA_BUDGET is None else max(0, min(card, _CUDA_BUDGET - allocated))
     if device.type != "cpu":
         return None
     try:

@@ -134,6 +134,7 @@ def test_sweep_runs_skips_and_retries(data_root: Path, bert_dir: Path, tmp_path:
     assert summary["skipped"] == 1 and len(summary["failed"]) == 1 and released == [1]
     failed = json.loads((tmp_path / "res" / "rte__lora__lr-0.02_seed-1.failed.json").read_text())
     assert failed["status"] == "failed" and "max_seq_len" in failed["error"] and "Traceback" in failed["traceback"]
+    assert failed["peak_memory_mib"]["rss"] > 0  # how far it got (on a GPU: the CUDA peak too)
     assert [r.run_id for r in pending(plan, tmp_path / "res")[0]] == ["rte__lora__lr-0.02_seed-1"]  # retried next
 
 

@@ -48,7 +48,13 @@ def test_estimates_come_from_the_finished_runs(tmp_path: Path) -> None:
     assert (got.memory_gib, got.seconds, got.source) == (32.0, 200.0, "scaled")
     scaled = got
     assert estimate("arc", "ld4c", {"p": 0.5, "samples": 4, "chunk_size": 2}, measured).memory_gib == 16.0
-    assert estimate("boolq", "lora", {}, measured).source == "unknown"
+    # a task not run yet: the other tasks' largest peak per member, times the members (never below an even share)
+    got = estimate("boolq", "ld4", {"p": 0.5, "samples": 4}, measured)
+    assert (got.memory_gib, got.seconds, got.source) == (40.0, None, "other tasks")
+    assert reservation(got, 100.0, 10.0) == pytest.approx((40.0 + OVERHEAD_GIB) * SLACK)
+    small = estimate("boolq", "lora", {}, [{**m, "memory_gib": 1.0} for m in measured])
+    assert (small.memory_gib, small.source) == (1.0, "other tasks") and reservation(small, 100.0, 12.5) == 12.5
+    assert estimate("boolq", "lora", {}, []).source == "unknown"
     # the same method with a samples axis: its measured peak per member, times this run's members
     _result(tmp_path, "arc__sens__lr-1_samples-1", "arc", "sens", 10 * 1024, 200.0, p=0.5, samples=1)
     got = estimate("arc", "sens", {"p": 0.5, "samples": 8}, measured_runs(tmp_path))
@@ -76,7 +82,7 @@ def test_estimates_come_from_the_finished_runs(tmp_path: Path) -> None:
     # a reservation: estimate plus overhead, with slack; an even share when unknown; never over the budget
     assert reservation(scaled, 100.0, 10.0) == pytest.approx((32.0 + OVERHEAD_GIB) * SLACK)
     assert reservation(scaled, 20.0, 10.0) == 20.0
-    assert reservation(estimate("boolq", "lora", {}, measured), 100.0, 12.5) == 12.5
+    assert reservation(estimate("boolq", "lora", {}, []), 100.0, 12.5) == 12.5
     # the longest first, unknown ones before them, ties in plan order
     assert longest_first(["a", "b", "c", "d"], {"a": 10.0, "b": None, "c": 30.0, "d": 10.0}) == ["b", "c", "a", "d"]
 
@@ -160,11 +166,14 @@ def test_a_dead_worker_gives_its_memory_back() -> None:
 
 
 def test_a_run_out_of_gpu_memory_is_tried_again_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from loradrop import ensemble
+
     gate = MemoryGate(multiprocessing.get_context("spawn"), [0], 80.0, workers=2)
-    seen = []
+    seen, budgets = [], []
 
     def fake_execute(job):
         seen.append(gate.used(0))
+        budgets.append(ensemble._CUDA_BUDGET)  # the ensembles' automatic chunks keep to the reservation
         if len(seen) == 1:
             return {"run_id": "r", "status": "failed", "error": "OutOfMemoryError: CUDA out of memory. Tried to ..."}
         return {"run_id": "r", "status": "ok"}
@@ -174,6 +183,7 @@ def test_a_run_out_of_gpu_memory_is_tried_again_alone(monkeypatch: pytest.Monkey
     job = sweep_run.RunJob(None, "p", tmp_path, tmp_path, reserve_gib=10.0)  # type: ignore[arg-type]
     assert sweep_run.execute_in_worker(job) == {"run_id": "r", "status": "ok", "retried_alone": True}
     assert seen == [10.0, 80.0] and gate.used(0) == 0.0
+    assert budgets == [10 * 2**30, 80 * 2**30] and ensemble._CUDA_BUDGET is None
     # other failures are not retried, nor is a run that already had the whole budget
     monkeypatch.setattr(sweep_run, "execute", lambda job: {"run_id": "r", "status": "failed", "error": "ValueError"})
     assert sweep_run.execute_in_worker(job)["status"] == "failed"

@@ -229,6 +229,7 @@ def execute(job: RunJob) -> dict:
         outcome = "failed"
         write_json(failed, {"schema": SCHEMA, "run_id": run.run_id, "method": run.method, "axes": run.axes,
                             "settings": run.settings, "status": "failed", "error": f"{type(err).__name__}: {err}",
+                            "peak_memory_mib": peak_memory(),  # e.g. how far a run out of memory got
                             "traceback": traceback.format_exc()})
         return {"run_id": run.run_id, "status": "failed", "error": f"{type(err).__name__}: {err}",
                 "seconds": time.perf_counter() - start}
@@ -352,14 +353,19 @@ def worker_init(gpus: list[int] | None = None, gate: Any = None, started: Any = 
 def execute_in_worker(job: RunJob | FitJob) -> dict:
     """A pool worker's run (or Laplace fit): its output kept out of the sweep's progress bar, with a memory gate
     started once its memory is reserved, and not started at all when it would end past its deadline; a run that runs
-    out of GPU memory anyway is tried once more with the whole budget."""
+    out of GPU memory anyway is tried once more with the whole budget. The ensembles' automatic chunks keep to the
+    reservation (`ensemble.cuda_memory_budget`)."""
+    from ..ensemble import cuda_memory_budget
+
     with contextlib.redirect_stdout(io.StringIO()):
         if _GATE is None or job.reserve_gib is None or too_late(job):  # (too late already: no wait for memory)
             return run_job(job)
-        with _GATE.reserve(_GPU, job.reserve_gib):
+        # the ensembles' automatic chunks keep to the reservation: sized from the card's free memory, one run's
+        # ensemble pass would take the room that the runs beside it grow into
+        with _GATE.reserve(_GPU, job.reserve_gib), cuda_memory_budget(int(job.reserve_gib * 2**30)):
             status = run_job(job)
         if is_out_of_memory(status) and job.reserve_gib < _GATE.budget:
-            with _GATE.reserve(_GPU, _GATE.budget):
+            with _GATE.reserve(_GPU, _GATE.budget), cuda_memory_budget(int(_GATE.budget * 2**30)):
                 status = {**run_job(job), "retried_alone": True}
         return status
 

@@ -13,6 +13,10 @@ and gives it back when it ends; a run that does not fit waits for others to fini
   memory of one; the wall time is the task's longest, unscaled by members, as the members of a step run as one
   batched pass, but times the method's median ratio, on the tasks where both ran, to the methods measured on this
   task), else
+- the largest peak per member of the other tasks' finished runs, times this run's members, but never less than an
+  even share of the budget: a task not run yet (the plan's tasks share their model and most settings, but not their
+  sequence lengths, hence the largest; LIMA's first LoRA Dropout runs, at an even share, ran out of memory beside
+  Alpaca's on the H200), else
 - unknown: an even share of the budget (budget / workers on that GPU), as without the gate;
 
 plus `OVERHEAD_GIB` for the CUDA context and allocator slack, times `SLACK`. A reservation larger than the budget is
@@ -46,7 +50,7 @@ class Estimate:
 
     memory_gib: float | None
     seconds: float | None
-    source: str  # "measured" (same task and method), "scaled" (same task, other methods) or "unknown"
+    source: str  # "measured" (same task and method), "scaled" (same task, other methods), "other tasks" or "unknown"
 
 
 def members_per_step(settings: Mapping[str, Any]) -> int:
@@ -119,16 +123,21 @@ def estimate(task: Any, method: str, settings: Mapping[str, Any], measured: Iter
     time_s = max(seconds) if seconds else min(upper) if upper else \
         max(task_seconds) * method_time_ratio(method, task, measured) if task_seconds else \
         min(task_upper) if task_upper else None
-    return Estimate(max(memory) if memory else min(task_memory) if task_memory else None, time_s,
-                    "measured" if memory or seconds or upper else "scaled" if task_memory or time_s else "unknown")
+    if memory or task_memory:
+        return Estimate(max(memory) if memory else min(task_memory), time_s,
+                        "measured" if memory or seconds or upper else "scaled")
+    other_memory = [m["memory_gib"] / m["members"] * members for m in measured if m["task"] != task and m["memory_gib"]]
+    source = "other tasks" if other_memory else "measured" if seconds or upper else "scaled" if time_s else "unknown"
+    return Estimate(max(other_memory) if other_memory else None, time_s, source)
 
 
 def reservation(estimate_: Estimate, budget_gib: float, share_gib: float) -> float:
-    """GiB to reserve for a run: its estimate with overhead and slack, an even share when unknown; at most the
-    budget."""
+    """GiB to reserve for a run: its estimate with overhead and slack (at least an even share when it comes from
+    other tasks), an even share when unknown; at most the budget."""
     if estimate_.memory_gib is None:
         return min(budget_gib, share_gib)
-    return min(budget_gib, (estimate_.memory_gib + OVERHEAD_GIB) * SLACK)
+    need = (estimate_.memory_gib + OVERHEAD_GIB) * SLACK
+    return min(budget_gib, max(need, share_gib) if estimate_.source == "other tasks" else need)
 
 
 def longest_first(keys: list[str], seconds: Mapping[str, float | None]) -> list[str]:
