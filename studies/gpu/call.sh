@@ -68,7 +68,7 @@ mps() {
   fi
   local started=; pgrep -f nvidia-cuda-mps-control > /dev/null || { nvidia-cuda-mps-control -d && started=1; }
   if timeout 120 $PY -c "import torch; x = torch.randn(512, 512, device='cuda', requires_grad=True); (x @ x).sum().backward(); torch.cuda.synchronize(); assert torch.isfinite(x.grad).all(); print('ok')" > "$L/mps_probe.txt" 2>&1; then
-    echo "on: daemon $([ -n "$started" ] && echo started by this call || echo already running); a training step through it is finite" > "$L/mps.txt"
+    echo "on: daemon $([ -n "$started" ] && echo "started by the call of $(date -u +%H:%M:%S)" || echo already running); a training step through it is finite" > "$L/mps.txt"
   else
     [ -n "$started" ] && { echo quit | nvidia-cuda-mps-control; sleep 2; }  # only the daemon this call started
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
