@@ -133,6 +133,8 @@ def test_sweep_laplace_feeds_the_report(data_root: Path, llama_dir: Path, tmp_pa
     assert rows["Laplace-LoRA"]["OBQA"] == _stat(accuracy, 100, 2)
     _, rows = _table(md, "#### ACC (%) on the OOD sets")
     assert rows["Laplace-LoRA"]["ARC-E"] == _stat(ood_accuracy, 100, 2)
+    # the per-task table names both of its rows
+    assert "| Laplace-LoRA, MAP (single pass) " in md and "| Laplace-LoRA (KFAC, GLM predictive) " in md
 
     stamps = {p: p.stat().st_mtime_ns for p in res.glob("*.json")}
     assert main(["sweep", str(plan), "--laplace"]) == 0

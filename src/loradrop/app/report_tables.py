@@ -267,6 +267,8 @@ def row_name(method: str, pass_: str, kind: str, settings: dict[str, Any]) -> st
         return "LoRA Dropout 1x cost, samples=1 (train only)" if single else "LoRA Dropout 1x cost (train + test)"
     if method == "adalora":
         return "AdaLoRA" if single else f"AdaLoRA ({kind} ensemble)"
+    if method == "laplace":  # post hoc on the `lora` runs: its MAP is the LoRA model, its predictive the posterior's
+        return "Laplace-LoRA, MAP (single pass)" if single else "Laplace-LoRA (KFAC, GLM predictive)"
     if method == "adalora_ld":
         return "AdaLoRA + LoRA Dropout (train only)" if single else "AdaLoRA + LoRA Dropout (train + test)"
     kinds = {"lora_dropout": "LoRA Dropout ensemble", "mc_dropout": "MC dropout ensemble",
