@@ -129,6 +129,28 @@ def test_eval_rerun_reproduces_train_eval(rte_run: Path, tmp_path: Path) -> None
     assert read_rows(out / "eval_predictions.jsonl") == read_rows(rte_run / "predictions.jsonl")
 
 
+def test_eval_of_a_bf16_run_scores_as_train_did(data_root: Path, bert_dir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained with --bf16 was scored by `train` under bfloat16 autocast (the Trainer's mixed precision leaves
+    the model's forward so); `eval` scores its adapter the same way and reproduces those numbers, which a float32
+    rescoring does not."""
+    from loradrop.app import eval_run
+
+    run = tmp_path / "bf16"
+    run_ok(rte_args(bert_dir, run, "--bf16", "--max-steps", "2"))
+    out = tmp_path / "re-eval"
+    run_ok(["eval", "--adapter", str(run / "adapter"), "--ensemble", "3", "--output", str(out)])
+    again = read_metrics(out, "eval_metrics.json")
+    assert again["config"]["autocast"] == "bfloat16"
+    assert_eval_equal(again["eval"], read_metrics(run)["eval"])
+    assert read_rows(out / "eval_predictions.jsonl") == read_rows(run / "predictions.jsonl")
+    monkeypatch.setattr(eval_run, "training_autocast", lambda run_args: None)
+    fp32 = tmp_path / "fp32"
+    run_ok(["eval", "--adapter", str(run / "adapter"), "--ensemble", "3", "--output", str(fp32)])
+    assert read_metrics(fp32, "eval_metrics.json")["config"]["autocast"] is None
+    assert read_rows(fp32 / "eval_predictions.jsonl") != read_rows(run / "predictions.jsonl")
+
+
 def test_stsb_regression(data_root: Path, bert_dir: Path, tmp_path: Path) -> None:
     from scipy.stats import pearsonr, spearmanr
 

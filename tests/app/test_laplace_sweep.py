@@ -83,17 +83,19 @@ def test_refusals_and_missing_run_folders(tmp_path: Path, capsys) -> None:
 
 @needs_laplace
 @pytest.mark.slow
-def test_sweep_laplace_feeds_the_report(data_root: Path, llama_dir: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sweep_laplace_feeds_the_report(data_root: Path, llama_dir: Path, tmp_path: Path, capsys, bf16: bool) -> None:
     """Two tiny plain-LoRA runs on an OpenBookQA slice with ARC-Easy as OOD set, then their Laplace results: MAP =
-    the LoRA run's single pass, Laplace metrics = what the written predictions give, the report's Laplace-LoRA row
-    (in-distribution and OOD) = those numbers over the seeds, and a second invocation redoes nothing."""
+    the LoRA run's single pass (bf16 runs too: their MAP logits are taken under the autocast their run was scored
+    with), Laplace metrics = what the written predictions give, the report's Laplace-LoRA row (in-distribution and
+    OOD) = those numbers over the seeds, and a second invocation redoes nothing."""
     if not (data_root / "commonsense").is_dir():
         pytest.skip(f"no commonsense data in {data_root}")
     from loradrop.app.report import write_report
 
     plan = _plan(tmp_path, f"model: {llama_dir}, data_dir: {data_root}, max_train_samples: 16, max_eval_samples: 12, "
                            "holdout_fraction: 0.25, max_steps: 1, batch_size: 8, lr: 0.01, max_seq_len: 160, "
-                           "ood_task: [arc_easy]")
+                           f"ood_task: [arc_easy], bf16: {str(bf16).lower()}")
     assert main(["sweep", str(plan), "--laplace"]) == 0
     # each Laplace fit ran in the sweep's worker right after its LoRA run, so the pass after the sweep finds them done
     assert "laplace lap: 0 ran, 2 done already, 0 failed, 0 without a kept run folder (of 2)" in capsys.readouterr().out
@@ -106,6 +108,7 @@ def test_sweep_laplace_feeds_the_report(data_root: Path, llama_dir: Path, tmp_pa
         got, src = lap[s], lora[s]
         assert got["method"] == "laplace" and got["axes"] == src["axes"] and got["settings"] == src["settings"]
         assert got["source"]["run_id"] == src["run_id"] and got["metrics"]["laplace"]["prior_method"] == "val_nll"
+        assert got["metrics"]["laplace"]["map_autocast"] == ("bfloat16" if bf16 else None)
         assert got["wall_time_s"] > 0 and got["versions"] and got["hardware"]
         test = got["predictions"]["test"]
         # the MAP is the trained run's own single pass on the same test rows

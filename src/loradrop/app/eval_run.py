@@ -3,6 +3,7 @@ ensemble again, and write ``eval_metrics.json`` and ``eval_predictions.jsonl``."
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -151,21 +152,25 @@ def evaluate(settings: EvalSettings) -> RunResult:
     base = prepare_base(load_model(model_name, spec.kind, num_labels=spec.num_labels or None,
                                    attn_implementation=attn_implementation), tokenizer)
     model = load_adapter(base, adapter_dir, model_name, has_loradrop)
-    model.to(eval_device()).eval()  # training runs on the GPU through the Trainer; evaluation must move it itself
+    device = eval_device()
+    model.to(device).eval()  # training runs on the GPU through the Trainer; evaluation must move it itself
+    autocast = training_autocast(run_args)
+    as_trained = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     start = time.perf_counter()
     score_ood_set = None  # OOD sets are scored by the Laplace predictive too under --laplace
     if laplace:
         from .laplace_baseline import score_laplace
 
         result, laplace_section, fit = evaluate_laplace(model, data, prior=settings.laplace, batch_size=batch_size,
-                                                        seed=seed)
+                                                        seed=seed, map_autocast=autocast)  # (fit in float32)
 
         def score_ood_set(ood: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             scored = score_laplace(fit, ood, batch_size=batch_size, seed=seed)
             return scored.rows, {"single": scored.single, "ensemble": scored.ensemble}
     else:
-        result = spec.evaluate(model, data, tokenizer, batch_size=batch_size, ensemble=ensemble,
-                               chunk_size=settings.chunk_size, seed=seed)
+        with as_trained:
+            result = spec.evaluate(model, data, tokenizer, batch_size=batch_size, ensemble=ensemble,
+                                   chunk_size=settings.chunk_size, seed=seed)
     eval_s = time.perf_counter() - start
     out_dir = Path(settings.output).expanduser() if settings.output else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +180,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
         "adapter": str(adapter_dir.resolve()), "seed": seed,
         "config": {"args": settings.to_dict(), "ensemble": ensemble, "batch_size": batch_size,
                    "max_seq_len": max_seq_len, "max_eval_samples": max_eval, "data_seed": data_seed,
-                   "data_dir": data_dir},
+                   "data_dir": data_dir,
+                   "autocast": None if autocast is None else str(autocast).removeprefix("torch.")},
         "versions": versions(), "hardware": hardware(), "wall_time": {"eval_s": eval_s}, "data": data.metadata,
         "eval_split": data.eval_split,
         "eval": {"single": result.single, "ensemble": result.ensemble},
@@ -184,9 +190,10 @@ def evaluate(settings: EvalSettings) -> RunResult:
     if laplace:
         metrics["laplace"] = laplace_section
     if acting:
-        metrics["uncertainty"] = _act_on_uncertainty(
-            settings, model, data, ood_data, result.rows, out_dir, tokenizer=tokenizer, batch_size=batch_size,
-            ensemble=ensemble, seed=seed, holdout=holdout, max_seq_len=max_seq_len, score=score_ood_set)
+        with contextlib.nullcontext() if laplace else as_trained:  # (Laplace scores its OOD sets itself)
+            metrics["uncertainty"] = _act_on_uncertainty(
+                settings, model, data, ood_data, result.rows, out_dir, tokenizer=tokenizer, batch_size=batch_size,
+                ensemble=ensemble, seed=seed, holdout=holdout, max_seq_len=max_seq_len, score=score_ood_set)
         if ood_data is not None:
             metrics["files"]["ood_predictions"] = metrics["uncertainty"]["ood"]["predictions"]
     write_json(out_dir / EVAL_METRICS_FILE, metrics)
@@ -198,6 +205,14 @@ def evaluate(settings: EvalSettings) -> RunResult:
     written += [part["plot"] for part in parts if part and "plot" in part]
     print(f"wrote {out_dir / EVAL_METRICS_FILE}, {', '.join(written)}", flush=True)
     return RunResult(out_dir, out_dir / EVAL_METRICS_FILE, jsonable(metrics))
+
+
+def training_autocast(run_args: dict[str, Any]) -> torch.dtype | None:
+    """The autocast dtype under which a trained run's own evaluation scored it: the Trainer's mixed precision
+    (accelerate) leaves the trained model's forward under autocast, so with ``bf16`` (``fp16``) the numbers `train`
+    reports come from bfloat16 (float16) autocast, and `evaluate` scores the same way to reproduce them; None for a
+    full-precision run (or one whose settings are unknown)."""
+    return torch.bfloat16 if run_args.get("bf16") else torch.float16 if run_args.get("fp16") else None
 
 
 def _act_on_uncertainty(settings: EvalSettings, model: Any, data: Any, ood_data: Any, rows: list[dict[str, Any]],

@@ -156,6 +156,7 @@ class LaplaceFit:
     n_params: int
     fit_s: float
     tune_s: float
+    map_autocast: torch.dtype | None = None  # the MAP logits' autocast dtype (`_moments`)
 
 
 @dataclass
@@ -210,7 +211,8 @@ def _rows(batch: Any, start: int, stop: int) -> dict[str, Any]:
     return part
 
 
-def _moments(la: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _moments(la: Any, batch: Any, map_autocast: torch.dtype | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(Jacobians, MAP logits, present classes or None) of one batch: computed once and reused for every prior
     precision (laplace-torch's gridsearch would recompute the Jacobians at every grid point). ``present`` is the
     letter-scoring batch's ``choice_mask``.
@@ -220,7 +222,12 @@ def _moments(la: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     with the square of the batch (a batch of 8 SmolLM2 prompts ran a 23 GB CPU machine out of memory); one example
     at a time is C passes through that example alone (the Jacobians are the same: examples are independent).
     Faster still, and used whenever it applies (every LoRA run here): `laplace_jacobians.hooked_jacobians`, per-row
-    gradients of the LoRA factors from one backward pass per class over the whole batch (cloze: one pass)."""
+    gradients of the LoRA factors from one backward pass per class over the whole batch (cloze: one pass).
+
+    `map_autocast`: the MAP logits come from one more forward pass under autocast to this dtype, as the trained
+    run's own evaluation scored them (the Trainer's mixed precision leaves the model's forward under autocast), so
+    the MAP is the LoRA run's single pass and the predictive differs from it by the posterior alone; the Jacobians,
+    like the KFAC fit, stay in float32."""
     from .laplace_jacobians import hooked_jacobians
 
     hooked = hooked_jacobians(la.model, batch)
@@ -230,6 +237,9 @@ def _moments(la: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         n = len(batch["labels"])
         parts = [la.backend.jacobians(_rows(batch, i, i + JACOBIAN_ROWS)) for i in range(0, n, JACOBIAN_ROWS)]
         js, f_mu = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if map_autocast is not None:
+        with torch.no_grad(), torch.autocast(f_mu.device.type, dtype=map_autocast):
+            f_mu = la.model(batch).float()
     present = batch.get("choice_mask")
     return js, f_mu, (present.to(f_mu.device).bool() if present is not None else None)
 
@@ -260,12 +270,13 @@ def _predictive(f_mu: torch.Tensor, f_var: torch.Tensor, n_samples: int, generat
 
 def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, collator: Any, *, batch_size: int = 16,
                 prior: str = "auto", n_samples: int = 1000, seed: int = 0,
-                letter_ids: Any = None, num_choices: int | None = None, per_token: bool = False) -> LaplaceFit:
+                letter_ids: Any = None, num_choices: int | None = None, per_token: bool = False,
+                map_autocast: torch.dtype | None = None) -> LaplaceFit:
     """Fit KFAC Laplace over `model`'s LoRA factors on `train` and tune its prior precision (`prior`: ``"val_nll"``
     on `validation`, ``"marglik"``, or ``"auto"``: val_nll when `validation` is given, else marglik). With
     `letter_ids`, `model` is a causal LM scored by those answer letters (`_LetterLogits`; `collator`: the
     evaluation `ChoiceCollator`); with `num_choices`, a causal LM in cloze form (`_ClozeLogits`, the evaluation
-    `ClozeCollator`); else a sequence classifier."""
+    `ClozeCollator`); else a sequence classifier. `map_autocast`: see `_moments`."""
     import time
 
     Laplace = require_laplace()
@@ -297,7 +308,7 @@ def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, coll
     else:
         nll = torch.zeros(len(GRID), dtype=torch.float64)
         for i, batch in enumerate(_loader(validation, collator, batch_size)):
-            js, f_mu, present = _moments(la, batch)
+            js, f_mu, present = _moments(la, batch, map_autocast)
             labels = batch["labels"].to(f_mu.device)
             for g, precision in enumerate(GRID):
                 la.prior_precision = precision
@@ -307,7 +318,7 @@ def fit_laplace(model: torch.nn.Module, train: Any, validation: Any | None, coll
         chosen = GRID[int(nll.argmin())]
         la.prior_precision = chosen
     return LaplaceFit(la=la, prior_precision=chosen, prior_method=method, n_params=n_params, fit_s=fit_s,
-                      tune_s=time.perf_counter() - start)
+                      tune_s=time.perf_counter() - start, map_autocast=map_autocast)
 
 
 def laplace_predict(fit: LaplaceFit, dataset: Any, collator: Any, *, batch_size: int = 16, n_samples: int = 1000,
@@ -332,7 +343,7 @@ def laplace_predict(fit: LaplaceFit, dataset: Any, collator: Any, *, batch_size:
         for name, value in split_scoring.items():
             setattr(net, name, value)
         for i, batch in enumerate(_loader(dataset, collator, batch_size)):
-            js, f_mu, present = _moments(la, batch)
+            js, f_mu, present = _moments(la, batch, fit.map_autocast)
             maps.append(_map_probs(f_mu, present).cpu())
             mean, mi = _predictive(f_mu, la.functional_variance(js), n_samples,
                                    torch.Generator().manual_seed(10_007 + seed + i), present)
@@ -370,10 +381,11 @@ def score_laplace(fit: LaplaceFit, data: Any, *, batch_size: int = 16, n_samples
 
 
 def evaluate_laplace(model: torch.nn.Module, data: Any, *, prior: str = "auto", batch_size: int = 16,
-                     n_samples: int = 1000, seed: int = 0) -> tuple[Any, dict[str, Any], LaplaceFit]:
+                     n_samples: int = 1000, seed: int = 0, map_autocast: torch.dtype | None = None,
+                     ) -> tuple[Any, dict[str, Any], LaplaceFit]:
     """Fit on `data.train`, tune on its validation split (when distinct from the evaluation split), score the
     evaluation split (`score_laplace`): the `EvalResult`, the ``laplace`` section (prior, sizes, seconds) and the
-    fit (to score OOD sets with `score_laplace`)."""
+    fit (to score OOD sets with `score_laplace`). `map_autocast`: see `_moments`."""
     import time
 
     spec = data.spec
@@ -384,13 +396,14 @@ def evaluate_laplace(model: torch.nn.Module, data: Any, *, prior: str = "auto", 
     validation = data.eval_loss if data.eval_split != "validation" else None  # never tune on the scored split
     collator = data.extras["eval_collator"] if form != "classifier" else data.collator
     fit = fit_laplace(model, data.train, validation, collator, batch_size=batch_size, prior=prior,
-                      n_samples=n_samples, seed=seed, **scoring)
+                      n_samples=n_samples, seed=seed, map_autocast=map_autocast, **scoring)
     start = time.perf_counter()
     result = score_laplace(fit, data, batch_size=batch_size, n_samples=n_samples, seed=seed)
     section = {"structure": "kron", "weights": "lora_A and lora_B only", "predictive": "glm, mc softmax",
                "scored_by": {"letters": "answer letters' next-token logits (absent letters: probability 0)",
                              "cloze": "each choice's log-likelihood (absent choices: probability 0)",
                              "classifier": "the classifier's logits"}[form],
+               "map_autocast": None if map_autocast is None else str(map_autocast).removeprefix("torch."),
                "n_samples": n_samples, "prior_method": fit.prior_method, "prior_precision": fit.prior_precision,
                "n_params": fit.n_params, "n_train": len(data.train), "fit_s": fit.fit_s, "tune_s": fit.tune_s,
                "predict_s": time.perf_counter() - start}
