@@ -141,7 +141,7 @@ def test_eval_of_a_bf16_run_scores_as_train_did(data_root: Path, bert_dir: Path,
     out = tmp_path / "re-eval"
     run_ok(["eval", "--adapter", str(run / "adapter"), "--ensemble", "3", "--output", str(out)])
     again = read_metrics(out, "eval_metrics.json")
-    assert again["config"]["autocast"] == "bfloat16"
+    assert again["config"]["autocast"] == "bfloat16 on cpu"
     assert_eval_equal(again["eval"], read_metrics(run)["eval"])
     assert read_rows(out / "eval_predictions.jsonl") == read_rows(run / "predictions.jsonl")
     monkeypatch.setattr(eval_run, "training_autocast", lambda run_args: None)

@@ -165,11 +165,15 @@ jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -
   # main.yaml's grid holds the tasks whose tune is final (see its header): main starts once their tune runs are done,
   # whatever the other tasks' tune still has to do (here select_from names a results folder, which cannot see
   # missing runs, so the driver checks)
-  local t ready=()
-  for t in $($PY -c "import yaml; print(' '.join(t.replace('_', '-') for t in yaml.safe_load(open('$CS/main.yaml'))['grid']['task']))"); do
-    ready+=(--only "${t}__*")
-  done
-  if [ "$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${SW[@]}" "${ready[@]}")" = 0 ]; then
+  # (--only patterns add up, so with ONLY set, a local dry run, the gate is the old one: ONLY's tune runs all done)
+  local t ready=() gate=("${SW[@]}")
+  if [ ${#ONLYARGS[@]} = 0 ]; then
+    for t in $($PY -c "import yaml; p = yaml.safe_load(open('$CS/main.yaml')); t = (p.get('grid') or {}).get('task', (p.get('base') or {}).get('task')); print(' '.join(str(x).replace('_', '-') for x in (t if isinstance(t, list) else [t]) if x))"); do
+      ready+=(--only "${t}__*")
+    done
+    [ ${#ready[@]} -gt 0 ] && gate=("${BASE[@]}" "${ready[@]}") || log "main: no tasks read from $CS/main.yaml: main waits for the whole tune"
+  fi
+  if [ "$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${gate[@]}")" = 0 ]; then
     has main && sweep main "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}"
   fi
   has instruct && sweep instruct studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}"

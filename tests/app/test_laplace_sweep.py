@@ -108,7 +108,7 @@ def test_sweep_laplace_feeds_the_report(data_root: Path, llama_dir: Path, tmp_pa
         got, src = lap[s], lora[s]
         assert got["method"] == "laplace" and got["axes"] == src["axes"] and got["settings"] == src["settings"]
         assert got["source"]["run_id"] == src["run_id"] and got["metrics"]["laplace"]["prior_method"] == "val_nll"
-        assert got["metrics"]["laplace"]["map_autocast"] == ("bfloat16" if bf16 else None)
+        assert got["metrics"]["laplace"]["map_autocast"] == ("bfloat16 on cpu" if bf16 else None)
         assert got["wall_time_s"] > 0 and got["versions"] and got["hardware"]
         test = got["predictions"]["test"]
         # the MAP is the trained run's own single pass on the same test rows

@@ -181,7 +181,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
         "config": {"args": settings.to_dict(), "ensemble": ensemble, "batch_size": batch_size,
                    "max_seq_len": max_seq_len, "max_eval_samples": max_eval, "data_seed": data_seed,
                    "data_dir": data_dir,
-                   "autocast": None if autocast is None else str(autocast).removeprefix("torch.")},
+                   "autocast": None if autocast is None else
+                   f"{str(autocast).removeprefix('torch.')} on {device.type}"},
         "versions": versions(), "hardware": hardware(), "wall_time": {"eval_s": eval_s}, "data": data.metadata,
         "eval_split": data.eval_split,
         "eval": {"single": result.single, "ensemble": result.ensemble},
@@ -210,7 +211,8 @@ def evaluate(settings: EvalSettings) -> RunResult:
 def training_autocast(run_args: dict[str, Any]) -> torch.dtype | None:
     """The autocast dtype under which a trained run's own evaluation scored it: the Trainer's mixed precision
     (accelerate) leaves the trained model's forward under autocast, so with ``bf16`` (``fp16``) the numbers `train`
-    reports come from bfloat16 (float16) autocast, and `evaluate` scores the same way to reproduce them; None for a
+    reports come from bfloat16 (float16) autocast, and `evaluate` scores the same way to reproduce them (on the same
+    kind of device: CPU autocast keeps softmax in the low precision, where CUDA's runs it in float32); None for a
     full-precision run (or one whose settings are unknown)."""
     return torch.bfloat16 if run_args.get("bf16") else torch.float16 if run_args.get("fp16") else None
 

@@ -403,7 +403,8 @@ def evaluate_laplace(model: torch.nn.Module, data: Any, *, prior: str = "auto", 
                "scored_by": {"letters": "answer letters' next-token logits (absent letters: probability 0)",
                              "cloze": "each choice's log-likelihood (absent choices: probability 0)",
                              "classifier": "the classifier's logits"}[form],
-               "map_autocast": None if map_autocast is None else str(map_autocast).removeprefix("torch."),
+               "map_autocast": None if map_autocast is None else
+               f"{str(map_autocast).removeprefix('torch.')} on {_device(model).type}",
                "n_samples": n_samples, "prior_method": fit.prior_method, "prior_precision": fit.prior_precision,
                "n_params": fit.n_params, "n_train": len(data.train), "fit_s": fit.fit_s, "tune_s": fit.tune_s,
                "predict_s": time.perf_counter() - start}

@@ -329,10 +329,11 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     summary: dict[str, Any] = {"planned": len(todo) + done, "skipped": done, "ok": 0, "failed": [], "deferred": []}
     measured = measured_runs(results) if todo or fits else []
     fits_measured = [m for m in measured if m["method"] == LAPLACE_METHOD]  # a fit's time: only other fits'
+    runs_measured = [m for m in measured if m["method"] != LAPLACE_METHOD]  # a run's: only other runs'
     estimates = {}
     for run in todo:
         task = run.settings.get("task")
-        found = estimate(task, run.method, run.settings, measured)
+        found = estimate(task, run.method, run.settings, runs_measured)
         if laplace is not None and run.method == LAPLACE_SOURCE_METHOD:  # its fit runs in the same reservation
             fit = estimate(task, LAPLACE_METHOD, run.settings, fits_measured)
             if fit.memory_gib and (found.memory_gib or 0) < fit.memory_gib:

@@ -227,9 +227,12 @@ def execute(job: RunJob) -> dict:
         return status
     except Exception as err:  # one failed run must not stop the sweep; the error is kept with its traceback
         outcome = "failed"
+        peak = None
+        with contextlib.suppress(Exception):  # (after a sticky CUDA error even this may raise: keep the record)
+            peak = peak_memory()
         write_json(failed, {"schema": SCHEMA, "run_id": run.run_id, "method": run.method, "axes": run.axes,
                             "settings": run.settings, "status": "failed", "error": f"{type(err).__name__}: {err}",
-                            "peak_memory_mib": peak_memory(),  # e.g. how far a run out of memory got
+                            "peak_memory_mib": peak,  # e.g. how far a run out of memory got
                             "traceback": traceback.format_exc()})
         return {"run_id": run.run_id, "status": "failed", "error": f"{type(err).__name__}: {err}",
                 "seconds": time.perf_counter() - start}
@@ -350,6 +353,14 @@ def worker_init(gpus: list[int] | None = None, gate: Any = None, started: Any = 
         pass
 
 
+def _tensor_bytes(reserve_gib: float) -> int:
+    """Bytes of a reservation that tensors may use: less the CUDA context's share (`OVERHEAD_GIB`), which
+    ``torch.cuda.memory_allocated`` does not count."""
+    from .sweep_schedule import OVERHEAD_GIB
+
+    return int(max(reserve_gib - OVERHEAD_GIB, 0.0) * 2**30)
+
+
 def execute_in_worker(job: RunJob | FitJob) -> dict:
     """A pool worker's run (or Laplace fit): its output kept out of the sweep's progress bar, with a memory gate
     started once its memory is reserved, and not started at all when it would end past its deadline; a run that runs
@@ -362,10 +373,10 @@ def execute_in_worker(job: RunJob | FitJob) -> dict:
             return run_job(job)
         # the ensembles' automatic chunks keep to the reservation: sized from the card's free memory, one run's
         # ensemble pass would take the room that the runs beside it grow into
-        with _GATE.reserve(_GPU, job.reserve_gib), cuda_memory_budget(int(job.reserve_gib * 2**30)):
+        with _GATE.reserve(_GPU, job.reserve_gib), cuda_memory_budget(_tensor_bytes(job.reserve_gib)):
             status = run_job(job)
         if is_out_of_memory(status) and job.reserve_gib < _GATE.budget:
-            with _GATE.reserve(_GPU, _GATE.budget), cuda_memory_budget(int(_GATE.budget * 2**30)):
+            with _GATE.reserve(_GPU, _GATE.budget), cuda_memory_budget(_tensor_bytes(_GATE.budget)):
                 status = {**run_job(job), "retried_alone": True}
         return status
 
