@@ -173,8 +173,11 @@ jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -
     done
     [ ${#ready[@]} -gt 0 ] && gate=("${BASE[@]}" "${ready[@]}") || log "main: no tasks read from $CS/main.yaml: main waits for the whole tune"
   fi
-  if [ "$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${gate[@]}")" = 0 ]; then
+  local waiting; waiting=$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${gate[@]}")
+  if [ "$waiting" = 0 ]; then
     has main && sweep main "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}"
+  else
+    has main && log "main: waits for $waiting tune runs of its tasks"
   fi
   has instruct && sweep instruct studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}"
 }
