@@ -533,3 +533,25 @@ def test_select_from_refuses_an_unfinished_or_failed_phase_one_and_a_changed_cho
     with pytest.raises(SettingsError, match=r"not finished for task 'rte', method 'lora' \(rte__lora__lr-0\.0001_"
                                             r"seed-0\.failed\.json failed\)"):
         SweepPlan.load(failed)  # a results folder: the failed run is seen
+
+
+def test_laplace_is_reported_on_loras_chosen_model(tmp_path: Path) -> None:
+    """Laplace-LoRA is post hoc on LoRA's chosen runs: where a fit is missing at LoRA's chosen rate, its own best
+    rate is shown with a note saying it is another model; with fits at every rate, the two choices are the same."""
+    from loradrop.app.report_tables import Study
+    from loradrop.app.results import load_results
+
+    for lr in (1e-4, 1e-3):  # validation: lr 1e-3 is LoRA's choice (make_result)
+        for seed in SEEDS:
+            _write(tmp_path / "r", make_result("rte", "lora", lr, seed, (0.7, None)))
+    for seed in SEEDS:
+        _write(tmp_path / "r", make_result("rte", "laplace", 1e-4, seed, (0.7, 0.72)))
+    study = Study(load_results([tmp_path / "r"]).runs)
+    (lora,), (lap,) = study.choices[("rte", "lora")], study.choices[("rte", "laplace")]
+    assert lora.lr == 1e-3 and lap.lr == 1e-4 and "no Laplace result at LoRA's chosen lr 0.001" in lap.note
+    md = write_report([tmp_path / "r"], tmp_path / "R.md").read_text()
+    assert "no Laplace result at LoRA's chosen lr 0.001" in md
+    for seed in SEEDS:
+        _write(tmp_path / "r", make_result("rte", "laplace", 1e-3, seed, (0.7, 0.72)))
+    (lap,) = Study(load_results([tmp_path / "r"]).runs).choices[("rte", "laplace")]
+    assert lap.lr == 1e-3 and lap.note == "" and [r.seed for r in lap.runs] == list(SEEDS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +245,20 @@ def select(runs: Sequence[Run], main: str) -> Choice:
                   [(c[0], c[1], s) for c, s in zip(candidates, scores)], tuple(sorted(common)), note)
 
 
+def _at_lora_choice(lora: Choice, group: Sequence[Run], chosen: Choice, main: str) -> Choice:
+    """Laplace-LoRA's choice: its results on LoRA's chosen runs. Its validation score is its LoRA run's, so the
+    two choices agree whenever Laplace was fitted at every LoRA candidate; where it was not (a fit missing at LoRA's
+    chosen rate), another rate's Laplace would be another model's, so the note says so."""
+    at = [r for r in group if (r.local, r.lr) == (lora.local, lora.lr)]
+    if (chosen.local, chosen.lr) == (lora.local, lora.lr):
+        return chosen
+    if at:
+        return replace(chosen, local=lora.local, lr=lora.lr, runs=sorted(at, key=lambda r: r.seed),
+                       note="at LoRA's chosen setting")
+    return replace(chosen, note=f"no Laplace result at LoRA's chosen lr {lora.lr:g}: shown at its own best lr, "
+                                "i.e. not on the LoRA model reported")
+
+
 @dataclass
 class Row:
     """One row of a results table: a method's single pass or ensemble at its chosen setting, over seeds."""
@@ -316,6 +330,10 @@ class Study:
         self.choices: dict[tuple[str, str], list[Choice]] = {}
         for (task, method, _), group in sorted(groups.items(), key=lambda kv: sort_key(kv[0])):
             self.choices.setdefault((task, method), []).append(select(group, self.info[task].main))
+        for (task, method, _), group in groups.items():  # Laplace-LoRA is post hoc on LoRA's chosen model
+            if method == "laplace" and len(self.choices.get((task, "lora"), [])) == 1:
+                self.choices[(task, method)] = [_at_lora_choice(self.choices[(task, "lora")][0], group,
+                                                                self.choices[(task, method)][0], self.info[task].main)]
 
     def methods(self, task: str, *, side: bool | None = False) -> list[str]:
         """Methods run on `task`: the known ones in study order, then the rest by name (`side`: only / without
