@@ -64,6 +64,9 @@ def test_instruct_sweep_reports_the_mmlu_table(data_root: Path, llama_dir: Path,
 
     md = write_report([results], tmp_path / "R.md").read_text(encoding="utf-8")
     assert "### SFT on alpaca -> MMLU" in md and "### alpaca (main metric" not in md  # no empty "test loss" table
+    # the section says how MMLU was scored: the plan's cloze form, not letters
+    assert "then MMLU scored in cloze form (each choice's text after \"Answer:\", its mean token" in md
+    assert "next-token" not in md.split("## MMLU after instruction tuning")[1].split("###")[0]
     assert "Deep ensemble" not in md  # per-seed question subsets: no ensemble across seeds
     lora = cells(md, "### SFT on alpaca", "LoRA")
     single = cells(md, "### SFT on alpaca", "LoRA Dropout (train only)")

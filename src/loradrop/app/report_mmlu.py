@@ -21,14 +21,13 @@ SHOTS = ("mmlu_0shot", "mmlu_5shot")
 COLUMNS = (("accuracy", "acc. (%)", 100.0, 2), ("ece", "ECE (%)", 100.0, 2), ("nll", "NLL", 1.0, 4))
 
 TEXT = (
-    "Instruction tuning (SFT on the task's data, loss on the response tokens only), then MMLU scored by the answer "
-    "letters' next-token probabilities (softmax over A-D), 0-shot and 5-shot (the first five dev questions of the "
-    "subject), with the single pass and with the batched test-time ensemble of LoRA Dropout masks. Mean ± std over "
-    "seeds (n); accuracy and ECE (15 bins) in %, NLL of the four answer probabilities (Brier: in each run's "
-    "metrics). Δ vs LoRA: the accuracy difference to the `lora` single pass, paired by seed (a seed's runs score "
-    "the same questions), mean ± std over the common seeds. The learning rate is the one with the lowest mean SFT "
-    "validation loss over the seeds common to every candidate (one candidate: no choice). MMLU questions per run: "
-    "{questions}.")
+    "Instruction tuning (SFT on the task's data, loss on the response tokens only), then MMLU scored {scoring}, "
+    "0-shot and 5-shot (the first five dev questions of the subject), with the single pass and with the batched "
+    "test-time ensemble of LoRA Dropout masks. Mean ± std over seeds (n); accuracy and ECE (15 bins) in %, NLL of "
+    "the four answer probabilities (Brier: in each run's metrics). Δ vs LoRA: the accuracy difference to the "
+    "`lora` single pass, paired by seed (a seed's runs score the same questions), mean ± std over the common seeds. "
+    "The learning rate is the one with the lowest mean SFT validation loss over the seeds common to every candidate "
+    "(one candidate: no choice). MMLU questions per run: {questions}.")
 
 
 def is_mmlu_task(study: Study, task: str) -> bool:
@@ -82,13 +81,25 @@ def _questions(runs: list[Run]) -> str:
     return "; ".join(f"{n} ({subset})" for n, subset in found) or "not recorded"
 
 
+SCORING = {"letter": "by the answer letters' next-token probabilities (softmax over A-D)",
+           "cloze_mean": "in cloze form (each choice's text after \"Answer:\", its mean token log-likelihood, softmax "
+                         "over the four choices; the shots answered with text)",
+           "cloze": "in cloze form (each choice's text after \"Answer:\", its summed token log-likelihood, softmax "
+                    "over the four choices; the shots answered with text)"}
+
+
+def _scoring(runs: list[Run]) -> str:
+    found = sorted({str(r.settings.get("choice_scoring") or "letter") for r in runs})
+    return "; ".join(f"{SCORING.get(f, f)}" + (f" (`{f}` runs)" if len(found) > 1 else "") for f in found)
+
+
 def mmlu_report(study: Study) -> list[str]:
     """The section's Markdown lines (empty when no run is an SFT run scored on MMLU)."""
     tasks = [t for t in study.tasks if is_mmlu_task(study, t)]
     if not tasks:
         return []
     runs = [r for r in study.runs if r.task in tasks]
-    out = ["## MMLU after instruction tuning", "", TEXT.format(questions=_questions(runs)), ""]
+    out = ["## MMLU after instruction tuning", "", TEXT.format(scoring=_scoring(runs), questions=_questions(runs)), ""]
     for task in tasks:
         rows = _rows(study, task)
         columns = ["row", "lr", *(f"{s[5]}-shot {title}" for s in SHOTS for title in
