@@ -85,6 +85,10 @@ def test_instruct_sweep_reports_the_mmlu_table(data_root: Path, llama_dir: Path,
     diffs = [(evals[f"alpaca__ld_paper__seed-{s}"]["ensemble"]["mmlu_5shot"]["accuracy"]
               - evals[f"alpaca__lora__seed-{s}"]["single"]["mmlu_5shot"]["accuracy"]) * 100 for s in (0, 1)]
     assert ensemble[7] == f"{np.mean(diffs):.2f} ± {np.std(diffs, ddof=1):.2f} (n=2)"
+    # the paper's LLM claim, per shot setting: LoRA Dropout's ensemble against LoRA on MMLU after SFT
+    c11 = next(line for line in md.splitlines() if line.startswith("| C11 (5-shot)"))
+    assert (f"alpaca: LD (train + test) {stat('ld_paper', 'ensemble', 'mmlu_5shot')} vs LoRA "
+            f"{stat('lora', 'single', 'mmlu_5shot')}") in c11
     losses = [evals[f"alpaca__lora__seed-{s}"]["single"]["sft_validation_loss"] for s in (0, 1)]
     assert lora[10] == f"{np.mean(losses):.4f} ± {np.std(losses, ddof=1):.4f}"
     selection = cells(md, "## Selection protocol", "alpaca | lora")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..tasks import CATALOG
+from .report_mmlu import is_mmlu_task
 from .report_tables import FORMATS, NAN, Stat, Study, dig, number
 
 AGREE, DISAGREE, UNCLEAR, NOT_RUN = "agree", "disagree", "unclear", "not run"
@@ -71,7 +72,8 @@ def average(diffs: Sequence[Diff]) -> tuple[float, float]:
 
 def _pair(study: Study, task: str, a: tuple[str, str], b: tuple[str, str], metric: str) -> Diff | None:
     ra, rb = study.row(task, *a), study.row(task, *b)
-    if ra is None or rb is None or not ra.values[metric].n or not rb.values[metric].n:
+    if ra is None or rb is None or metric not in ra.values or metric not in rb.values \
+            or not ra.values[metric].n or not rb.values[metric].n:
         return None
     return difference(ra.values[metric], rb.values[metric], FORMATS[metric][0])
 
@@ -228,6 +230,11 @@ def claims(study: Study) -> list[Claim]:
     out.append(compare(study, "C7", "train + test beats train only", "n/a (MRPC, CoLA)", LD, ("ld_paper", "single"),
                        "main", +1, note="; paper: MRPC, CoLA, ours: the tasks listed"))
     out.extend(sensitivity_claims(study))
+    mmlu = [t for t in study.tasks if is_mmlu_task(study, t)]  # instruction tuning, then MMLU (the paper's LLM claim)
+    for shot in ("0", "5"):
+        out.append(compare(study, f"C11 ({shot}-shot)", f"LoRA Dropout beats LoRA on MMLU {shot}-shot after "
+                           "instruction tuning", "n/a (LLaMA2-7B, SFT on Alpaca-clean; MMLU)", LD, LORA,
+                           f"mmlu_{shot}shot", +1, tasks=mmlu, note="; accuracy in points, per SFT data set"))
     both = [t for t in study.tasks if study.row(t, "ld_1x", "ensemble") and study.row(t, "ld_paper", "ensemble")]
     pass_ = "ensemble" if both else "single"
     out.append(compare(study, "C10", "1x-cost LoRA Dropout (samples=1) matches the N=4 objective", "n/a",

@@ -191,7 +191,7 @@ class Stat:
 
 # metric -> (scale, digits): main metrics in points (x100) like the paper, ECE in %, NLL and Brier as they are
 FORMATS = {"main": (100.0, 2), "best": (100.0, 2), "accuracy": (100.0, 2), "ece": (100.0, 2), "nll": (1.0, 4),
-           "brier": (1.0, 4), "T": (1.0, 2), "gap": (1.0, 4)}
+           "brier": (1.0, 4), "T": (1.0, 2), "gap": (1.0, 4), "mmlu_0shot": (100.0, 2), "mmlu_5shot": (100.0, 2)}
 
 
 def fmt(stat: Stat | None, metric: str) -> str:
@@ -298,6 +298,9 @@ def run_values(run: Run, pass_: str, main: str) -> dict[str, float]:
         out[k] = number(value if value is not None else dig(m, "eval", pass_, f"span_{k}"))
     if dig(m, "eval", pass_, "exact_match") is not None:  # SQuAD's second official metric
         out["em"] = number(dig(m, "eval", pass_, "exact_match"))
+    for shot in ("mmlu_0shot", "mmlu_5shot"):  # SFT runs scored on MMLU (report_mmlu): each shot setting's accuracy
+        if dig(m, "eval", pass_, shot, "accuracy") is not None:
+            out[shot] = number(dig(m, "eval", pass_, shot, "accuracy"))
     if pass_ == "single":  # the train/validation loss gap of the final model
         out["gap"] = number(dig(m, "eval", "validation", "single", "nll")) - number(run.last_epoch().get("train_loss"))
     return out
@@ -307,8 +310,9 @@ def rows_of(choice: Choice, main: str) -> list[Row]:
     rows = []
     for pass_ in PASSES:
         per_run = [run_values(r, pass_, main) for r in choice.runs]
-        values = {k: Stat.of(v[k] for v in per_run) for k in per_run[0]}
-        if values["main"].n:
+        values = {k: Stat.of(v.get(k, NAN) for v in per_run) for k in dict.fromkeys(k for v in per_run for k in v)}
+        if values["main"].n or any(values[k].n for k in ("mmlu_0shot", "mmlu_5shot") if k in values):  # (SFT runs'
+            # main metric, the test loss, is not scored: their MMLU accuracies are what they report)
             first = choice.runs[0]
             rows.append(Row(row_name(choice.method, pass_, first.ensemble_kind, first.settings), choice, pass_,
                             values))
