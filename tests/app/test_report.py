@@ -469,6 +469,13 @@ def test_the_glue_average_leaves_out_other_tasks(tmp_path: Path) -> None:
     average = next(line for line in claims.splitlines() if line.startswith("| C1 (average)"))
     assert "our GLUE tasks: rte (" in average and "tweets" not in average and "+5.00" in average
     assert "disagree" in next(line for line in claims.splitlines() if line.startswith("| C1 (tweets)"))
+    # without a GLUE task (the LLM studies) the paper's GLUE rows (C1 average, C2 and C4 on RTE) are left out
+    for path in (tmp_path / "r").glob("rte__*.json"):
+        path.unlink()
+    claims = section(write_report([tmp_path / "r"], tmp_path / "R2.md", plots_dir=tmp_path / "figs2").read_text(),
+                     "## Claims")
+    rows = [line.split("|")[1].split(":")[0].strip() for line in claims.splitlines() if line.startswith("| C")]
+    assert "C1 (tweets)" in rows and not {"C1 (average)", "C2", "C4"} & set(rows) and "C7" in rows
 
 
 def test_a_plans_select_from_takes_the_reports_choice(study, tmp_path: Path) -> None:
