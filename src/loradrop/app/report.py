@@ -25,7 +25,7 @@ from ..errors import UsageError
 from .plots import format_table
 from .report_claims import claims
 from .report_commonsense import commonsense_report
-from .report_mmlu import is_mmlu_task, mmlu_report
+from .report_mmlu import choice_scorings, is_mmlu_task, mmlu_report
 from .report_plots import Figures, make_plots
 from .report_tables import (
     METHOD_ORDER,
@@ -122,8 +122,7 @@ def _header(study: Study, loaded: Loaded, command: str) -> list[str]:
     found = {r.method for r in runs}
     methods = [m for m in METHOD_ORDER if m in found] + sorted(found - set(METHOD_ORDER))
     version_text = "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in sorted(versions.items()))
-    scorings = sorted({str((r.result.get("settings") or {}).get("choice_scoring") or "letter") for r in runs
-                       if study.info[r.task].kind == "causal_lm"})
+    scorings = choice_scorings(r for r in runs if study.info[r.task].kind == "causal_lm")
     scoring = ([f"- Multiple-choice scoring (causal LM tasks): {', '.join(scorings)} (`choice_scoring`: letter = "
                 "the answer letter's next-token logit; cloze / cloze_mean = each choice's summed / mean token "
                 "log-likelihood)"] if scorings else [])

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..tasks import CATALOG
 from .report_mmlu import is_mmlu_task
-from .report_tables import FORMATS, NAN, Stat, Study, dig, number
+from .report_tables import FORMATS, MMLU_SHOTS, NAN, Stat, Study, dig, number
 
 AGREE, DISAGREE, UNCLEAR, NOT_RUN = "agree", "disagree", "unclear", "not run"
 LD = ("ld_paper", "ensemble")
@@ -233,10 +233,10 @@ def claims(study: Study) -> list[Claim]:
                        "main", +1, note="; paper: MRPC, CoLA, ours: the tasks listed"))
     out.extend(sensitivity_claims(study))
     mmlu = [t for t in study.tasks if is_mmlu_task(study, t)]  # instruction tuning, then MMLU (the paper's LLM claim)
-    for shot in ("0", "5"):
-        out.append(compare(study, f"C11 ({shot}-shot)", f"LoRA Dropout beats LoRA on MMLU {shot}-shot after "
+    for shot in MMLU_SHOTS:
+        out.append(compare(study, f"C11 ({shot[5]}-shot)", f"LoRA Dropout beats LoRA on MMLU {shot[5]}-shot after "
                            "instruction tuning", "n/a (LLaMA2-7B, SFT on Alpaca-clean; MMLU)", LD, LORA,
-                           f"mmlu_{shot}shot", +1, tasks=mmlu, note="; accuracy in points, per SFT data set"))
+                           shot, +1, tasks=mmlu, note="; accuracy in points, per SFT data set"))
     both = [t for t in study.tasks if study.row(t, "ld_1x", "ensemble") and study.row(t, "ld_paper", "ensemble")]
     pass_ = "ensemble" if both else "single"
     out.append(compare(study, "C10", "1x-cost LoRA Dropout (samples=1) matches the N=4 objective", "n/a",

@@ -12,12 +12,13 @@ no deep ensemble across seeds is formed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from .plots import format_table
-from .report_tables import PASSES, Run, Stat, Study, dig, row_name
+from .report_tables import MMLU_SHOTS, PASSES, Run, Stat, Study, dig, row_name
 
-SHOTS = ("mmlu_0shot", "mmlu_5shot")
+SHOTS = MMLU_SHOTS
 COLUMNS = (("accuracy", "acc. (%)", 100.0, 2), ("ece", "ECE (%)", 100.0, 2), ("nll", "NLL", 1.0, 4))
 
 TEXT = (
@@ -88,8 +89,13 @@ SCORING = {"letter": "by the answer letters' next-token probabilities (softmax o
                     "over the four choices; the shots answered with text)"}
 
 
+def choice_scorings(runs: Iterable[Run]) -> list[str]:
+    """How the runs' multiple choice was scored (``choice_scoring``; unset: letter), each once."""
+    return sorted({str(r.settings.get("choice_scoring") or "letter") for r in runs})
+
+
 def _scoring(runs: list[Run]) -> str:
-    found = sorted({str(r.settings.get("choice_scoring") or "letter") for r in runs})
+    found = choice_scorings(runs)
     return "; ".join(f"{SCORING.get(f, f)}" + (f" (`{f}` runs)" if len(found) > 1 else "") for f in found)
 
 
@@ -109,4 +115,4 @@ def mmlu_report(study: Study) -> list[str]:
     return out
 
 
-__all__ = ["is_mmlu_task", "mmlu_report"]
+__all__ = ["choice_scorings", "is_mmlu_task", "mmlu_report"]

@@ -190,8 +190,9 @@ class Stat:
 
 
 # metric -> (scale, digits): main metrics in points (x100) like the paper, ECE in %, NLL and Brier as they are
+MMLU_SHOTS = ("mmlu_0shot", "mmlu_5shot")  # an SFT run's MMLU scores, by shot setting (report_mmlu)
 FORMATS = {"main": (100.0, 2), "best": (100.0, 2), "accuracy": (100.0, 2), "ece": (100.0, 2), "nll": (1.0, 4),
-           "brier": (1.0, 4), "T": (1.0, 2), "gap": (1.0, 4), "mmlu_0shot": (100.0, 2), "mmlu_5shot": (100.0, 2)}
+           "brier": (1.0, 4), "T": (1.0, 2), "gap": (1.0, 4), **dict.fromkeys(MMLU_SHOTS, (100.0, 2))}
 
 
 def fmt(stat: Stat | None, metric: str) -> str:
@@ -245,14 +246,13 @@ def select(runs: Sequence[Run], main: str) -> Choice:
                   [(c[0], c[1], s) for c, s in zip(candidates, scores)], tuple(sorted(common)), note)
 
 
-def _at_lora_choice(lora: Choice, group: Sequence[Run], chosen: Choice, main: str) -> Choice:
+def _at_lora_choice(lora: Choice, group: Sequence[Run], chosen: Choice) -> Choice:
     """Laplace-LoRA's choice: its results on LoRA's chosen runs. Its validation score is its LoRA run's, so the
     two choices agree whenever Laplace was fitted at every LoRA candidate; where it was not (a fit missing at LoRA's
     chosen rate), another rate's Laplace would be another model's, so the note says so."""
-    at = [r for r in group if (r.local, r.lr) == (lora.local, lora.lr)]
     if (chosen.local, chosen.lr) == (lora.local, lora.lr):
         return chosen
-    if at:
+    if at := [r for r in group if (r.local, r.lr) == (lora.local, lora.lr)]:
         return replace(chosen, local=lora.local, lr=lora.lr, runs=sorted(at, key=lambda r: r.seed),
                        note="at LoRA's chosen setting")
     return replace(chosen, note=f"no Laplace result at LoRA's chosen lr {lora.lr:g}: shown at its own best lr, "
@@ -298,7 +298,7 @@ def run_values(run: Run, pass_: str, main: str) -> dict[str, float]:
         out[k] = number(value if value is not None else dig(m, "eval", pass_, f"span_{k}"))
     if dig(m, "eval", pass_, "exact_match") is not None:  # SQuAD's second official metric
         out["em"] = number(dig(m, "eval", pass_, "exact_match"))
-    for shot in ("mmlu_0shot", "mmlu_5shot"):  # SFT runs scored on MMLU (report_mmlu): each shot setting's accuracy
+    for shot in MMLU_SHOTS:  # SFT runs scored on MMLU (report_mmlu): each shot setting's accuracy
         if dig(m, "eval", pass_, shot, "accuracy") is not None:
             out[shot] = number(dig(m, "eval", pass_, shot, "accuracy"))
     if pass_ == "single":  # the train/validation loss gap of the final model
@@ -311,8 +311,8 @@ def rows_of(choice: Choice, main: str) -> list[Row]:
     for pass_ in PASSES:
         per_run = [run_values(r, pass_, main) for r in choice.runs]
         values = {k: Stat.of(v.get(k, NAN) for v in per_run) for k in dict.fromkeys(k for v in per_run for k in v)}
-        if values["main"].n or any(values[k].n for k in ("mmlu_0shot", "mmlu_5shot") if k in values):  # (SFT runs'
-            # main metric, the test loss, is not scored: their MMLU accuracies are what they report)
+        if values["main"].n or any(values[k].n for k in MMLU_SHOTS if k in values):  # (SFT runs' main metric,
+            # the test loss, is not scored: their MMLU accuracies are what they report)
             first = choice.runs[0]
             rows.append(Row(row_name(choice.method, pass_, first.ensemble_kind, first.settings), choice, pass_,
                             values))
@@ -337,7 +337,7 @@ class Study:
         for (task, method, _), group in groups.items():  # Laplace-LoRA is post hoc on LoRA's chosen model
             if method == "laplace" and len(self.choices.get((task, "lora"), [])) == 1:
                 self.choices[(task, method)] = [_at_lora_choice(self.choices[(task, "lora")][0], group,
-                                                                self.choices[(task, method)][0], self.info[task].main)]
+                                                                self.choices[(task, method)][0])]
 
     def methods(self, task: str, *, side: bool | None = False) -> list[str]:
         """Methods run on `task`: the known ones in study order, then the rest by name (`side`: only / without
