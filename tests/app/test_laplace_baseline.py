@@ -233,6 +233,22 @@ def test_predictive_gives_absent_choices_exactly_zero() -> None:
     assert (information >= 0).all() and information[0] > 0.1  # draws that disagree: positive mutual information
 
 
+def test_predictive_survives_a_covariance_float32_cholesky_rejects() -> None:
+    """A low-rank covariance of large scale (a weak prior) is not positive-definite in float32 even with the jitter;
+    the fallback's draws still have that covariance, and a positive-definite batch element draws as before."""
+    from loradrop.app.laplace_baseline import _covariance_root, _predictive
+
+    rank_one = torch.tensor([[1e4, 1e4 + 1], [1e4 + 1, 1e4]])  # an eigenvalue of -1: rounding of a rank-one GGN
+    assert torch.linalg.cholesky_ex(rank_one + 1e-6 * torch.eye(2)).info > 0
+    f_var = torch.stack([rank_one, torch.tensor([[2.0, 0.5], [0.5, 1.0]])])
+    root = _covariance_root(f_var)
+    torch.testing.assert_close(root[1], torch.linalg.cholesky(f_var[1] + 1e-6 * torch.eye(2)))
+    torch.testing.assert_close(root[0] @ root[0].mT, f_var[0], rtol=1e-4, atol=1.0)  # |eigenvalue| 1 clamped to 0
+    probs, information = _predictive(torch.zeros(2, 2), f_var, 200, torch.Generator().manual_seed(0))
+    assert torch.isfinite(probs).all() and torch.isfinite(information).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+
+
 def test_letter_tasks_refuse_what_stays_unsupported(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "laplace", None)
     letters = SimpleNamespace(name="arc_easy", kind="causal_lm", predicts_classes=True, trainable=True)

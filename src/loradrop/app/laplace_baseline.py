@@ -248,6 +248,22 @@ def _map_probs(f_mu: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor
     return (f_mu if present is None else f_mu.masked_fill(~present, float("-inf"))).softmax(-1)
 
 
+def _covariance_root(f_var: torch.Tensor) -> torch.Tensor:
+    """A square root S (S S^T = f_var) of each (C, C) covariance in a batch: its Cholesky factor (with a 1e-6 jitter)
+    where that exists, else the symmetric root from an eigendecomposition in float64, negative eigenvalues (rounding)
+    clamped to 0. A GLM covariance of low rank and large scale (a weak prior) fails float32 Cholesky, as one ARC-C
+    question did on the H200 (2026-12-04): one such question must not lose the whole fit. The Cholesky path is kept
+    where it works, so fits that never needed the fallback draw exactly as before."""
+    jitter = 1e-6 * torch.eye(f_var.shape[-1], dtype=f_var.dtype, device=f_var.device)
+    scale, info = torch.linalg.cholesky_ex(f_var + jitter)
+    failed = info > 0
+    if failed.any():
+        bad = f_var[failed].double()
+        values, vectors = torch.linalg.eigh((bad + bad.mT) / 2)
+        scale[failed] = (vectors * values.clamp_min(0.0).sqrt()[..., None, :]).to(scale.dtype)
+    return scale
+
+
 def _predictive(f_mu: torch.Tensor, f_var: torch.Tensor, n_samples: int, generator: torch.Generator,
                 present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The GLM predictive's class probabilities and mutual information: the softmax (over the `present` classes
@@ -256,8 +272,7 @@ def _predictive(f_mu: torch.Tensor, f_var: torch.Tensor, n_samples: int, generat
     grid; laplace-torch's own MC link draws from the global generator."""
     from ..ensemble import entropy
 
-    jitter = 1e-6 * torch.eye(f_var.shape[-1], dtype=f_var.dtype, device=f_var.device)
-    scale = torch.linalg.cholesky(f_var + jitter)
+    scale = _covariance_root(f_var)
     eps = torch.randn((n_samples, *f_mu.shape), generator=generator, dtype=f_mu.dtype).to(f_mu.device)
     logits = f_mu + torch.einsum("bij,sbj->sbi", scale, eps)
     if present is not None:
