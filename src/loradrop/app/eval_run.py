@@ -15,7 +15,7 @@ from ..errors import ModelLoadError, UsageError
 from .acting import ood_names, prepare_ood, uncertainty_section
 from .integrity import verify_manifest
 from .outputs import data_caveats, print_metrics, write_run_outputs
-from .provenance import hardware, jsonable, versions
+from .provenance import autocast_label, hardware, jsonable, versions
 from .runfolder import (
     ADAPTER_DIR,
     EVAL_METRICS_FILE,
@@ -181,8 +181,7 @@ def evaluate(settings: EvalSettings) -> RunResult:
         "config": {"args": settings.to_dict(), "ensemble": ensemble, "batch_size": batch_size,
                    "max_seq_len": max_seq_len, "max_eval_samples": max_eval, "data_seed": data_seed,
                    "data_dir": data_dir,
-                   "autocast": None if autocast is None else
-                   f"{str(autocast).removeprefix('torch.')} on {device.type}"},
+                   "autocast": autocast_label(autocast, device.type)},
         "versions": versions(), "hardware": hardware(), "wall_time": {"eval_s": eval_s}, "data": data.metadata,
         "eval_split": data.eval_split,
         "eval": {"single": result.single, "ensemble": result.ensemble},

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import UsageError
+from .provenance import autocast_label
 from .settings import LAPLACE_PRIORS as PRIOR_METHODS
 
 GRID = tuple(10.0 ** (k / 2) for k in range(-8, 9))  # prior precisions 1e-4 .. 1e4, half a decade apart
@@ -418,8 +419,7 @@ def evaluate_laplace(model: torch.nn.Module, data: Any, *, prior: str = "auto", 
                "scored_by": {"letters": "answer letters' next-token logits (absent letters: probability 0)",
                              "cloze": "each choice's log-likelihood (absent choices: probability 0)",
                              "classifier": "the classifier's logits"}[form],
-               "map_autocast": None if map_autocast is None else
-               f"{str(map_autocast).removeprefix('torch.')} on {_device(model).type}",
+               "map_autocast": autocast_label(map_autocast, _device(model).type),
                "n_samples": n_samples, "prior_method": fit.prior_method, "prior_precision": fit.prior_precision,
                "n_params": fit.n_params, "n_train": len(data.train), "fit_s": fit.fit_s, "tune_s": fit.tune_s,
                "predict_s": time.perf_counter() - start}

@@ -40,6 +40,11 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def autocast_label(dtype: torch.dtype | None, device_type: str) -> str | None:
+    """How a run recorded the autocast it scored under, e.g. ``"bfloat16 on cuda"`` (None: none)."""
+    return None if dtype is None else f"{str(dtype).removeprefix('torch.')} on {device_type}"
+
+
 def jsonable(value: Any) -> Any:
     """A JSON-serialisable copy of `value` (sets become sorted lists, paths and enums strings)."""
     if isinstance(value, dict):

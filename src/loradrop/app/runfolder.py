@@ -151,7 +151,8 @@ def lock_path(output: Path) -> Path:
     return output.parent / f".{output.name}{LOCK_SUFFIX}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that id exists on this host (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -184,7 +185,7 @@ def run_lock(output: Path) -> Iterator[None]:
                 held = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 held = {}
-            if held.get("host") == host and isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+            if held.get("host") == host and isinstance(held.get("pid"), int) and not pid_alive(held["pid"]):
                 logging.getLogger("loradrop.app").warning("loradrop: removing the stale lock %s of pid %s", path,
                                                           held["pid"])
                 path.unlink(missing_ok=True)

@@ -401,7 +401,7 @@ def tracked_results(pool: Any, jobs: list[Any], started: Any, target: Callable[[
     pending and a later sweep trains it again (from its last checkpoint). Returns whether a worker died: the pool
     then still counts the lost job as outstanding, so it must be terminated, not closed and joined (which would wait
     for that job for ever)."""
-    from .sweep_schedule import _alive
+    from .runfolder import pid_alive
 
     waiting = {i: pool.apply_async(execute_tracked, ((i, target, job),)) for i, job in enumerate(jobs)}
     dead_since: dict[int, float] = {}
@@ -410,7 +410,7 @@ def tracked_results(pool: Any, jobs: list[Any], started: Any, target: Callable[[
             if result.ready():
                 del waiting[i]
                 yield result.get()
-            elif started[i] and not _alive(started[i]):
+            elif started[i] and not pid_alive(started[i]):
                 first = dead_since.setdefault(i, time.monotonic())
                 if time.monotonic() - first >= DEATH_GRACE_S:
                     del waiting[i]

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .runfolder import pid_alive
+
 OVERHEAD_GIB = 1.0  # per process: the CUDA context (~0.5 GiB with torch 2.x) and the caching allocator's slack
 SLACK = 1.15  # measured peaks vary a little with the batches' lengths; a run is estimated from other lrs and seeds
 PATIENCE_S = 120.0  # a run waiting this long for memory is served before any later one
@@ -186,7 +188,7 @@ class MemoryGate:
 
     def _drop_dead(self) -> None:
         for i, pid in enumerate(self._pid):
-            if self._state[i] != self.FREE and not _alive(pid):
+            if self._state[i] != self.FREE and not pid_alive(pid):
                 self._state[i] = self.FREE
 
     def _used(self, g: int) -> float:
@@ -223,16 +225,6 @@ class MemoryGate:
     def used(self, gpu: int) -> float:
         with self._lock:
             return self._used(self.gpus.index(gpu) if gpu in self.gpus else 0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - someone else's process of that id: alive
-        return True
-    return True
 
 
 class _Reservation:
