@@ -264,13 +264,18 @@ def _sweep(args: argparse.Namespace) -> int:
             print(run.run_id)
         print(f"{len(todo)} to run, {done} done already", flush=True)
         if args.laplace is not None and results is not None and results.is_dir():
-            from .app.laplace_sweep import plan_laplace
+            from .app.laplace_sweep import SOURCE_METHOD, plan_laplace, unfitted_at_lora_choice
 
             lap = plan_laplace(results, args.work_dir, only=args.only)
             for job in lap.todo:
                 print(job.run_id)
             print(f"laplace: {len(lap.todo)} to run, {len(lap.done)} done already, {len(lap.missing)} without a "
                   "kept run folder (runs still to train are scored after training)", flush=True)
+            unsettled = {str(run.settings.get("task")) for run in todo if run.method == SOURCE_METHOD}
+            if lap.missing and (needed := unfitted_at_lora_choice(results, lap.missing, unsettled)):
+                print(f"laplace: {len(needed)} of those at LoRA's chosen setting, which the report's Laplace-LoRA "
+                      f"row needs (delete their results to train them again with their fits): {', '.join(needed)}",
+                      flush=True)
         return 0
     if args.laplace is not None:
         from .app.laplace_baseline import require_laplace

@@ -81,6 +81,41 @@ def test_refusals_and_missing_run_folders(tmp_path: Path, capsys) -> None:
     assert "2 to run, 0 done already" in out
 
 
+def _lora_result(task: str, lr: float, validation: float) -> dict:
+    run_id = f"{task.replace('_', '-')}__lora__lr-{lr}_seed-0"  # as the sweep names it
+    best = {"epoch": 3.0, "metric": "accuracy", "value": validation, "validation": {"single": {"accuracy": validation}}}
+    return {"schema": "loradrop.sweep.run/1", "run_id": run_id, "method": "lora", "status": "ok",
+            "axes": {"task": task, "lr": lr, "seed": 0}, "settings": {"task": task, "lr": lr, "seed": 0},
+            "metrics": {"kind": "classification", "best_epoch": best,
+                        "eval": {"single": {"accuracy": validation, "n": 10}, "ensemble": None}}}
+
+
+def test_unfitted_runs_at_loras_choice_are_named(tmp_path: Path, capsys) -> None:
+    """A LoRA run whose fit was lost with its machine is only worth training again where the report reads
+    Laplace-LoRA: at LoRA's chosen rate, in a task whose LoRA grid is complete (else the choice may still move)."""
+    from loradrop.app.laplace_sweep import unfitted_at_lora_choice
+
+    res = tmp_path / "res"
+    res.mkdir()
+    for task, lr, validation in [("openbookqa", 1e-4, 0.3), ("openbookqa", 1e-3, 0.6), ("openbookqa", 3e-3, 0.5),
+                                 ("arc_easy", 1e-4, 0.4)]:
+        data = _lora_result(task, lr, validation)
+        (res / f"{data['run_id']}.json").write_text(json.dumps(data))
+    missing = plan_laplace(res).missing
+    assert len(missing) == 4
+    assert unfitted_at_lora_choice(res, missing) == ["arc-easy__lora__lr-0.0001_seed-0",
+                                                     "openbookqa__lora__lr-0.001_seed-0"]
+    assert unfitted_at_lora_choice(res, missing, {"arc_easy"}) == ["openbookqa__lora__lr-0.001_seed-0"]
+    # --dry-run names them; arc_easy has a LoRA run still to train (lr 1e-3), so its choice is not settled
+    (tmp_path / "plan.yaml").write_text("name: lap\nresults: res\nbase: {epochs: 1}\n"
+                                        "grid: {task: [openbookqa, arc_easy], lr: [0.0001, 0.001, 0.003], seed: [0]}\n"
+                                        "methods:\n  lora: {no_lora_dropout: true}\n")
+    assert main(["sweep", str(tmp_path / "plan.yaml"), "--dry-run", "--laplace"]) == 0
+    out = capsys.readouterr().out
+    assert "laplace: 1 of those at LoRA's chosen setting" in out and out.rstrip().endswith(
+        "with their fits): openbookqa__lora__lr-0.001_seed-0")
+
+
 @needs_laplace
 @pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])

@@ -33,7 +33,7 @@ import json
 import shutil
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,21 @@ def plan_laplace(results: str | Path, work_dir: str | Path | None = None, *, sou
         else:
             plan.todo.append(source_job(path, data, work / source_id))
     return plan
+
+
+def unfitted_at_lora_choice(results: str | Path, missing: Sequence[str], unsettled: Iterable[str] = ()) -> list[str]:
+    """Of `missing` (LoRA runs whose run folder is gone, so no Laplace fit can be made from them), those at LoRA's
+    chosen setting of their task (the report's selection over `results`): the runs the report's Laplace-LoRA row is
+    read from. Deleting their results trains them again, with their fits, in the next ``--laplace`` sweep. Tasks in
+    `unsettled` (LoRA runs of theirs still to train) are left out: their choice may still move."""
+    from .report_tables import Study
+    from .results import load_results
+
+    study = Study(load_results([Path(results)]).runs)
+    unsettled = set(unsettled)
+    chosen = {run.run_id for (task, method), choices in study.choices.items()
+              if method == SOURCE_METHOD and len(choices) == 1 and task not in unsettled for run in choices[0].runs}
+    return [run_id for run_id in missing if run_id in chosen]
 
 
 def _selection_score(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
