@@ -5,6 +5,7 @@
 # studies/instruct/results/main. Existing files are never replaced, and
 # failed runs (*.failed.json) are listed, not copied (a stale one would make select_from refuse its task later).
 # Each call's tarball holds every result of its machine so far; after a fresh machine, unpack each machine's last one.
+# It ends with what the commonsense plans have left to run (their `--dry-run --laplace`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tarball=$(realpath "${1:?usage: studies/gpu/unpack.sh RES_TAR_XZ}")
@@ -24,3 +25,10 @@ copy() {  # $1: folder in the tarball, $2: study folder
 copy cs_tune studies/commonsense/results/tune
 copy cs_main studies/commonsense/results/main
 copy instruct studies/instruct/results/main
+# what is left, and the LoRA runs whose Laplace fit was lost with their machine where the report needs it (delete
+# those results before make_carry.sh, so the next machine trains them again with their fits)
+PY=${PYTHON:-.venv/bin/python}
+for plan in studies/commonsense/tune.yaml studies/commonsense/main.yaml; do
+  { "$PY" -m loradrop sweep "$plan" --dry-run --laplace 2>&1 || true; } | grep -E '^(laplace: |[0-9]+ to run|loradrop)' \
+    | sed "s|^|$(basename "$plan"): |"
+done
