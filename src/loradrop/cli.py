@@ -271,7 +271,12 @@ def _sweep(args: argparse.Namespace) -> int:
                 print(job.run_id)
             print(f"laplace: {len(lap.todo)} to run, {len(lap.done)} done already, {len(lap.missing)} without a "
                   "kept run folder (runs still to train are scored after training)", flush=True)
-            unsettled = {str(run.settings.get("task")) for run in todo if run.method == SOURCE_METHOD}
+            # from the whole plan: --only narrows what runs, not which tasks' LoRA grids are complete
+            whole = todo
+            if args.only:
+                with contextlib.suppress(LoradropError):  # a phase 2 refused whole (select_from): what --only left
+                    whole = pending(SweepPlan.load(args.plan), results)[0]
+            unsettled = {str(run.settings.get("task")) for run in whole if run.method == SOURCE_METHOD}
             if lap.missing and (needed := unfitted_at_lora_choice(results, lap.missing, unsettled)):
                 print(f"laplace: {len(needed)} of those at LoRA's chosen setting, which the report's Laplace-LoRA "
                       f"row needs (delete their results to train them again with their fits): {', '.join(needed)}",

