@@ -17,6 +17,10 @@ for d in studies/glue/results/tune studies/glue/results/main studies/glue/result
          benchmarks/results; do
   [ -n "$(git ls-files -- "$d" | head -1)" ] && big+=("$d")
 done
+carried() {  # the bytes of the tree a call carries: tracked and untracked-not-ignored files, less the folders above
+  git ls-files -z --cached --others --exclude-standard | grep -zv -E "^($(IFS='|'; echo "${big[*]}"))/" \
+    | { xargs -0 du -cb 2>/dev/null || true; } | tail -1 | cut -f1
+}
 case "${1:-}" in
   out)
     if [ -n "$(git status --porcelain --untracked-files=all -- "${big[@]}")" ]; then
@@ -25,11 +29,9 @@ case "${1:-}" in
     fi
     rm -rf /tmp/loradrop-slim && mkdir -p /tmp/loradrop-slim
     for d in "${big[@]}"; do mkdir -p "/tmp/loradrop-slim/$(dirname "$d")" && mv "$d" "/tmp/loradrop-slim/$d"; done
-    size=$(git ls-files -z --cached --others --exclude-standard | { xargs -0 du -cb 2>/dev/null || true; } | tail -1)
-    echo "the tree a call carries now: ${size%%[[:space:]]*} bytes (a call: 67,108,864 with its carry)" ;;
+    echo "the tree a call carries now: $(carried) bytes (a call: 67,108,864 with its carry)" ;;
   size)
-    git ls-files -z --cached --others --exclude-standard | grep -zv -E "^($(IFS='|'; echo "${big[*]}"))/" \
-      | { xargs -0 du -cb 2>/dev/null || true; } | tail -1 | cut -f1 ;;
+    carried ;;
   back)
     git checkout -- "${big[@]}" && git status --short -- "${big[@]}" ;;
   *) echo "usage: studies/gpu/tree.sh out|back|size" >&2; exit 2 ;;

@@ -116,16 +116,14 @@ def unfitted_at_lora_choice(results: str | Path, missing: Sequence[str], unsettl
     chosen setting of their task (the report's selection over `results`): the runs the report's Laplace-LoRA row is
     read from. Deleting their results trains them again, with their fits, in the next ``--laplace`` sweep. Tasks in
     `unsettled` (LoRA runs of theirs still to train) are left out: their choice may still move."""
+    from ..tasks import task_key
     from .report_tables import Study
     from .results import load_results
 
-    def key(task: str) -> str:  # task names as the registry reads them (arc_easy, arc-easy, ARC_Easy: one task)
-        return task.lower().replace("-", "_")
-
     study = Study(load_results([Path(results)]).runs)
-    unsettled = {key(t) for t in unsettled}
+    unsettled = {task_key(t) for t in unsettled}
     chosen = {run.run_id for (task, method), choices in study.choices.items()
-              if method == SOURCE_METHOD and len(choices) == 1 and key(task) not in unsettled
+              if method == SOURCE_METHOD and len(choices) == 1 and task_key(task) not in unsettled
               for run in choices[0].runs}
     return [run_id for run_id in missing if run_id in chosen]
 

@@ -199,8 +199,14 @@ def task_data_location(name: str, root: Path | None) -> tuple[bool, str]:
         root / entry.data[0])
 
 
+def task_key(name: str) -> str:
+    """What identifies a task name: case, ``-`` and ``_`` ignored (``"SST-2"``, ``"sst2"``; ``"arc-easy"``,
+    ``"arc_easy"``)."""
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
 def get_task(name: str | TaskSpec) -> TaskSpec:
-    """The `TaskSpec` for ``name`` (case-insensitive; ``-`` and ``_`` ignored, so ``"SST-2"`` works)."""
+    """The `TaskSpec` for ``name`` (`task_key`: case-insensitive; ``-`` and ``_`` ignored, so ``"SST-2"`` works)."""
     if isinstance(name, TaskSpec):
         return name
     _load()
@@ -208,9 +214,8 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
         key = name.strip().lower()
         if key in TASKS:
             return TASKS[key]
-        squashed = key.replace("-", "").replace("_", "")
         for task_name in TASKS:
-            if task_name.replace("_", "") == squashed:
+            if task_key(task_name) == task_key(key):
                 return TASKS[task_name]
     raise DataError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
 
