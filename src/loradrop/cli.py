@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the runs to do and stop")
     sweep.add_argument("--only", action="append", default=[], metavar="PATTERN",
                        help="run only the runs whose id matches this glob (e.g. 'mrpc__*'); repeatable")
+    sweep.add_argument("--settled-only", action="store_true",
+                       help="a phase 2 (select_from naming phase 1's plan): run the task/methods whose phase-1 runs "
+                            "are all done and list the others as waiting, instead of refusing the plan")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every run (e.g. --set model=/path/to/minilm); repeatable")
     sweep.add_argument("--laplace", nargs="?", const="auto", default=None, choices=LAPLACE_PRIORS,
@@ -253,10 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _sweep(args: argparse.Namespace) -> int:
     from .app.sweep import SweepPlan, parse_overrides, pending, run_sweep
 
-    plan = SweepPlan.load(args.plan, only=args.only)  # --only first: a phase 2 can run the tasks phase 1 finished
+    # --only first: a phase 2 can run the tasks phase 1 finished (--settled-only: every task/method it finished)
+    plan = SweepPlan.load(args.plan, only=args.only, settled_only=args.settled_only)
     if args.set:
         plan.overrides = parse_overrides(args.set)
         plan.runs()  # validate the overridden settings before anything runs
+    for group, why in plan.waiting.items():
+        print(f"waiting for phase 1: {group} ({why})", flush=True)
     results = Path(args.results) if args.results else plan.results
     if args.dry_run:
         todo, done = pending(plan, results) if results is not None else (plan.runs(), 0)

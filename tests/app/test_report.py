@@ -542,6 +542,44 @@ def test_select_from_refuses_an_unfinished_or_failed_phase_one_and_a_changed_cho
         SweepPlan.load(failed)  # a results folder: the failed run is seen
 
 
+def test_settled_only_runs_the_task_methods_phase_one_finished(tmp_path: Path, capsys) -> None:
+    """`--settled-only`: a phase 2 runs beside the end of its phase 1. A task/method whose phase-1 runs are not all
+    done waits (named, with the missing run), the others run at their choice; without it the plan is refused; a
+    task/method phase 1 never planned is still an error."""
+    from loradrop.app.sweep import SweepPlan
+    from loradrop.cli import main
+    from loradrop.errors import SettingsError
+
+    for lr in LRS:
+        _write(tmp_path / "tune", make_result("rte", "ld_1x", lr, 0, (0.7, 0.72)))
+        if lr != 1e-3:  # lora at 1e-3 still to run
+            _write(tmp_path / "tune", make_result("rte", "lora", lr, 0, (0.7, 0.72)))
+    (tmp_path / "tune.yaml").write_text(
+        "name: p1\nresults: tune\nbase: {model: minilm}\ngrid: {task: [rte], lr: [0.0001, 0.001], seed: [0]}\n"
+        "methods: {lora: {no_lora_dropout: true}, ld_1x: {samples: 1}}\n", encoding="utf-8")
+    main_plan = tmp_path / "main.yaml"
+    main_plan.write_text("name: p2\nresults: main\nselect_from: tune.yaml\nbase: {model: minilm}\n"
+                         "grid: {task: [rte], seed: [1, 2]}\n"
+                         "methods: {lora: {no_lora_dropout: true}, ld_1x: {samples: 1}}\n", encoding="utf-8")
+    with pytest.raises(SettingsError, match="phase 1 is not finished for task 'rte', method 'lora'"):
+        SweepPlan.load(main_plan)
+    plan = SweepPlan.load(main_plan, settled_only=True)
+    assert [(r.method, r.axes["seed"], r.settings["lr"]) for r in plan.runs()] == [("ld_1x", 1, 0.001),
+                                                                                  ("ld_1x", 2, 0.001)]
+    assert list(plan.waiting) == ["rte/lora"] and "rte__lora__lr-0.001_seed-0" in plan.waiting["rte/lora"]
+    assert main(["sweep", str(main_plan), "--dry-run", "--settled-only"]) == 0
+    out = capsys.readouterr().out
+    assert "waiting for phase 1: rte/lora (1 of its runs have no result" in out
+    assert "rte__ld_1x__seed-1\nrte__ld_1x__seed-2\n2 to run, 0 done already" in out
+    _write(tmp_path / "tune", make_result("rte", "lora", 1e-3, 0, (0.7, 0.72)))  # phase 1 done: nothing waits
+    plan = SweepPlan.load(main_plan, settled_only=True)
+    assert not plan.waiting and len(plan.runs()) == 4
+    main_plan.write_text(main_plan.read_text(encoding="utf-8").replace("task: [rte]", "task: [rte, cola]"),
+                         encoding="utf-8")
+    with pytest.raises(SettingsError, match="no results .* task 'cola', method 'lora'"):
+        SweepPlan.load(main_plan, settled_only=True)  # never planned in phase 1: not a wait, an error
+
+
 def test_laplace_is_reported_on_loras_chosen_model(tmp_path: Path) -> None:
     """Laplace-LoRA is post hoc on LoRA's chosen runs: where a fit is missing at LoRA's chosen rate, its own best
     rate is shown with a note saying it is another model; with fits at every rate, the two choices are the same."""

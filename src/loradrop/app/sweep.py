@@ -91,13 +91,17 @@ class SweepPlan:
     overrides: dict[str, Any] = field(default_factory=dict)  # applied last, e.g. a local model path on a machine
     only: list[str] = field(default_factory=list)  # glob patterns of run ids to keep (all when empty)
     select_from: Path | None = None  # a tuning sweep's results: lr per task/method chosen there by validation
+    settled_only: bool = False  # leave out (list in `waiting`) the task/methods whose phase 1 is unfinished
+    waiting: dict[str, str] = field(default_factory=dict, init=False)  # "task/method" -> why it waits (settled_only)
     _selected: dict[tuple[str, str], dict[str, Any]] | None = field(default=None, init=False, repr=False)
     _unfinished: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def load(cls, path: str | Path, *, only: list[str] | None = None) -> SweepPlan:
+    def load(cls, path: str | Path, *, only: list[str] | None = None, settled_only: bool = False) -> SweepPlan:
         """Read a YAML (or JSON) plan; every problem of the runs kept by `only` (glob patterns of run ids; all runs
-        when empty) is reported in one `SettingsError`."""
+        when empty) is reported in one `SettingsError`. `settled_only`: a phase 2 (``select_from``) leaves out the
+        task/methods whose phase-1 runs are not all done (`waiting` names them) instead of refusing the plan, so it
+        can run beside the end of its phase 1."""
         import yaml
 
         path = Path(path)
@@ -116,7 +120,8 @@ class SweepPlan:
         plan = cls(name=str(raw.get("name") or path.stem), methods=raw.get("methods") or {},
                    base=raw.get("base") or {}, grid=raw.get("grid") or {}, task_settings=raw.get("task_settings") or {},
                    results=(path.parent / results) if results else None, description=str(raw.get("description", "")),
-                   select_from=(path.parent / str(select_from)) if select_from else None, only=list(only or []))
+                   select_from=(path.parent / str(select_from)) if select_from else None, only=list(only or []),
+                   settled_only=settled_only)
         plan.runs()  # validate every run now
         return plan
 
@@ -139,6 +144,7 @@ class SweepPlan:
         if "task" not in grid and "task" not in self.base:
             raise SettingsError(["a plan needs a task: in base or as a grid axis"])
         out, seen = [], set()
+        self.waiting = {}
         for method, spec in self.methods.items():
             spec = dict(spec or {})
             local = {k: v for k, v in spec.items() if isinstance(v, list)}
@@ -152,7 +158,10 @@ class SweepPlan:
                 try:
                     selected = self._selection(str(task), method)
                 except SettingsError as err:
-                    problems.extend(err.problems)
+                    if self.settled_only and (str(task), method) in self._unfinished:
+                        self.waiting[f"{task}/{method}"] = self._unfinished[(str(task), method)]
+                    else:
+                        problems.extend(err.problems)
                     continue
                 settings = {**self.base, **self.task_settings.get(task, {}), **selected,
                             **self.task_settings.get(f"{task}/{method}", {}), **fixed, **axes, **self.overrides,
