@@ -8,7 +8,8 @@
 # (The SQuAD runs of #11 that this script also ran are done: squad_main.yaml has its 3 seeds per method.)
 #   1. commonsense tune.yaml (#14, phase 1)
 #   2. commonsense main.yaml (phase 2, the tasks of its grid once their tune is done; its select_from pointed at
-#      the tune results here)
+#      tune's plan with the tune results here; with a few tune runs left, main's settled task/methods run beside
+#      them for OVERLAP_S seconds, 600)
 #   3. instruct plan.yaml (Alpaca-999 / LIMA -> MMLU)
 # Every sweep runs behind the GPU memory gate (--gpu-memory: a run starts once its peak, estimated from the finished
 # runs of its task, fits beside the running ones; the longest runs start first), saves a checkpoint every 50 steps and
@@ -46,7 +47,23 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True HF_HUB_OFFLINE=1 HF_DATA
   OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 PYTHONPATH="${SITE:-$S/site}:$PWD/src" LORADROP_DATA_DIR="$S/data"
 PY=${PY:-python3}
 pack() {  # every result JSON (not the run folders, which stay here for interrupted runs) and every log, atomically;
-  # the driver goes on writing meanwhile, so tar may see a file change or go (exit 1): that pack still stands
+  # the driver goes on writing meanwhile, so tar may see a file change or go (exit 1): that pack still stands.
+  # First, one $OUT/fit.<run id>.tar (metrics.json and adapter/, ~4 MB) per trained LoRA run whose Laplace fit is not
+  # written yet, at most 6 (8 files come back, 16 MiB each): a machine lost before a fit leaves its run to the next
+  # machine (carried as .carry/fits/), not to a retrain. They are packed before the results, so a fit written
+  # meanwhile is in res.tar.xz, and a folder caught half removed after its fit is never needed.
+  local d id phase kept=()
+  for d in "$S"/res/.*.runs/*__lora__*/; do
+    [ -f "$d/adapter/adapter_config.json" ] && [ -f "$d/metrics.json" ] || continue
+    id=$(basename "$d"); phase=$(basename "$(dirname "$d")"); phase=${phase#.}; phase=${phase%.runs}
+    { [ -f "$S/res/$phase/$id.json" ] && [ ! -f "$S/res/$phase/${id/__lora__/__laplace__}.json" ]; } || continue
+    [ ${#kept[@]} -lt 6 ] || break
+    tar cf "$OUT/fit.$id.tar.tmp" -C "$S" "res/.$phase.runs/$id/metrics.json" "res/.$phase.runs/$id/adapter" \
+      2>/dev/null; [ $? -le 1 ] && mv "$OUT/fit.$id.tar.tmp" "$OUT/fit.$id.tar" && kept+=("fit.$id.tar")
+  done
+  for d in "$OUT"/fit.*.tar; do  # runs fitted since an earlier pack
+    [ -e "$d" ] && [[ " ${kept[*]} " != *" $(basename "$d") "* ]] && rm -f "$d"
+  done
   tar cJf "$OUT/res.tar.xz.tmp" -C "$S" --exclude='.*.runs' --exclude='*.runs' --exclude='*.tmp' \
     --warning=no-file-changed --warning=no-file-removed res logs 2>/dev/null
   [ $? -le 1 ] && mv "$OUT/res.tar.xz.tmp" "$OUT/res.tar.xz"
@@ -96,9 +113,12 @@ pending() {  # runs to train plus, with --laplace, Laplace fits of earlier runs 
   local out; out=$($PY -m loradrop sweep "$@" --dry-run 2>/dev/null) || { echo "?"; return; }
   echo "$out" | grep -oE '^(laplace: )?[0-9]+ to run' | grep -oE '[0-9]+' | awk '{s += $1} END {print s + 0}'
 }
-deadline() {  # --deadline: until the session's end (written by each call from SESSION_LEFT), less a call's packing
-  [ -f "$S/session_end" ] || return 0
-  local d=$(( $(cat "$S/session_end") - $(date +%s) - 45 )); echo --deadline $(( d > 1 ? d : 1 ))
+deadline() {  # --deadline: until the session's end (written by each call from SESSION_LEFT), less a call's packing,
+  # or until WINDOW_END (a time) if that is earlier
+  local end=; [ -f "$S/session_end" ] && end=$(( $(cat "$S/session_end") - 45 ))
+  [ -n "${WINDOW_END:-}" ] && { [ -z "$end" ] || [ "$WINDOW_END" -lt "$end" ]; } && end=$WINDOW_END
+  [ -n "$end" ] || return 0
+  local d=$(( end - $(date +%s) )); echo --deadline $(( d > 1 ? d : 1 ))
 }
 sweep() {  # $1: name, rest: sweep arguments; in the driver, until done, deferred (the session ends) or the machine
   # stops it (each run then continues from its last checkpoint under the next driver). Runs that failed are retried at
@@ -160,11 +180,26 @@ decision() {  # the NaN probe's settings for every LLM sweep (res/probe/decision
 }
 jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -> instruct
   LAP=(); has laplace && LAP=(--laplace)
+  # main reads its lr choices from tune's plan with tune's results here: a task/method whose tune runs are not all
+  # done is refused (or with --settled-only left waiting), never chosen from the runs that happen to be there
+  sed "s|^results: .*|results: $S/res/cs_tune|" $CS/tune.yaml > "$S/tune.yaml"
+  sed "s|^select_from: .*|select_from: $S/tune.yaml|" $CS/main.yaml > "$S/main.yaml"
+  # the last few tune runs (retrains for Laplace fits) leave most of the GPU idle: main's settled task/methods run
+  # beside them for a window (OVERLAP_S, 600 s), each sweep behind its own share of the memory gate (tune: 40%)
+  local n; n=$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${SW[@]}")
+  if has tune && has main && [ ${#ONLYARGS[@]} = 0 ] && [ -n "${GM:-}" ] && [ "$n" != "?" ] && [ "$n" -gt 0 ] \
+      && [ "$n" -le "${OVERLAP_RUNS:-6}" ] && [ "$W" -gt 2 ]; then
+    local tw=$(( n < W / 4 ? n : W / 4 )); tw=$(( tw > 0 ? tw : 1 )); local tg=$(( GM * 40 / 100 ))
+    log "tune: $n runs left: main's settled task/methods run beside them for ${OVERLAP_S:-600} s"
+    sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}" --workers "$tw" --gpu-memory "$tg" &
+    local tpid=$!
+    WINDOW_END=$(( $(date +%s) + ${OVERLAP_S:-600} )) sweep main_overlap "$S/main.yaml" --results "$S/res/cs_main" \
+      --settled-only "${LAP[@]}" "${SW[@]}" --workers $(( W - tw )) --gpu-memory $(( GM - tg ))
+    wait "$tpid"
+  fi
   has tune && sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}"
-  sed "s|^select_from: .*|select_from: $S/res/cs_tune|" $CS/main.yaml > "$S/main.yaml"
   # main.yaml's grid holds the tasks whose tune is final (see its header): main starts once their tune runs are done,
-  # whatever the other tasks' tune still has to do (here select_from names a results folder, which cannot see
-  # missing runs, so the driver checks)
+  # whatever the other tasks' tune still has to do (select_from would refuse the plan while one of them is missing)
   # (--only patterns add up, so with ONLY set, a local dry run, the gate is the old one: ONLY's tune runs all done)
   local t ready=() gate=("${SW[@]}")
   if [ ${#ONLYARGS[@]} = 0 ]; then
@@ -180,6 +215,11 @@ jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -
     has main && log "main: waits for $waiting tune runs of its tasks"
   fi
   has instruct && sweep instruct studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}"
+  # LoRA run folders carried in after their sweep started (.carry/fits of a lost machine): their fits
+  if has laplace && [ "$waiting" = 0 ]; then
+    has tune && sweep tune_fits $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}"
+    has main && sweep main_fits "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}"
+  fi
 }
 driver_pid() {  # the live driver's pid, or nothing: started with setsid, it leads a session, and while any process
   # of that session lives (its sweep and workers too, should its bash have died) it counts as running
@@ -212,6 +252,9 @@ fi
 if [ -f .carry/resume/res.tar.xz ]; then  # results of an earlier session: finished runs are not rerun
   tar xJf .carry/resume/res.tar.xz -C "$S" --skip-old-files res && log "resumed the results in .carry/resume/res.tar.xz"
 fi
+n=0; for f in .carry/fits/fit.*.tar; do  # LoRA runs of a lost machine awaiting their Laplace fit (pack, above)
+  [ -f "$f" ] && tar xf "$f" -C "$S" --skip-old-files && n=$((n + 1))
+done; [ $n -gt 0 ] && log "staged $n LoRA run folders for their Laplace fits (the sweeps fit them first)"
 if [ -f .carry/s1/smol.part.aa ]; then
   cp .carry/s1/smol.part.aa "$S/" && tar xJf .carry/s1/data.tar.xz -C "$S/data" && tar xJf .carry/s1/site.tar.xz -C "$S" \
     && tar xJf .carry/s1/site2.tar.xz -C "$S" && log "staged s1"
