@@ -9,7 +9,7 @@
 #   1. commonsense tune.yaml (#14, phase 1)
 #   2. commonsense main.yaml (phase 2, the tasks of its grid once their tune is done; its select_from pointed at
 #      tune's plan with the tune results here; with a few tune runs left, main's settled task/methods run beside
-#      them for OVERLAP_S seconds, 600)
+#      them for OVERLAP_S seconds, 720: about the longest LoRA run and its fit)
 #   3. instruct plan.yaml (Alpaca-999 / LIMA -> MMLU)
 # Every sweep runs behind the GPU memory gate (--gpu-memory: a run starts once its peak, estimated from the finished
 # runs of its task, fits beside the running ones; the longest runs start first), saves a checkpoint every 50 steps and
@@ -185,15 +185,15 @@ jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -
   sed "s|^results: .*|results: $S/res/cs_tune|" $CS/tune.yaml > "$S/tune.yaml"
   sed "s|^select_from: .*|select_from: $S/tune.yaml|" $CS/main.yaml > "$S/main.yaml"
   # the last few tune runs (retrains for Laplace fits) leave most of the GPU idle: main's settled task/methods run
-  # beside them for a window (OVERLAP_S, 600 s), each sweep behind its own share of the memory gate (tune: 40%)
+  # beside them for a window (OVERLAP_S, 720 s), each sweep behind its own share of the memory gate (tune: 40%)
   local n; n=$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${SW[@]}")
   if has tune && has main && [ ${#ONLYARGS[@]} = 0 ] && [ -n "${GM:-}" ] && [ "$n" != "?" ] && [ "$n" -gt 0 ] \
       && [ "$n" -le "${OVERLAP_RUNS:-6}" ] && [ "$W" -gt 2 ]; then
     local tw=$(( n < W / 4 ? n : W / 4 )); tw=$(( tw > 0 ? tw : 1 )); local tg=$(( GM * 40 / 100 ))
-    log "tune: $n runs left: main's settled task/methods run beside them for ${OVERLAP_S:-600} s"
+    log "tune: $n runs left: main's settled task/methods run beside them for ${OVERLAP_S:-720} s"
     sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}" --workers "$tw" --gpu-memory "$tg" &
     local tpid=$!
-    WINDOW_END=$(( $(date +%s) + ${OVERLAP_S:-600} )) sweep main_overlap "$S/main.yaml" --results "$S/res/cs_main" \
+    WINDOW_END=$(( $(date +%s) + ${OVERLAP_S:-720} )) sweep main_overlap "$S/main.yaml" --results "$S/res/cs_main" \
       --settled-only "${LAP[@]}" "${SW[@]}" --workers $(( W - tw )) --gpu-memory $(( GM - tg ))
     wait "$tpid"
   fi
