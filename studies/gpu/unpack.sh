@@ -29,6 +29,6 @@ copy instruct studies/instruct/results/main
 # those results before make_carry.sh, so the next machine trains them again with their fits)
 PY=${PYTHON:-.venv/bin/python}
 for plan in studies/commonsense/tune.yaml studies/commonsense/main.yaml; do
-  { "$PY" -m loradrop sweep "$plan" --dry-run --laplace 2>&1 || true; } | grep -E '^(laplace: |[0-9]+ to run|loradrop)' \
+  { "$PY" -m loradrop sweep "$plan" --dry-run --laplace --settled-only 2>&1 || true; } | grep -E '^(laplace: |waiting |[0-9]+ to run|loradrop)' \
     | sed "s|^|$(basename "$plan"): |"
 done
