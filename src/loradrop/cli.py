@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only the runs whose id matches this glob (e.g. 'mrpc__*'); repeatable")
     sweep.add_argument("--settled-only", action="store_true",
                        help="a phase 2 (select_from naming phase 1's plan): run the task/methods whose phase-1 runs "
-                            "are all done and list the others as waiting, instead of refusing the plan")
+                            "are all done and none failed, and list the others as waiting instead of refusing the plan")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every run (e.g. --set model=/path/to/minilm); repeatable")
     sweep.add_argument("--laplace", nargs="?", const="auto", default=None, choices=LAPLACE_PRIORS,
@@ -281,8 +281,9 @@ def _sweep(args: argparse.Namespace) -> int:
             whole = todo
             if args.only:
                 with contextlib.suppress(LoradropError):  # a phase 2 refused whole (select_from): what --only left
-                    whole = pending(SweepPlan.load(args.plan), results)[0]
+                    whole = pending(SweepPlan.load(args.plan, settled_only=args.settled_only), results)[0]
             unsettled = {str(run.settings.get("task")) for run in whole if run.method == SOURCE_METHOD}
+            unsettled |= {group.split("/")[0] for group in plan.waiting if group.endswith(f"/{SOURCE_METHOD}")}
             if lap.missing and (needed := unfitted_at_lora_choice(results, lap.missing, unsettled)):
                 print(f"laplace: {len(needed)} of those at LoRA's chosen setting, which the report's Laplace-LoRA "
                       f"row needs (delete their results to train them again with their fits): {', '.join(needed)}",

@@ -3,7 +3,7 @@
 # .carry/resume) and .carry/s2 of studies/gpu/make_carry.sh, the later ones nothing. It stages what is carried into
 # $STAGE (kept on a warm machine between calls), has the driver (below) work down the job list, watches it until
 # LIMIT seconds, and keeps every result so far (and all logs) in $OUT/res.tar.xz, repacked every 60 s, so a call cut
-# off early still returns what it did. $OUT holds two files: res.tar.xz and call.log. Every job is a resumable
+# off early still returns what it did. $OUT holds res.tar.xz, call.log and up to 5 fit.<run id>.tar (pack, below). Every job is a resumable
 # `loradrop sweep`: a run stopped with its driver continues from its last checkpoint under the next one.
 # (The SQuAD runs of #11 that this script also ran are done: squad_main.yaml has its 3 seeds per method.)
 #   1. commonsense tune.yaml (#14, phase 1)
@@ -25,7 +25,8 @@
 # about 80 s), SETS (extra sweep
 # arguments for every sweep, e.g. "--set epochs=1": a local dry run uses tiny settings), ONLY (run-id globs for the
 # LLM sweeps), JOBS (default "tune main laplace instruct"), PY (python3), SITE (the staged site; a local dry run on
-# another Python points it elsewhere).
+# another Python points it elsewhere), OVERLAP_S (720) and OVERLAP_RUNS (6): with at most that many tune runs left,
+# main's settled task/methods run beside them for that long (jobs_run).
 #
 # The jobs run in a DRIVER (`call.sh driver`), started detached (setsid) by the first call that has SmolLM2 staged and
 # left running when the call returns: on a machine that keeps it alive between calls, the sweeps go on through the
@@ -49,7 +50,7 @@ PY=${PY:-python3}
 pack() {  # every result JSON (not the run folders, which stay here for interrupted runs) and every log, atomically;
   # the driver goes on writing meanwhile, so tar may see a file change or go (exit 1): that pack still stands.
   # First, one $OUT/fit.<run id>.tar (metrics.json and adapter/, ~4 MB) per trained LoRA run whose Laplace fit is not
-  # written yet, at most 6 (8 files come back, 16 MiB each): a machine lost before a fit leaves its run to the next
+  # written yet, at most 5 (8 files come back, 16 MiB each; a leftover .tmp must not push res.tar.xz out): a machine lost before a fit leaves its run to the next
   # machine (carried as .carry/fits/), not to a retrain. They are packed before the results, so a fit written
   # meanwhile is in res.tar.xz, and a folder caught half removed after its fit is never needed.
   local d id phase kept=()
@@ -57,9 +58,11 @@ pack() {  # every result JSON (not the run folders, which stay here for interrup
     [ -f "$d/adapter/adapter_config.json" ] && [ -f "$d/metrics.json" ] || continue
     id=$(basename "$d"); phase=$(basename "$(dirname "$d")"); phase=${phase#.}; phase=${phase%.runs}
     { [ -f "$S/res/$phase/$id.json" ] && [ ! -f "$S/res/$phase/${id/__lora__/__laplace__}.json" ]; } || continue
-    [ ${#kept[@]} -lt 6 ] || break
-    tar cf "$OUT/fit.$id.tar.tmp" -C "$S" "res/.$phase.runs/$id/metrics.json" "res/.$phase.runs/$id/adapter" \
-      2>/dev/null; [ $? -le 1 ] && mv "$OUT/fit.$id.tar.tmp" "$OUT/fit.$id.tar" && kept+=("fit.$id.tar")
+    [ ${#kept[@]} -lt 5 ] || break
+    # only a clean tar (exit 0): a finished run's folder never changes, so a change means its fit just ended
+    if tar cf "$OUT/fit.$id.tar.tmp" -C "$S" "res/.$phase.runs/$id/metrics.json" "res/.$phase.runs/$id/adapter" \
+        2>/dev/null; then mv "$OUT/fit.$id.tar.tmp" "$OUT/fit.$id.tar" && kept+=("fit.$id.tar")
+    else rm -f "$OUT/fit.$id.tar.tmp"; fi
   done
   for d in "$OUT"/fit.*.tar; do  # runs fitted since an earlier pack
     [ -e "$d" ] && [[ " ${kept[*]} " != *" $(basename "$d") "* ]] && rm -f "$d"
@@ -67,6 +70,7 @@ pack() {  # every result JSON (not the run folders, which stay here for interrup
   tar cJf "$OUT/res.tar.xz.tmp" -C "$S" --exclude='.*.runs' --exclude='*.runs' --exclude='*.tmp' \
     --warning=no-file-changed --warning=no-file-removed res logs 2>/dev/null
   [ $? -le 1 ] && mv "$OUT/res.tar.xz.tmp" "$OUT/res.tar.xz"
+  rm -f "$OUT/res.tar.xz.tmp"
 }
 
 # ---- CUDA MPS: without it, the processes sharing a GPU take turns on it (time slices), each running kernels too
@@ -125,7 +129,7 @@ sweep() {  # $1: name, rest: sweep arguments; in the driver, until done, deferre
   # once with half the workers, twice at most, while each try finishes some (before the memory gate, 38 of 56 runs of
   # a call ran out of GPU memory).
   local name=$1; shift
-  local n m rc w=$W try=0 more=(); n=$(pending "$@")
+  local n m rc w=${SWEEP_W:-$W} try=0 more=(); n=$(pending "$@")  # SWEEP_W: the workers this sweep starts with
   [ "$n" = 0 ] && { log "$name: done"; return 0; }
   while :; do
     local dl; dl=$(deadline)
@@ -135,7 +139,7 @@ sweep() {  # $1: name, rest: sweep arguments; in the driver, until done, deferre
     log "$name: rc=$rc after $(elapsed) s"
     m=$(pending "$@"); [ "$m" = 0 ] && return 0
     local deferred; deferred=$(tail -c +"$from" "$L/$name.log" | grep -oE '[0-9]+ deferred' | tail -1 | grep -oE '[0-9]+')
-    [ "${deferred:-0}" -gt 0 ] && { log "$name: $deferred runs deferred: expected to end after the session"; return 1; }
+    [ "${deferred:-0}" -gt 0 ] && { log "$name: $deferred runs deferred: expected to end after its deadline (the session's end or the overlap window)"; return 1; }
     try=$(( try + 1 )); { [ $try -le 2 ] && [ "$m" != "$n" ]; } || return 1
     n=$m; w=$(( (w + 1) / 2 )); more=(--workers "$w")
   done
@@ -189,12 +193,13 @@ jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -
   local n; n=$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${SW[@]}")
   if has tune && has main && [ ${#ONLYARGS[@]} = 0 ] && [ -n "${GM:-}" ] && [ "$n" != "?" ] && [ "$n" -gt 0 ] \
       && [ "$n" -le "${OVERLAP_RUNS:-6}" ] && [ "$W" -gt 2 ]; then
-    local tw=$(( n < W / 4 ? n : W / 4 )); tw=$(( tw > 0 ? tw : 1 )); local tg=$(( GM * 40 / 100 ))
+    local gm=${GM%.*} tw=$(( n < W / 4 ? n : W / 4 )); tw=$(( tw > 0 ? tw : 1 )); local tg=$(( gm * 40 / 100 ))
     log "tune: $n runs left: main's settled task/methods run beside them for ${OVERLAP_S:-720} s"
-    sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}" --workers "$tw" --gpu-memory "$tg" &
+    SWEEP_W=$tw sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}" --workers "$tw" \
+      --gpu-memory "$tg" &
     local tpid=$!
-    WINDOW_END=$(( $(date +%s) + ${OVERLAP_S:-720} )) sweep main_overlap "$S/main.yaml" --results "$S/res/cs_main" \
-      --settled-only "${LAP[@]}" "${SW[@]}" --workers $(( W - tw )) --gpu-memory $(( GM - tg ))
+    WINDOW_END=$(( $(date +%s) + ${OVERLAP_S:-720} )) SWEEP_W=$(( W - tw )) sweep main_overlap "$S/main.yaml" \
+      --results "$S/res/cs_main" --settled-only "${LAP[@]}" "${SW[@]}" --workers $(( W - tw )) --gpu-memory $(( gm - tg ))
     wait "$tpid"
   fi
   has tune && sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}"
@@ -216,9 +221,9 @@ jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -
   fi
   has instruct && sweep instruct studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}"
   # LoRA run folders carried in after their sweep started (.carry/fits of a lost machine): their fits
-  if has laplace && [ "$waiting" = 0 ]; then
+  if has laplace; then
     has tune && sweep tune_fits $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}"
-    has main && sweep main_fits "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}"
+    has main && [ "$waiting" = 0 ] && sweep main_fits "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}"
   fi
 }
 driver_pid() {  # the live driver's pid, or nothing: started with setsid, it leads a session, and while any process

@@ -571,6 +571,12 @@ def test_settled_only_runs_the_task_methods_phase_one_finished(tmp_path: Path, c
     out = capsys.readouterr().out
     assert "waiting for phase 1: rte/lora (1 of its runs have no result" in out
     assert "rte__ld_1x__seed-1\nrte__ld_1x__seed-2\n2 to run, 0 done already" in out
+    # phase 1's finished runs estimate phase 2's time and memory (so --deadline can hold back its first runs)
+    from loradrop.app.sweep import measured_for
+    from loradrop.app.sweep_schedule import estimate
+
+    measured = measured_for(plan, tmp_path / "main")
+    assert len(measured) == 3 and estimate("rte", "ld_1x", plan.runs()[0].settings, measured).seconds == 120.0
     _write(tmp_path / "tune", make_result("rte", "lora", 1e-3, 0, (0.7, 0.72)))  # phase 1 done: nothing waits
     plan = SweepPlan.load(main_plan, settled_only=True)
     assert not plan.waiting and len(plan.runs()) == 4

@@ -43,6 +43,7 @@ which ``loradrop report`` averages over seeds.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 import os
@@ -52,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import SettingsError, UsageError
+from ..errors import LoradropError, SettingsError, UsageError
 from .laplace_sweep import METHOD as LAPLACE_METHOD
 from .laplace_sweep import SOURCE_METHOD as LAPLACE_SOURCE_METHOD
 from .laplace_sweep import plan_laplace
@@ -291,6 +292,23 @@ def pending(plan: SweepPlan, results: Path) -> tuple[list[PlannedRun], int]:
     return todo, len(runs) - len(todo)
 
 
+def measured_for(plan: SweepPlan, results: Path) -> list[dict[str, Any]]:
+    """The finished runs that estimate this sweep's runs (`sweep_schedule.measured_runs`): those of `results` and,
+    for a phase 2 (`select_from`), phase 1's, whose runs of a task and method are this phase's at other seeds (and
+    lrs). Without them a phase 2's first runs of a task have no time estimate, so `--deadline` cannot hold them back,
+    and reserve another task's peak."""
+    from .sweep_schedule import measured_runs
+
+    out = measured_runs(results)
+    source = plan.select_from
+    if source is not None and source.is_file():
+        with contextlib.suppress(LoradropError):
+            source = SweepPlan.load(source).results
+    if source is not None and source.is_dir() and source.resolve() != Path(results).resolve():
+        out += measured_runs(source)
+    return out
+
+
 def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: int = 1,
               work_dir: str | Path | None = None, keep_runs: bool = False, progress: bool = True,
               gpus: list[int] | None = None, gpu_memory_gib: float | None = None,
@@ -308,7 +326,7 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     `results`, the longest start first."""
     from tqdm.auto import tqdm
 
-    from .sweep_schedule import estimate, longest_first, measured_runs, positive_number, reservation
+    from .sweep_schedule import estimate, longest_first, positive_number, reservation
 
     results = Path(results) if results is not None else plan.results
     if results is None:
@@ -336,7 +354,7 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     if gpus and (workers == 1 or len(todo) + len(fits) <= 1):  # runs in this process: set before CUDA is touched
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])
     summary: dict[str, Any] = {"planned": len(todo) + done, "skipped": done, "ok": 0, "failed": [], "deferred": []}
-    measured = measured_runs(results) if todo or fits else []
+    measured = measured_for(plan, results) if todo or fits else []
     fits_measured = [m for m in measured if m["method"] == LAPLACE_METHOD]  # a fit's time: only other fits'
     runs_measured = [m for m in measured if m["method"] != LAPLACE_METHOD]  # a run's: only other runs'
     estimates = {}
