@@ -261,8 +261,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.set:
         plan.overrides = parse_overrides(args.set)
         plan.runs()  # validate the overridden settings before anything runs
-    for group, why in plan.waiting.items():
-        print(f"waiting for phase 1: {group} ({why})", flush=True)
+    for (task, method), why in plan.waiting.items():
+        print(f"waiting for phase 1: {task}/{method} ({why})", flush=True)
     results = Path(args.results) if args.results else plan.results
     if args.dry_run:
         todo, done = pending(plan, results) if results is not None else (plan.runs(), 0)
@@ -283,7 +283,7 @@ def _sweep(args: argparse.Namespace) -> int:
                 with contextlib.suppress(LoradropError):  # a phase 2 refused whole (select_from): what --only left
                     whole = pending(SweepPlan.load(args.plan, settled_only=args.settled_only), results)[0]
             unsettled = {str(run.settings.get("task")) for run in whole if run.method == SOURCE_METHOD}
-            unsettled |= {group.split("/")[0] for group in plan.waiting if group.endswith(f"/{SOURCE_METHOD}")}
+            unsettled |= {task for task, method in plan.waiting if method == SOURCE_METHOD}
             if lap.missing and (needed := unfitted_at_lora_choice(results, lap.missing, unsettled)):
                 print(f"laplace: {len(needed)} of those at LoRA's chosen setting, which the report's Laplace-LoRA "
                       f"row needs (delete their results to train them again with their fits): {', '.join(needed)}",

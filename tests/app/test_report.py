@@ -566,7 +566,7 @@ def test_settled_only_runs_the_task_methods_phase_one_finished(tmp_path: Path, c
     plan = SweepPlan.load(main_plan, settled_only=True)
     assert [(r.method, r.axes["seed"], r.settings["lr"]) for r in plan.runs()] == [("ld_1x", 1, 0.001),
                                                                                   ("ld_1x", 2, 0.001)]
-    assert list(plan.waiting) == ["rte/lora"] and "rte__lora__lr-0.001_seed-0" in plan.waiting["rte/lora"]
+    assert list(plan.waiting) == [("rte", "lora")] and "rte__lora__lr-0.001_seed-0" in plan.waiting[("rte", "lora")]
     assert main(["sweep", str(main_plan), "--dry-run", "--settled-only"]) == 0
     out = capsys.readouterr().out
     assert "waiting for phase 1: rte/lora (1 of its runs have no result" in out

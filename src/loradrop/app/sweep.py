@@ -93,7 +93,7 @@ class SweepPlan:
     only: list[str] = field(default_factory=list)  # glob patterns of run ids to keep (all when empty)
     select_from: Path | None = None  # a tuning sweep's results: lr per task/method chosen there by validation
     settled_only: bool = False  # leave out (list in `waiting`) the task/methods whose phase 1 is unfinished
-    waiting: dict[str, str] = field(default_factory=dict, init=False)  # "task/method" -> why it waits (settled_only)
+    waiting: dict[tuple[str, str], str] = field(default_factory=dict, init=False)  # (task, method) -> why it waits
     _selected: dict[tuple[str, str], dict[str, Any]] | None = field(default=None, init=False, repr=False)
     _unfinished: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
 
@@ -160,7 +160,7 @@ class SweepPlan:
                     selected = self._selection(str(task), method)
                 except SettingsError as err:
                     if self.settled_only and (str(task), method) in self._unfinished:
-                        self.waiting[f"{task}/{method}"] = self._unfinished[(str(task), method)]
+                        self.waiting[(str(task), method)] = self._unfinished[(str(task), method)]
                     else:
                         problems.extend(err.problems)
                     continue
@@ -202,6 +202,18 @@ class SweepPlan:
         return dict(chosen)
 
 
+def _phase_one_source(source: Path) -> tuple[Path, SweepPlan | None]:
+    """(results folder, plan or None) of `select_from`: a phase-1 plan file (its `results`) or a results folder."""
+    if source.is_file():
+        phase_one = SweepPlan.load(source)
+        if phase_one.results is None:
+            raise SettingsError([f"select_from {str(source)!r}: that plan has no 'results' folder"])
+        return phase_one.results, phase_one
+    if source.is_dir():
+        return source, None
+    raise SettingsError([f"select_from {str(source)!r} is neither a phase-1 plan file nor a folder of results"])
+
+
 def _phase_one_choices(source: Path) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], str]]:
     """(choices, unfinished) of a phase-1 plan file or results folder: the lr (and local axes) the report's rule picks
     per (task, method), and the (task, method) groups that cannot be chosen from yet, with the reason."""
@@ -209,11 +221,8 @@ def _phase_one_choices(source: Path) -> tuple[dict[tuple[str, str], dict[str, An
     from .results import load_results
 
     unfinished: dict[tuple[str, str], str] = {}
-    if source.is_file():
-        phase_one = SweepPlan.load(source)
-        if phase_one.results is None:
-            raise SettingsError([f"select_from {str(source)!r}: that plan has no 'results' folder"])
-        folder = phase_one.results
+    folder, phase_one = _phase_one_source(source)
+    if phase_one is not None:
         missing: dict[tuple[str, str], list[str]] = {}
         for run in phase_one.runs():
             key = (str(run.settings.get("task")), run.method)
@@ -222,10 +231,6 @@ def _phase_one_choices(source: Path) -> tuple[dict[tuple[str, str], dict[str, An
                 missing[key].append(run.run_id)
         unfinished = {key: f"{len(ids)} of its runs have no result, e.g. {ids[0]!r}"
                       for key, ids in missing.items() if ids}
-    elif source.is_dir():
-        folder = source
-    else:
-        raise SettingsError([f"select_from {str(source)!r} is neither a phase-1 plan file nor a folder of results"])
     for path in sorted(folder.glob("*.failed.json")):
         data = read_json(path) or {}
         key = (str((data.get("axes") or {}).get("task", (data.get("settings") or {}).get("task"))),
@@ -300,12 +305,11 @@ def measured_for(plan: SweepPlan, results: Path) -> list[dict[str, Any]]:
     from .sweep_schedule import measured_runs
 
     out = measured_runs(results)
-    source = plan.select_from
-    if source is not None and source.is_file():
-        with contextlib.suppress(LoradropError):
-            source = SweepPlan.load(source).results
-    if source is not None and source.is_dir() and source.resolve() != Path(results).resolve():
-        out += measured_runs(source)
+    if plan.select_from is not None:
+        with contextlib.suppress(LoradropError):  # a phase 1 it cannot read: the plan's runs were refused already
+            folder = _phase_one_source(plan.select_from)[0]
+            if folder.resolve() != Path(results).resolve():
+                out += measured_runs(folder)
     return out
 
 
