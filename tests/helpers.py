@@ -122,3 +122,11 @@ def die_or_echo(job: str) -> dict:
     if job == "die":
         os.kill(os.getpid(), signal.SIGKILL)
     return {"run_id": job, "status": "ok"}
+
+
+def gate_of_worker(job: str) -> dict:
+    """A pool target for the shared-gate test: which memory gate the worker got, and the file behind it if any."""
+    from loradrop.app import sweep_run
+
+    gate = sweep_run._GATE
+    return {"run_id": job, "status": "ok", "gate": type(gate).__name__, "path": str(getattr(gate, "path", ""))}

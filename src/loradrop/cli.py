@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--gpu-memory", type=_positive_float, default=None, metavar="GIB",
                        help="each GPU's memory budget: a run starts once its estimated peak (measured on the finished "
                             "runs of its task and method) fits beside the running ones (loradrop.app.sweep_schedule)")
+    sweep.add_argument("--gpu-gate", default=None, metavar="FILE",
+                       help="share the --gpu-memory budget with every other sweep on this machine given the same FILE "
+                            "(created if missing): their runs' reservations add up against one budget per GPU")
     sweep.add_argument("--checkpoint-steps", type=_positive_int, default=None, metavar="N",
                        help="every run saves a checkpoint each N steps, and a run interrupted earlier (its folder "
                             "still in --work-dir) continues from its last one instead of starting over")
@@ -300,7 +303,7 @@ def _sweep(args: argparse.Namespace) -> int:
         require_laplace()  # before any training
     summary = run_sweep(plan, results, workers=args.workers, work_dir=args.work_dir, keep_runs=args.keep_runs,
                         gpus=args.gpus, gpu_memory_gib=args.gpu_memory, checkpoint_steps=args.checkpoint_steps,
-                        laplace=args.laplace, deadline_s=args.deadline)
+                        laplace=args.laplace, deadline_s=args.deadline, gpu_gate=args.gpu_gate)
     deferred = summary.get("deferred") or []
     print(f"sweep {plan.name}: {summary['ok']} ran, {summary['skipped']} done already, {len(summary['failed'])} "
           f"failed, {len(deferred)} deferred (of {summary['planned']})"

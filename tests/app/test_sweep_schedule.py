@@ -16,6 +16,7 @@ from loradrop.app.sweep_schedule import (
     OVERHEAD_GIB,
     SLACK,
     MemoryGate,
+    SharedMemoryGate,
     admissible,
     estimate,
     longest_first,
@@ -106,11 +107,20 @@ def _hold(gate: MemoryGate, slot: int, gib: float, log) -> None:
         log.put(("end", slot, gate.used(0), time.time()))
 
 
-def test_the_gate_keeps_worker_processes_within_the_budget() -> None:
+def _gate(kind: str, context, tmp_path: Path, workers: int) -> MemoryGate | SharedMemoryGate:
+    """A pool's own gate, or the file-backed gate that separate sweeps share (each process unpickles its own copy of
+    it, as each sweep makes its own: only the file is common)."""
+    if kind == "pool":
+        return MemoryGate(context, [0], 100.0, workers=workers)
+    return SharedMemoryGate(tmp_path / "gate.json", 100.0)
+
+
+@pytest.mark.parametrize("kind", ["pool", "shared"])
+def test_the_gate_keeps_worker_processes_within_the_budget(kind: str, tmp_path: Path) -> None:
     """Four processes ask for 40, 40, 40 and 150 GiB of a 100 GiB budget: at most two 40s run together, and the run
     larger than the budget runs alone."""
     context = multiprocessing.get_context("spawn")
-    gate = MemoryGate(context, [0], 100.0, workers=4)
+    gate = _gate(kind, context, tmp_path, workers=4)
     log = context.Queue()
     procs = [context.Process(target=_hold, args=(gate, slot, gib, log)) for slot, gib in enumerate((40, 40, 40, 150))]
     for p in procs:
@@ -139,14 +149,15 @@ def _hold_forever(gate: MemoryGate, gib: float, log) -> None:
         time.sleep(600)
 
 
-def test_a_dead_worker_gives_its_memory_back() -> None:
+@pytest.mark.parametrize("kind", ["pool", "shared"])
+def test_a_dead_worker_gives_its_memory_back(kind: str, tmp_path: Path) -> None:
     """A worker killed while it holds a reservation (or while it waits) must not wedge the others: its entry is
     dropped at the next look, and a run needing the whole budget gets it."""
     import os
     import signal
 
     context = multiprocessing.get_context("spawn")
-    gate = MemoryGate(context, [0], 100.0, workers=2)
+    gate = _gate(kind, context, tmp_path, workers=2)
     log = context.Queue()
     holder = context.Process(target=_hold_forever, args=(gate, 70.0, log))
     holder.start()
@@ -163,6 +174,54 @@ def test_a_dead_worker_gives_its_memory_back() -> None:
     with gate.reserve(0, 100.0):
         assert gate.used(0) == 100.0
     assert time.time() - start < 5 and gate.used(0) == 0.0
+
+
+def test_sweeps_naming_one_gate_file_share_one_budget_per_gpu(tmp_path: Path) -> None:
+    """Two sweeps' gates on one file see each other's reservations (a run of one waits for the other's to end); a
+    second GPU has its own budget, and a gate of another file is independent."""
+    import threading
+
+    a, b = SharedMemoryGate(tmp_path / "gate.json", 100.0), SharedMemoryGate(tmp_path / "gate.json", 100.0)
+    other = SharedMemoryGate(tmp_path / "other.json", 100.0)
+    started: list[float] = []
+
+    def run_of_b() -> None:
+        with b.reserve(0, 50.0):
+            started.append(b.used(0))
+
+    with a.reserve(0, 70.0):
+        assert b.used(0) == 70.0 and b.used(1) == 0.0 and other.used(0) == 0.0
+        with b.reserve(1, 90.0), other.reserve(0, 90.0):  # neither waits
+            assert a.used(1) == 90.0 and other.used(0) == 90.0
+        waiter = threading.Thread(target=run_of_b)
+        waiter.start()
+        time.sleep(1.5)
+        assert started == [] and waiter.is_alive()  # 70 + 50 > 100: b's run waits for a's
+    waiter.join(timeout=10)
+    assert started == [50.0] and a.used(0) == 0.0
+    assert json.loads((tmp_path / "gate.json").read_text()) == {}  # nothing left behind
+
+
+def test_a_sweep_hands_its_shared_gate_to_its_workers_and_gates_a_lone_run(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    """With --gpu-gate the pool's workers get the file's gate (not a gate of their own), and a sweep running one
+    run in its own process reserves its memory there too: another sweep's runs may share the GPU."""
+    from helpers import gate_of_worker
+    from loradrop.app.sweep import _statuses
+
+    shared = SharedMemoryGate(tmp_path / "gate.json", 100.0)
+    seen = {s["run_id"]: s for s in _statuses(["a", "b"], workers=2, gpu_memory_gib=100.0, target=gate_of_worker,
+                                                gate=shared)}
+    assert {(s["gate"], s["path"]) for s in seen.values()} == {("SharedMemoryGate", str(shared.path))}
+    own = _statuses(["a", "b"], workers=2, gpu_memory_gib=100.0, target=gate_of_worker)
+    assert {s["gate"] for s in own} == {"MemoryGate"}
+
+    used: list[float] = []
+    monkeypatch.setattr(sweep_run, "run_job", lambda job: used.append(shared.used(3)) or
+                        {"run_id": job.run_id, "status": "ok"})
+    job = SimpleNamespace(run_id="x", reserve_gib=30.0, finish_by=None, expected_s=None)
+    assert [s["status"] for s in _statuses([job], workers=1, gpus=[3], gate=shared)] == ["ok"]
+    assert used == [30.0] and shared.used(3) == 0.0  # held on GPU 3 while it ran, given back after
 
 
 def test_a_run_out_of_gpu_memory_is_tried_again_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -333,12 +392,19 @@ def test_a_job_whose_worker_dies_fails_and_the_others_end(monkeypatch: pytest.Mo
 @pytest.mark.parametrize("args, fragment", [(["--deadline", "0"], "--deadline: must be a number > 0"),
                                             (["--gpu-memory", "0"], "--gpu-memory: must be a number > 0"),
                                             (["--gpu-memory", "nan"], "--gpu-memory: must be a number > 0"),
-                                            (["--checkpoint-steps", "0"], "--checkpoint-steps: must be an integer")])
+                                            (["--checkpoint-steps", "0"], "--checkpoint-steps: must be an integer"),
+                                            (["--gpu-gate", "g.json"], "--gpu-gate shares a memory budget"),
+                                            (["--gpu-memory", "10", "--gpu-gate", "/nonexistent/g.json"],
+                                             "--gpu-gate '/nonexistent/g.json': its folder does not exist")])
 def test_bad_schedule_options_get_one_line(tmp_path: Path, capsys, args: list[str], fragment: str) -> None:
     from loradrop.cli import main
 
     plan = tmp_path / "plan.yaml"
     plan.write_text("name: x\nbase: {task: rte}\nmethods: {lora: {no_lora_dropout: true}}\n", encoding="utf-8")
-    with pytest.raises(SystemExit) as info:
-        main(["sweep", str(plan), *args])
-    assert info.value.code == 2 and fragment in capsys.readouterr().err
+    try:  # argparse's checks exit, the sweep's return
+        code = main(["sweep", str(plan), "--results", str(tmp_path / "results"), *args])
+    except SystemExit as info:
+        code = info.code
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err.strip().splitlines()[-1], err  # one line says what is wrong
+    assert not list(tmp_path.glob("results/*"))  # nothing ran

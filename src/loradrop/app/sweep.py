@@ -67,6 +67,7 @@ from .sweep_run import (
     RunJob,
     execute,
     execute_in_worker,
+    run_gated,
     run_job,
     tracked_results,
     worker_gpu,
@@ -317,17 +318,18 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
               work_dir: str | Path | None = None, keep_runs: bool = False, progress: bool = True,
               gpus: list[int] | None = None, gpu_memory_gib: float | None = None,
               checkpoint_steps: int | None = None, laplace: str | None = None,
-              deadline_s: float | None = None) -> dict[str, Any]:
+              deadline_s: float | None = None, gpu_gate: str | Path | None = None) -> dict[str, Any]:
     """Run every pending run of `plan` (`workers` at a time; with `gpus`, worker k trains on GPU gpus[k mod n],
     so one sweep fills a machine with several cards); returns counts and the failures.
 
     `gpu_memory_gib`: each GPU's memory budget; the workers' runs then reserve their estimated memory before they
-    start (`sweep_schedule`). `checkpoint_steps`: every run saves a checkpoint this often, and a run interrupted
-    earlier continues from its last one (`sweep_run`). `laplace`: the Laplace prior to fit after each plain-LoRA
-    run, in the same worker (`laplace_sweep.score_one`); the fits of earlier LoRA runs whose folders are still in
-    the work dir (a fit cut off by a time limit) come first. `deadline_s`: seconds from now by which runs must end;
-    a run expected to end later is not started (``deferred`` in the summary; it stays pending). With measured runs in
-    `results`, the longest start first."""
+    start (`sweep_schedule`); with `gpu_gate` (a file), against one table of reservations shared with every other
+    sweep on this machine that names the same file (`sweep_schedule.SharedMemoryGate`). `checkpoint_steps`: every
+    run saves a checkpoint this often, and a run interrupted earlier continues from its last one (`sweep_run`).
+    `laplace`: the Laplace prior to fit after each plain-LoRA run, in the same worker (`laplace_sweep.score_one`);
+    the fits of earlier LoRA runs whose folders are still in the work dir (a fit cut off by a time limit) come
+    first. `deadline_s`: seconds from now by which runs must end; a run expected to end later is not started
+    (``deferred`` in the summary; it stays pending). With measured runs in `results`, the longest start first."""
     from tqdm.auto import tqdm
 
     from .sweep_schedule import estimate, longest_first, positive_number, reservation
@@ -350,6 +352,7 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
             deadline_s = positive_number(deadline_s, "the deadline (seconds)")
     except ValueError as err:
         raise UsageError(str(err)) from None
+    gate = _shared_gate(gpu_gate, gpu_memory_gib)
     finish_by = time.time() + deadline_s if deadline_s is not None else None
     results.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir is not None else results.parent / f".{results.name}.runs"
@@ -390,7 +393,7 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
                     reservation(estimates[k], gpu_memory_gib, share) if gpu_memory_gib else None,
                     estimates[k].seconds, finish_by) for k in order]
     bar = tqdm(total=len(jobs), desc=f"sweep {plan.name}", unit="run", disable=not progress)
-    for status in _statuses(jobs, workers, gpus, gpu_memory_gib):
+    for status in _statuses(jobs, workers, gpus, gpu_memory_gib, gate=gate):
         if status["status"] == "deferred":
             summary["deferred"].append(status["run_id"])
         elif status["status"] == "ok":
@@ -409,13 +412,31 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     return summary
 
 
+def _shared_gate(path: str | Path | None, gpu_memory_gib: float | None) -> Any:
+    """The `SharedMemoryGate` of ``--gpu-gate`` (None without one), or a UsageError naming what is wrong."""
+    if path is None:
+        return None
+    if gpu_memory_gib is None:
+        raise UsageError("--gpu-gate shares a memory budget: give it with --gpu-memory GIB")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"--gpu-gate {str(path)!r}: its folder does not exist")
+    from .sweep_schedule import SharedMemoryGate
+
+    try:
+        return SharedMemoryGate(path, gpu_memory_gib)
+    except ImportError:
+        raise UsageError("--gpu-gate needs POSIX file locks (fcntl), which this system lacks") from None
+
+
 def _statuses(jobs: list[Any], workers: int, gpus: list[int] | None = None, gpu_memory_gib: float | None = None,
-              target: Any = execute_in_worker) -> Iterator[dict]:
+              target: Any = execute_in_worker, gate: Any = None) -> Iterator[dict]:
     """Each job's status as it ends: in this process one at a time, or in a pool of `workers` spawned processes
-    (`target`: what a worker runs per job; a job whose worker dies is reported failed, `tracked_results`)."""
-    if workers == 1 or len(jobs) <= 1:  # one run at a time: nothing shares the GPU, no memory gate needed
+    (`target`: what a worker runs per job; a job whose worker dies is reported failed, `tracked_results`). `gate`: a
+    `SharedMemoryGate` (other sweeps' runs share the GPU), else the pool gets its own `MemoryGate`."""
+    if workers == 1 or len(jobs) <= 1:  # one run at a time: only another sweep's runs can share the GPU
         for job in jobs:
-            yield run_job(job)
+            yield run_job(job) if gate is None else run_gated(job, gate, (gpus or [0])[0])
         return
     import multiprocessing
 
@@ -425,8 +446,7 @@ def _statuses(jobs: list[Any], workers: int, gpus: list[int] | None = None, gpu_
     # Progress bars read TQDM_DISABLE when tqdm is imported, so the children get it in their environment.
     context = multiprocessing.get_context("spawn")
     size = min(workers, len(jobs))
-    gate = None
-    if gpu_memory_gib is not None:
+    if gate is None and gpu_memory_gib is not None:
         gate = MemoryGate(context, gpus or [0], gpu_memory_gib, workers=size)
     saved = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"

@@ -14,8 +14,9 @@ Beyond a plain training run it
 - **fits Laplace-LoRA right after a plain-LoRA run** (``laplace``): the run folder is still there, so the Laplace
   result (`laplace_sweep.score_one`) needs no ``--keep-runs`` and no second pass (a failed fit keeps the folder, for
   the pass after the sweep or the next one);
-- **waits for GPU memory** (`sweep_schedule.MemoryGate`, ``--gpu-memory``) before it starts, and a run that still
-  runs out of GPU memory is tried once more with the GPU to itself;
+- **waits for GPU memory** (`sweep_schedule.MemoryGate`, ``--gpu-memory``; shared with other sweeps on the machine
+  through `sweep_schedule.SharedMemoryGate`, ``--gpu-gate``) before it starts, and a run that still runs out of GPU
+  memory is tried once more with the GPU to itself;
 - **starts only if it can end in time** (``--deadline``): a run (or fit) whose expected time, from the finished runs
   of the results folder, would take it past the sweep's deadline is left pending (status ``deferred``), so the end of
   a GPU lease is not spent on runs it would cut off. A resumed run expects its time less what its earlier attempts
@@ -366,19 +367,26 @@ def execute_in_worker(job: RunJob | FitJob) -> dict:
     started once its memory is reserved, and not started at all when it would end past its deadline; a run that runs
     out of GPU memory anyway is tried once more with the whole budget. The ensembles' automatic chunks keep to the
     reservation (`ensemble.cuda_memory_budget`)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run_gated(job, _GATE, _GPU)
+
+
+def run_gated(job: RunJob | FitJob, gate: Any, gpu: int) -> dict:
+    """`job` once `gate` (a `MemoryGate` or `SharedMemoryGate`, or None: no gate) has its memory reserved on `gpu`,
+    and not at all when it would end past its deadline; tried once more with the whole budget if it runs out of GPU
+    memory anyway."""
     from ..ensemble import cuda_memory_budget
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        if _GATE is None or job.reserve_gib is None or too_late(job):  # (too late already: no wait for memory)
-            return run_job(job)
-        # the ensembles' automatic chunks keep to the reservation: sized from the card's free memory, one run's
-        # ensemble pass would take the room that the runs beside it grow into
-        with _GATE.reserve(_GPU, job.reserve_gib), cuda_memory_budget(_tensor_bytes(job.reserve_gib)):
-            status = run_job(job)
-        if is_out_of_memory(status) and job.reserve_gib < _GATE.budget:
-            with _GATE.reserve(_GPU, _GATE.budget), cuda_memory_budget(_tensor_bytes(_GATE.budget)):
-                status = {**run_job(job), "retried_alone": True}
-        return status
+    if gate is None or job.reserve_gib is None or too_late(job):  # (too late already: no wait for memory)
+        return run_job(job)
+    # the ensembles' automatic chunks keep to the reservation: sized from the card's free memory, one run's
+    # ensemble pass would take the room that the runs beside it grow into
+    with gate.reserve(gpu, job.reserve_gib), cuda_memory_budget(_tensor_bytes(job.reserve_gib)):
+        status = run_job(job)
+    if is_out_of_memory(status) and job.reserve_gib < gate.budget:
+        with gate.reserve(gpu, gate.budget), cuda_memory_budget(_tensor_bytes(gate.budget)):
+            status = {**run_job(job), "retried_alone": True}
+    return status
 
 
 def execute_tracked(item: tuple[int, Callable[[Any], dict], Any]) -> dict:

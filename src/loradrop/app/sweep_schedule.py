@@ -25,16 +25,22 @@ cut to the budget (the run then has the GPU to itself). Waiting runs are admitte
 the others from starting until it fits, so it cannot be starved. A worker that dies gives its reservation back.
 The same finished runs give each run an expected wall time; the sweep starts the longest first (an interrupted call
 then loses the short runs, not the long ones).
+
+Two sweeps sharing a GPU (two plans at once on one machine) each see only their own pool's reservations, so their
+runs' peaks can add up past the card; with ``--gpu-gate FILE`` (`SharedMemoryGate`) they reserve from one table in
+that file instead, with the same rule, one budget per GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,7 +234,7 @@ class MemoryGate:
 
 
 class _Reservation:
-    def __init__(self, gate: MemoryGate, g: int, gib: float) -> None:
+    def __init__(self, gate: MemoryGate | SharedMemoryGate, g: int, gib: float) -> None:
         self.gate, self.g, self.gib, self.entry = gate, g, gib, -1
 
     def __enter__(self) -> _Reservation:
@@ -239,6 +245,82 @@ class _Reservation:
         self.gate._release(self.entry)
 
 
+class SharedMemoryGate:
+    """The memory gate of several sweeps on one machine (``--gpu-gate FILE``): the same admission rule as
+    `MemoryGate`, over one table of reservations that every sweep naming FILE reads and writes, so the runs of two
+    plans sharing a GPU (e.g. a study's main phase and an instruction-tuning plan) keep within one budget per GPU
+    instead of each counting only its own. GPUs are named by their physical index, as ``--gpus`` names them.
+
+    The table is JSON in FILE, changed only under an exclusive ``fcntl.flock`` of ``FILE.lock`` and replaced whole
+    (``os.replace``), so a reader never sees half of it; an entry whose process is gone is dropped at the next look,
+    as in `MemoryGate`. (A file, not a multiprocessing table: separate sweeps share no Python parent. The lock is
+    POSIX ``flock``: local file systems; the sweeps of one machine.) Picklable: the pool's spawned workers get it as
+    they get a `MemoryGate`."""
+
+    POLL_S = 0.5
+
+    def __init__(self, path: str | Path, budget_gib: float) -> None:
+        import fcntl  # noqa: F401  (POSIX only: fails here, where the sweep can say so, not in a worker)
+
+        self.path = Path(path)
+        self.budget = float(budget_gib)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    def reserve(self, gpu: int, gib: float) -> _Reservation:
+        return _Reservation(self, gpu, min(gib, self.budget))
+
+    @contextlib.contextmanager
+    def _table(self) -> Iterator[dict[str, dict[str, Any]]]:
+        """The table, locked; changes made to it are written back when the block ends without an error."""
+        import fcntl
+
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                try:
+                    table = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
+                except (OSError, ValueError) as err:
+                    raise RuntimeError(f"the shared GPU memory gate {str(self.path)!r} cannot be read ({err}): "
+                                       "remove it once no sweep uses it") from None
+                before = json.dumps(table, sort_keys=True)
+                table = {k: e for k, e in table.items() if pid_alive(int(e["pid"]))}
+                yield table
+                if json.dumps(table, sort_keys=True) != before:
+                    tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(table, sort_keys=True), encoding="utf-8")
+                    os.replace(tmp, self.path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _used_in(table: Mapping[str, Mapping[str, Any]], gpu: int) -> float:
+        return sum(e["gib"] for e in table.values() if e["state"] == "holding" and e["gpu"] == gpu)
+
+    def _acquire(self, gpu: int, gib: float) -> str:
+        entry = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        with self._table() as table:
+            table[entry] = {"state": "waiting", "gpu": gpu, "gib": gib, "pid": os.getpid(), "since": time.time()}
+        try:
+            while True:
+                with self._table() as table:
+                    waiting = {k: e["since"] for k, e in table.items() if e["state"] == "waiting" and e["gpu"] == gpu}
+                    if admissible(gib, self._used_in(table, gpu), self.budget, entry, waiting, time.time()):
+                        table[entry]["state"] = "holding"
+                        return entry
+                time.sleep(self.POLL_S)
+        except BaseException:  # interrupted while waiting: leave no entry behind
+            self._release(entry)
+            raise
+
+    def _release(self, entry: str) -> None:
+        with self._table() as table:
+            table.pop(entry, None)
+
+    def used(self, gpu: int) -> float:
+        with self._table() as table:
+            return self._used_in(table, gpu)
+
+
 def positive_number(value: Any, what: str) -> float:
     """`value` as a float when it is a finite number > 0 (not a bool), else ValueError naming it as `what`: the
     ``--gpu-memory`` budget, the ``--deadline``."""
@@ -247,5 +329,5 @@ def positive_number(value: Any, what: str) -> float:
     return float(value)
 
 
-__all__ = ["OVERHEAD_GIB", "PATIENCE_S", "SLACK", "Estimate", "MemoryGate", "admissible", "estimate",
-           "longest_first", "measured_runs", "members_per_step", "positive_number", "reservation"]
+__all__ = ["OVERHEAD_GIB", "PATIENCE_S", "SLACK", "Estimate", "MemoryGate", "SharedMemoryGate", "admissible",
+           "estimate", "longest_first", "measured_runs", "members_per_step", "positive_number", "reservation"]
