@@ -220,3 +220,17 @@ def test_deep_ensemble_row_on_shared_test_examples(results: Path, tmp_path: Path
             _, ece = _table(md, "### ECE (%, 15 bins)")
             assert ece["Deep ensemble (k=2 LoRA seeds)"][column] == f"{direct['ece'] * 100:.2f}"
     assert "deep ensemble of k=2 not formed" not in md
+
+
+def test_the_deep_ensemble_label_counts_only_the_ensembles_formed() -> None:
+    """A task with one LoRA seed forms no deep ensemble, so its size must not appear in the row's label (it read
+    "k=1/3" while two tasks had three seeds and four had one)."""
+    from types import SimpleNamespace
+
+    from loradrop.app.report_commonsense import deep_ensemble_sizes
+
+    choice = lambda n: SimpleNamespace(runs=list(range(n)))  # noqa: E731
+    study = SimpleNamespace(choices={("a", "lora"): [choice(1)], ("b", "lora"): [choice(3)],
+                                     ("c", "lora"): [choice(2)], ("b", "ld_1x"): [choice(5)]})
+    assert deep_ensemble_sizes(study, ["a", "b", "c"]) == [2, 3]
+    assert deep_ensemble_sizes(study, ["a"]) == []

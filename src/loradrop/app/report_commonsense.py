@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,11 +99,16 @@ def ensemble_size(study: Study, method: str) -> str:
     return "/".join(map(str, sizes))
 
 
+def deep_ensemble_sizes(study: Study, tasks: Iterable[str]) -> list[int]:
+    """How many LoRA seeds the deep ensembles of `tasks` average (a task with one seed forms none: not counted)."""
+    return sorted({n for t in tasks for c in study.choices.get((t, "lora"), []) if (n := len(c.runs)) >= 2})
+
+
 def row_label(study: Study, row: MethodRow) -> str:
     if row.pass_ == "ensemble" and row.method != "laplace" and (m := ensemble_size(study, row.method)):
         return f"{row.label} (M={m})"
     if row.derived == "deep":
-        k = sorted({len(c.runs) for t in study.tasks for c in study.choices.get((t, "lora"), [])})
+        k = deep_ensemble_sizes(study, study.tasks)
         return f"Deep ensemble (k={'/'.join(map(str, k))} LoRA seeds)" if k else row.label
     return row.label
 
@@ -338,7 +343,7 @@ def cost_lines(study: Study, tasks: Sequence[str]) -> list[str]:
                         (("train", ratio["train"]), ("eval", ratio["eval"]), ("memory", ratio["mem"]))}})
     if not rows:
         return []
-    k = sorted({len(c.runs) for t in tasks for c in study.choices.get((t, "lora"), [])})
+    k = deep_ensemble_sizes(study, tasks)
     sharing = [(run.result.get("hardware") or {}).get("cuda_mps") for run in study.runs if run.task in tasks]
     cols = ["method", "tasks", "train (s)", "test eval (s)", "test eval (ms / example)", "peak memory (MiB)",
             "train / LoRA", "eval / LoRA", "memory / LoRA"]
