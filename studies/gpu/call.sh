@@ -188,18 +188,21 @@ jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -
   # done is refused (or with --settled-only left waiting), never chosen from the runs that happen to be there
   sed "s|^results: .*|results: $S/res/cs_tune|" $CS/tune.yaml > "$S/tune.yaml"
   sed "s|^select_from: .*|select_from: $S/tune.yaml|" $CS/main.yaml > "$S/main.yaml"
+  # two sweeps side by side share one memory gate (loradrop sweep --gpu-gate: their runs' reservations add up against
+  # one budget per GPU), each with its own share of the workers
+  local GATE=(); [ -n "${GM:-}" ] && GATE=(--gpu-gate "$S/gpu_gate.json")
   # the last few tune runs (retrains for Laplace fits) leave most of the GPU idle: main's settled task/methods run
-  # beside them for a window (OVERLAP_S, 720 s), each sweep behind its own share of the memory gate (tune: 40%)
+  # beside them for a window (OVERLAP_S, 720 s)
   local n; n=$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${SW[@]}")
   if has tune && has main && [ ${#ONLYARGS[@]} = 0 ] && [ -n "${GM:-}" ] && [ "$n" != "?" ] && [ "$n" -gt 0 ] \
       && [ "$n" -le "${OVERLAP_RUNS:-6}" ] && [ "$W" -gt 2 ]; then
-    local gm=${GM%.*} tw=$(( n < W / 4 ? n : W / 4 )); tw=$(( tw > 0 ? tw : 1 )); local tg=$(( gm * 40 / 100 ))
+    local tw=$(( n < W / 4 ? n : W / 4 )); tw=$(( tw > 0 ? tw : 1 ))
     log "tune: $n runs left: main's settled task/methods run beside them for ${OVERLAP_S:-720} s"
     SWEEP_W=$tw sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}" --workers "$tw" \
-      --gpu-memory "$tg" &
+      "${GATE[@]}" &
     local tpid=$!
     WINDOW_END=$(( $(date +%s) + ${OVERLAP_S:-720} )) SWEEP_W=$(( W - tw )) sweep main_overlap "$S/main.yaml" \
-      --results "$S/res/cs_main" --settled-only "${LAP[@]}" "${SW[@]}" --workers $(( W - tw )) --gpu-memory $(( gm - tg ))
+      --results "$S/res/cs_main" --settled-only "${LAP[@]}" "${SW[@]}" --workers $(( W - tw )) "${GATE[@]}"
     wait "$tpid"
   fi
   has tune && sweep tune $CS/tune.yaml --results "$S/res/cs_tune" "${LAP[@]}" "${SW[@]}"
@@ -215,6 +218,21 @@ jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -
   fi
   local waiting; waiting=$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${gate[@]}")
   if [ "$waiting" = 0 ]; then
+    # main and instruct need nothing of each other: with both left, they share the GPU (instruct: 3/8 of the
+    # workers), so neither's last long runs leave the card idle; then each goes on alone with what is left
+    local mn inn; mn=$(pending "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}")
+    inn=$(pending studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}")
+    if has main && has instruct && [ -n "${GM:-}" ] && [ "$W" -gt 2 ] && [ "$mn" != "?" ] && [ "$mn" -gt 0 ] \
+        && [ "$inn" != "?" ] && [ "$inn" -gt 0 ]; then
+      local iw=$(( W * 3 / 8 )); iw=$(( iw > 0 ? iw : 1 ))
+      log "main ($mn) and instruct ($inn) side by side: $(( W - iw )) and $iw workers, one memory gate"
+      SWEEP_W=$iw sweep instruct studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}" --workers "$iw" \
+        "${GATE[@]}" &
+      local ipid=$!
+      SWEEP_W=$(( W - iw )) sweep main "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}" \
+        --workers $(( W - iw )) "${GATE[@]}"
+      wait "$ipid"
+    fi
     has main && sweep main "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}"
   else
     has main && log "main: waits for $waiting tune runs of its tasks"
