@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 big=()
 for d in studies/glue/results/tune studies/glue/results/main studies/glue/results/ablations studies/glue/results/squad \
          studies/glue/results/squad_tune studies/glue/results/squad_main \
-         studies/commonsense/results studies/instruct/results/main docs/REPORT_GLUE_plots docs/results \
+         studies/commonsense/results studies/instruct/results/main docs/REPORT_GLUE_plots docs/REPORT_COMMONSENSE_plots docs/results \
          benchmarks/results; do
   [ -n "$(git ls-files -- "$d" | head -1)" ] && big+=("$d")
 done
