@@ -325,8 +325,9 @@ def _sweep(args: argparse.Namespace) -> int:
         if args.gpus:  # the Laplace fits run in this process: on the first of the sweep's GPUs
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpus[0])
 
-        done = laplace_sweep(results or plan.results, args.work_dir, prior=args.laplace, only=args.only,
-                             overrides=plan.overrides)
+        with _whole_shared_gate(args):  # fits retried here (often after running out of memory in a worker)
+            done = laplace_sweep(results or plan.results, args.work_dir, prior=args.laplace, only=args.only,
+                                 overrides=plan.overrides)
         print(f"laplace {plan.name}: {done['ok']} ran, {done['skipped']} done already, {len(done['failed'])} failed, "
               f"{len(done['missing'])} without a kept run folder (of {done['planned'] + len(done['missing'])})",
               flush=True)
@@ -397,6 +398,16 @@ def _end_replica() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _whole_shared_gate(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """With --gpu-gate, the whole budget of the sweep's first GPU reserved in the shared gate (the other sweeps' runs
+    wait while this process fits); else nothing to hold."""
+    if args.gpu_gate is None or args.gpu_memory is None:
+        return contextlib.nullcontext()
+    from .app.sweep_schedule import SharedMemoryGate
+
+    return SharedMemoryGate(args.gpu_gate, args.gpu_memory).reserve((args.gpus or [0])[0], args.gpu_memory)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

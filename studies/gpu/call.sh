@@ -190,7 +190,8 @@ jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -
   sed "s|^select_from: .*|select_from: $S/tune.yaml|" $CS/main.yaml > "$S/main.yaml"
   # two sweeps side by side share one memory gate (loradrop sweep --gpu-gate: their runs' reservations add up against
   # one budget per GPU), each with its own share of the workers
-  local GATE=(); [ -n "${GM:-}" ] && GATE=(--gpu-gate "$S/gpu_gate.json")
+  # (a table left by an earlier driver holds only dead processes' entries: this driver starts it afresh)
+  local GATE=(); [ -n "${GM:-}" ] && { rm -f "$S/gpu_gate.json"; GATE=(--gpu-gate "$S/gpu_gate.json"); }
   # the last few tune runs (retrains for Laplace fits) leave most of the GPU idle: main's settled task/methods run
   # beside them for a window (OVERLAP_S, 720 s)
   local n; n=$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${SW[@]}")
@@ -219,7 +220,8 @@ jobs_run() {  # the driver's work: tune -> main (once its tasks' tune is done) -
   local waiting; waiting=$(pending $CS/tune.yaml --results "$S/res/cs_tune" "${gate[@]}")
   if [ "$waiting" = 0 ]; then
     # main and instruct need nothing of each other: with both left, they share the GPU (instruct: 3/8 of the
-    # workers), so neither's last long runs leave the card idle; then each goes on alone with what is left
+    # workers), so neither's last long runs leave the card idle. Each keeps its workers to its end (a pool does not
+    # grow when the other sweep ends); the lone sweeps after them take what failed or was deferred
     local mn inn; mn=$(pending "$S/main.yaml" --results "$S/res/cs_main" "${LAP[@]}" "${SW[@]}")
     inn=$(pending studies/instruct/plan.yaml --results "$S/res/instruct" "${SW[@]}")
     if has main && has instruct && [ -n "${GM:-}" ] && [ "$W" -gt 2 ] && [ "$mn" != "?" ] && [ "$mn" -gt 0 ] \

@@ -222,15 +222,14 @@ def test_deep_ensemble_row_on_shared_test_examples(results: Path, tmp_path: Path
     assert "deep ensemble of k=2 not formed" not in md
 
 
-def test_the_deep_ensemble_label_counts_only_the_ensembles_formed() -> None:
-    """A task with one LoRA seed forms no deep ensemble, so its size must not appear in the row's label (it read
-    "k=1/3" while two tasks had three seeds and four had one)."""
-    from types import SimpleNamespace
+def test_the_deep_ensemble_label_counts_only_the_ensembles_formed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task with one LoRA seed, or seeds tested on different examples, forms no deep ensemble, so its size must not
+    appear in the row's label (it read "k=1/3" while two tasks had three seeds and four had one)."""
+    from loradrop.app import report_commonsense
+    from loradrop.app.report_tables import DeepEnsemble
 
-    from loradrop.app.report_commonsense import deep_ensemble_sizes
-
-    choice = lambda n: SimpleNamespace(runs=list(range(n)))  # noqa: E731
-    study = SimpleNamespace(choices={("a", "lora"): [choice(1)], ("b", "lora"): [choice(3)],
-                                     ("c", "lora"): [choice(2)], ("b", "ld_1x"): [choice(5)]})
-    assert deep_ensemble_sizes(study, ["a", "b", "c"]) == [2, 3]
-    assert deep_ensemble_sizes(study, ["a"]) == []
+    formed = {"a": None, "b": DeepEnsemble(3, 10, (0, 1, 2), {}), "c": DeepEnsemble(2, 10, (0, 1), {}),
+              "d": DeepEnsemble(4, 0, (0, 1, 2, 3), {}, skipped="not formed: different examples")}
+    monkeypatch.setattr(report_commonsense, "deep_ensemble", lambda study, task: formed[task])
+    assert report_commonsense.deep_ensemble_sizes(object(), ["a", "b", "c", "d"]) == [2, 3]
+    assert report_commonsense.deep_ensemble_sizes(object(), ["a", "d"]) == []

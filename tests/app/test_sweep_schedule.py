@@ -408,3 +408,18 @@ def test_bad_schedule_options_get_one_line(tmp_path: Path, capsys, args: list[st
     err = capsys.readouterr().err
     assert code == 2 and fragment in err.strip().splitlines()[-1], err  # one line says what is wrong
     assert not list(tmp_path.glob("results/*"))  # nothing ran
+
+
+def test_the_laplace_pass_after_a_sweep_holds_the_shared_budget(tmp_path: Path) -> None:
+    """The fits that `loradrop sweep --laplace` retries in its own process after the pool (often after running out of
+    memory in a worker) reserve the whole shared budget, so another sweep's runs wait instead of joining them."""
+    from argparse import Namespace
+
+    from loradrop.cli import _whole_shared_gate
+
+    gate = SharedMemoryGate(tmp_path / "gate.json", 80.0)
+    with _whole_shared_gate(Namespace(gpu_gate=str(gate.path), gpu_memory=80.0, gpus=[2])):
+        assert gate.used(2) == 80.0 and gate.used(0) == 0.0
+    assert gate.used(2) == 0.0
+    with _whole_shared_gate(Namespace(gpu_gate=None, gpu_memory=80.0, gpus=None)):  # no shared gate: nothing held
+        assert gate.used(0) == 0.0

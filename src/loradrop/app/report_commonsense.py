@@ -100,8 +100,9 @@ def ensemble_size(study: Study, method: str) -> str:
 
 
 def deep_ensemble_sizes(study: Study, tasks: Iterable[str]) -> list[int]:
-    """How many LoRA seeds the deep ensembles of `tasks` average (a task with one seed forms none: not counted)."""
-    return sorted({n for t in tasks for c in study.choices.get((t, "lora"), []) if (n := len(c.runs)) >= 2})
+    """How many LoRA seeds the deep ensembles of `tasks` average: only those formed (`deep_ensemble`; a task with one
+    seed, or seeds tested on different examples, forms none)."""
+    return sorted({e.k for t in tasks if (e := deep_ensemble(study, t)) is not None and e.skipped is None})
 
 
 def row_label(study: Study, row: MethodRow) -> str:

@@ -298,11 +298,13 @@ class SharedMemoryGate:
 
     def _acquire(self, gpu: int, gib: float) -> str:
         entry = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        mine = {"state": "waiting", "gpu": gpu, "gib": gib, "pid": os.getpid(), "since": time.time()}
         with self._table() as table:
-            table[entry] = {"state": "waiting", "gpu": gpu, "gib": gib, "pid": os.getpid(), "since": time.time()}
+            table[entry] = dict(mine)
         try:
             while True:
                 with self._table() as table:
+                    table.setdefault(entry, dict(mine))  # (the file was removed meanwhile: wait on, as before)
                     waiting = {k: e["since"] for k, e in table.items() if e["state"] == "waiting" and e["gpu"] == gpu}
                     if admissible(gib, self._used_in(table, gpu), self.budget, entry, waiting, time.time()):
                         table[entry]["state"] = "holding"
