@@ -67,6 +67,12 @@ def test_trainer_under_accelerate_fsdp2_config(tmp_path: Path) -> None:
            "2", "--main_process_port", "0", "--mixed_precision", "bf16" if _gpus() >= 2 else "no", __file__,
            str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # gloo's threads can still abort a rank at exit despite the teardown in `main` (seen twice on a loaded 2-core
+        # machine, after training; the next launches passed): launch once more, and every assertion below still holds
+        shutil.rmtree(tmp_path / f"checkpoint-{SAVE_STEPS}", ignore_errors=True)
+        (tmp_path / "ranks.json").unlink(missing_ok=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ranks.json").read_text())
     assert summary["world_size"] == 2
