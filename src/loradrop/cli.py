@@ -403,11 +403,10 @@ def _end_replica() -> None:
 def _whole_shared_gate(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     """With --gpu-gate, the whole budget of the sweep's first GPU reserved in the shared gate (the other sweeps' runs
     wait while this process fits); else nothing to hold."""
-    if args.gpu_gate is None or args.gpu_memory is None:
-        return contextlib.nullcontext()
-    from .app.sweep_schedule import SharedMemoryGate
+    from .app.sweep import _shared_gate
 
-    return SharedMemoryGate(args.gpu_gate, args.gpu_memory).reserve((args.gpus or [0])[0], args.gpu_memory)
+    gate = _shared_gate(args.gpu_gate, args.gpu_memory)  # (validated already by the sweep before it)
+    return contextlib.nullcontext() if gate is None else gate.reserve((args.gpus or [0])[0], gate.budget)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

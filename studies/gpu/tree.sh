@@ -13,8 +13,8 @@ cd "$(dirname "$0")/../.."
 big=()
 for d in studies/glue/results/tune studies/glue/results/main studies/glue/results/ablations studies/glue/results/squad \
          studies/glue/results/squad_tune studies/glue/results/squad_main \
-         studies/commonsense/results studies/instruct/results/main docs/REPORT_GLUE_plots docs/REPORT_COMMONSENSE_plots docs/results \
-         benchmarks/results; do
+         studies/commonsense/results studies/instruct/results/main docs/REPORT_GLUE_plots \
+         docs/REPORT_COMMONSENSE_plots docs/results benchmarks/results; do
   [ -n "$(git ls-files -- "$d" | head -1)" ] && big+=("$d")
 done
 carried() {  # the bytes of the tree a call carries: tracked and untracked-not-ignored files, less the folders above
