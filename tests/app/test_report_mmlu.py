@@ -64,6 +64,10 @@ def test_instruct_sweep_reports_the_mmlu_table(data_root: Path, llama_dir: Path,
 
     md = write_report([results], tmp_path / "R.md").read_text(encoding="utf-8")
     assert "### SFT on alpaca -> MMLU" in md and "### alpaca (main metric" not in md  # no empty "test loss" table
+    assert "## Results per task" not in md  # SFT only: no heading over nothing
+    assert "| C1 (alpaca)" not in md  # an SFT task's LoRA comparison is C11 (MMLU), not a test-loss C1
+    limits = md.split("## Limitations")[1]
+    assert "GLUE dev split" not in limits and "none of them the paper's" in limits and "epochs 1," in limits
     # the section says how MMLU was scored: the plan's cloze form, not letters
     assert "then MMLU scored in cloze form (each choice's text after \"Answer:\", its mean token" in md
     assert "next-token" not in md.split("## MMLU after instruction tuning")[1].split("###")[0]

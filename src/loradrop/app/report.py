@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..tasks import CATALOG
 from .plots import format_table
 from .report_claims import claims
 from .report_commonsense import commonsense_report
@@ -246,6 +247,8 @@ def _derived(study: Study, task: str, rows: list[Row]) -> list[str]:
 
 
 def _results(study: Study) -> list[str]:
+    if all(is_mmlu_task(study, task) for task in study.tasks):  # SFT only: MMLU is the whole result
+        return mmlu_report(study)
     out = ["## Results per task", "",
            "Rows: each method's single pass and its test-time ensemble at the chosen setting. Final: the model at the "
            "end of training; best-val epoch: the test score of the epoch with the best validation main metric.", ""]
@@ -319,11 +322,16 @@ def _claims(study: Study) -> list[str]:
             _table(rows, ["claim", "paper", "ours", "verdict", "why"]), ""]
 
 
+_ABSENT = object()
+
+
 def _limitations(study: Study) -> list[str]:
     runs = study.runs
 
-    def setting(key: str) -> str:  # from the run's full settings (config.args), else the plan's
-        return "/".join(_distinct((dig(r.metrics, "config", "args") or r.settings).get(key) for r in runs))
+    def setting(key: str) -> str:  # from the run's full settings (config.args), else the plan's; a run that does
+        # not record the key (a Laplace fit records its own settings, not the training's) is left out
+        values = [(dig(r.metrics, "config", "args") or r.settings).get(key, _ABSENT) for r in runs]
+        return "/".join(_distinct(v for v in values if v is not _ABSENT)) or "–"
 
     models = "/".join(_distinct(r.metrics.get("model") or r.settings.get("model") for r in runs))
     data = []
@@ -338,10 +346,15 @@ def _limitations(study: Study) -> list[str]:
     seeds = _distinct(r.seed for r in runs)
     reported = [len(c.runs) for cs in study.choices.values() for c in cs]
     holdout = setting("holdout_fraction")
-    text = (f"**Limitations.** Model: {models} (the paper: DeBERTaV3-base); {len(study.tasks)} task(s) "
-            f"({', '.join(study.tasks)}) of the paper's 8 GLUE tasks; max_train_samples {setting('max_train_samples')}"
+    glue = [t for t in study.tasks if t in CATALOG and CATALOG[t].family == "glue"]
+    scope = (f"the paper: DeBERTaV3-base); {len(study.tasks)} task(s) ({', '.join(study.tasks)}), "
+             f"{len(glue)} of them of the paper's 8 GLUE tasks" if glue else
+             f"the paper's GLUE study: DeBERTaV3-base, its LLM claim: LLaMA2-7B); {len(study.tasks)} task(s) "
+             f"({', '.join(study.tasks)}), none of them the paper's")
+    text = (f"**Limitations.** Model: {models} ({scope}; max_train_samples {setting('max_train_samples')}"
             f", max_eval_samples {setting('max_eval_samples')}; validation: holdout_fraction {holdout} of train"
-            f"{', with the GLUE dev split scored as test' if holdout != '–' else ''}; epochs {setting('epochs')}, "
+            f"{', with the GLUE dev split scored as test' if glue and holdout != '–' else ''}; "
+            f"epochs {setting('epochs')}, "
             f"max_seq_len {setting('max_seq_len')}, r {setting('r')}; {len(seeds)} seed(s) ({', '.join(seeds)}), "
             f"{min(reported)}{'' if min(reported) == max(reported) else f'–{max(reported)}'} reported per setting.")
     if data:
