@@ -606,3 +606,11 @@ def test_laplace_is_reported_on_loras_chosen_model(tmp_path: Path) -> None:
         _write(tmp_path / "r", make_result("rte", "laplace", 1e-3, seed, (0.7, 0.72)))
     (lap,) = Study(load_results([tmp_path / "r"]).runs).choices[("rte", "laplace")]
     assert lap.lr == 1e-3 and lap.note == "" and [r.seed for r in lap.runs] == list(SEEDS)
+    # a Laplace result records the fit's settings, not its LoRA run's training: the limitations read the LoRA runs
+    for seed in SEEDS:
+        result = make_result("rte", "laplace", 1e-3, seed, (0.7, 0.72))
+        result["settings"]["max_seq_len"] = None
+        _write(tmp_path / "r", result)
+    limits = write_report([tmp_path / "r"], tmp_path / "R.md").read_text().split("## Limitations")[1]
+    assert "max_seq_len 128," in limits and "1 of them of the paper's 8 GLUE tasks" in limits
+    assert "with the GLUE dev split scored as test" in limits

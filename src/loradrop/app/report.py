@@ -328,9 +328,10 @@ _ABSENT = object()
 def _limitations(study: Study) -> list[str]:
     runs = study.runs
 
-    def setting(key: str) -> str:  # from the run's full settings (config.args), else the plan's; a run that does
-        # not record the key (a Laplace fit records its own settings, not the training's) is left out
-        values = [(dig(r.metrics, "config", "args") or r.settings).get(key, _ABSENT) for r in runs]
+    def setting(key: str) -> str:  # from the run's full settings (config.args), else the plan's; a Laplace fit's
+        # result records the fit's settings, not its LoRA run's training, so it is left out (its LoRA run is counted)
+        values = [(dig(r.metrics, "config", "args") or r.settings).get(key, _ABSENT) for r in runs
+                  if r.method != "laplace"]
         return "/".join(_distinct(v for v in values if v is not _ABSENT)) or "–"
 
     models = "/".join(_distinct(r.metrics.get("model") or r.settings.get("model") for r in runs))
