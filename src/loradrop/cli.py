@@ -48,6 +48,15 @@ def _gpu_list(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+def _model_name(text: str) -> tuple[str, str]:
+    """``RECORDED=NAME`` of ``loradrop report --model-name``: both sides non-empty, taken as they are."""
+    recorded, sep, name = text.partition("=")
+    if not sep or not recorded.strip() or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected RECORDED=NAME (e.g. /tmp/gpu/smol=SmolLM2-135M-Instruct), "
+                                         f"got {text!r}")
+    return recorded.strip(), name.strip()
+
+
 def _key_value(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with the value parsed as YAML (``true``, ``0.1``, ``1e-3``, ``[a, b]``, ``{k: v}``)."""
     key, sep, raw = text.partition("=")
@@ -253,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results", nargs="+", help="results folders written by loradrop sweep")
     report.add_argument("-o", "--output", default="REPORT.md", help="the Markdown report to write")
     report.add_argument("--plots", default=None, help="folder for the PNG plots (default: beside the report)")
+    report.add_argument("--model-name", action="append", default=[], type=_model_name, metavar="RECORDED=NAME",
+                        help="show a model the runs recorded (e.g. a local folder) under NAME in the tables, e.g. "
+                             "/tmp/gpu/smol=SmolLM2-135M-Instruct; repeatable")
     return parser
 
 
@@ -421,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             from .app.report import write_report
 
-            print(f"wrote {write_report(args.results, args.output, plots_dir=args.plots)}")
+            written = write_report(args.results, args.output, plots_dir=args.plots, model_names=dict(args.model_name))
+            print(f"wrote {written}")
             return 0
         settings = settings_from_args(args)
         _quiet_libraries()

@@ -6,7 +6,7 @@
 # Carry: .carry-instruct (instruct_data.tar.xz: Alpaca-999, LIMA, MMLU dev+test; 2.4 MB) and what the above needs.
 # Results go to /tmp/res/instruct (kept between calls on a warm machine: a second call continues the sweep) and come
 # back as $OUT/instruct_results.tar.xz; unpack into studies/instruct/results/main, then
-#   loradrop report studies/instruct/results/main -o docs/REPORT_INSTRUCT.md
+#   loradrop report studies/instruct/results/main -o docs/REPORT_INSTRUCT.md --model-name /tmp/gpu/smol=SmolLM2-135M-Instruct
 # Knobs: LIMIT (s, default 290), WORKERS (default 12), GPUS (e.g. 0,1,2,3 on a multi-GPU machine), ONLY (a run-id
 # glob, e.g. 'alpaca__*' to split the plan over two calls).
 set -u

@@ -359,6 +359,28 @@ def test_command_line_writes_the_same_report(study, tmp_path: Path, capsys) -> N
     assert capsys.readouterr().err.startswith("loradrop report: error:")
 
 
+def test_model_names_label_a_recorded_model(study, tmp_path: Path, capsys) -> None:
+    """`--model-name RECORDED=NAME` shows a model the runs recorded (e.g. a local folder) under a name, keeps the
+    regenerate command true, and refuses a model no run recorded, or a malformed pair, in one line (exit 2)."""
+    from loradrop.cli import main
+
+    root, _, text = study
+    assert "Model: minilm-l6 (" in text  # as the runs recorded it
+    out = tmp_path / "N.md"
+    assert main(["report", str(root / "results"), "-o", str(out), "--model-name", "minilm-l6=all-MiniLM-L6-v2"]) == 0
+    named = out.read_text(encoding="utf-8")
+    assert "Model: all-MiniLM-L6-v2 (" in named and "minilm-l6" not in named.split("## Limitations")[1]
+    assert f"-o {out} --model-name=minilm-l6=all-MiniLM-L6-v2`" in named  # the regenerate line
+    capsys.readouterr()
+    assert main(["report", str(root / "results"), "-o", str(tmp_path / "x.md"), "--model-name", "/tmp/x=y"]) == 2
+    err = capsys.readouterr().err
+    assert "no run recorded the model '/tmp/x'; the runs recorded: minilm-l6" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.md").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(root / "results"), "--model-name", "minilm"])
+    assert exit_info.value.code == 2 and "expected RECORDED=NAME" in capsys.readouterr().err
+
+
 def _uncertainty(seed: int, *, alpha: float = 0.1, shift: float = 0.0) -> dict:
     """The `uncertainty` section `loradrop.app.acting` computes (the real functions) on synthetic prediction rows."""
     from loradrop.app.acting import conformal_section, ood_section, selective_section

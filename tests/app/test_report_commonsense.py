@@ -145,6 +145,11 @@ def test_published_layout_ood_shape_risk_and_cost(results: Path, tmp_path: Path)
     assert f"- Ours: MC dropout (M=3) has a lower ECE than MLE LoRA on {below} of 1 tasks" in md
     same = int((below == 1) == (16.1 <= 17.0 and 9.8 <= 9.8))  # published OBQA: MC dropout 9.8 <= MLE 9.8
     assert f"- Same direction as published (MC dropout vs MLE, ECE): {same} of 1 tasks (OBQA)." in md
+    # our rows are labelled by the model the runs recorded, or by its --model-name
+    recorded = next(k for k in rows if k.startswith("ours, ")).removeprefix("ours, ")
+    named = write_report([results], tmp_path / "N.md", model_names={recorded: "Tiny-Llama"}).read_text(encoding="utf-8")
+    assert {k for k in _table(named, "### Compared with published numbers, in shape only")[1]
+            if k.startswith("ours")} == {"ours, Tiny-Llama"}
 
     # risk-coverage: AURC per seed recomputed here; mutual information only for ensembles; one PNG per task
     blocks = md[md.index("### Selective prediction: risk-coverage"):].split("\n\n")

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +45,14 @@ from .report_tables import (
     temperature_row,
 )
 from .report_uncertainty import uncertainty_report
-from .results import SCHEMA, Loaded, load_results
+from .results import SCHEMA, Loaded, load_results, model_labels, recorded_model
 
 
 def write_report(results: Sequence[str | Path], output: str | Path, *,
-                 plots_dir: str | Path | None = None) -> Path:
+                 plots_dir: str | Path | None = None, model_names: Mapping[str, str] | None = None) -> Path:
     """Write the study report of the sweep results in `results` (folders) to `output` (Markdown, written
-    atomically) and its PNG plots to `plots_dir` (default ``<output stem>_plots/`` beside it); returns `output`."""
+    atomically) and its PNG plots to `plots_dir` (default ``<output stem>_plots/`` beside it); returns `output`.
+    `model_names` maps a model as the runs recorded it (e.g. a local folder) to the name the tables show."""
     if isinstance(results, (str, Path)):
         results = [results]
     folders = [Path(r) for r in results]
@@ -62,6 +63,12 @@ def write_report(results: Sequence[str | Path], output: str | Path, *,
     if not loaded.runs:
         raise UsageError(f"no successful sweep results ({SCHEMA}) in {', '.join(map(str, folders))} "
                          f"({len(loaded.failed)} failed)")
+    model_names = dict(model_names or {})
+    recorded = sorted({recorded_model(r) for r in loaded.runs})
+    unknown = [m for m in model_names if m not in recorded]
+    if unknown:
+        raise UsageError(f"--model-name {unknown[0]}=...: no run recorded the model {unknown[0]!r}; the runs "
+                         f"recorded: {', '.join(recorded)}")
     output = Path(output)
     plots = Path(plots_dir) if plots_dir is not None else output.parent / f"{output.stem}_plots"
     study = Study(loaded.runs)
@@ -69,8 +76,11 @@ def write_report(results: Sequence[str | Path], output: str | Path, *,
     command = ["loradrop", "report", *map(str, results), "-o", str(output)]
     if plots_dir is not None:
         command += ["--plots", str(plots_dir)]
-    commonsense = commonsense_report(study, plots, output.parent)  # empty without letter-scored commonsense tasks
-    text = render(study, loaded, " ".join(shlex.quote(c) for c in command), figures, output.parent, commonsense)
+    command += [f"--model-name={model}={name}" for model, name in model_names.items()]
+    models = model_labels(study.runs, model_names)
+    commonsense = commonsense_report(study, plots, output.parent, models)  # empty without commonsense tasks
+    text = render(study, loaded, " ".join(shlex.quote(c) for c in command), figures, output.parent, commonsense,
+                  models)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -94,10 +104,10 @@ def _hours(seconds: float) -> str:
 
 
 def render(study: Study, loaded: Loaded, command: str, figures: Figures, base: Path,
-           commonsense: Sequence[str] = ()) -> str:
+           commonsense: Sequence[str] = (), models: Sequence[str] | None = None) -> str:
     parts = [*_header(study, loaded, command), *_runs(loaded), *_selection(study), *commonsense, *_results(study),
              *_side_grids(study), *uncertainty_report(study), *_plots(figures, base), *_cost(study),
-             *_claims(study), *_limitations(study)]
+             *_claims(study), *_limitations(study, models or model_labels(study.runs))]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -325,7 +335,7 @@ def _claims(study: Study) -> list[str]:
 _ABSENT = object()
 
 
-def _limitations(study: Study) -> list[str]:
+def _limitations(study: Study, model_list: Sequence[str]) -> list[str]:
     runs = study.runs
 
     def setting(key: str) -> str:  # from the run's full settings (config.args), else the plan's; a Laplace fit's
@@ -334,7 +344,7 @@ def _limitations(study: Study) -> list[str]:
                   if r.method != "laplace"]
         return "/".join(_distinct(v for v in values if v is not _ABSENT)) or "–"
 
-    models = "/".join(_distinct(r.metrics.get("model") or r.settings.get("model") for r in runs))
+    models = "/".join(model_list)
     data = []
     for task in study.tasks:  # the split sizes of the task's first run (they vary little between seeds)
         meta = next(r.metrics.get("data") or {} for r in runs if r.task == task)

@@ -288,9 +288,8 @@ def shape_lines(study: Study) -> list[str]:
     return out
 
 
-def published_section(study: Study) -> list[str]:
+def published_section(study: Study, models: Sequence[str]) -> list[str]:
     labels = [label for _, label in TASK_COLUMNS]
-    models = sorted({str(r.metrics.get("model") or r.settings.get("model")) for r in study.runs})
     rows = [{"source": f"published, {PUBLISHED_MODEL}", "method": name, **{x: f"{v:.1f}" for x, v in zip(labels, vs)}}
             for name, vs in PUBLISHED_ECE.items()]
     for row in ROWS:
@@ -362,20 +361,20 @@ def cost_lines(study: Study, tasks: Sequence[str]) -> list[str]:
             "one scalar fit on validation predictions (LoRA's cost).", "", _table(rows, cols), ""]
 
 
-def commonsense_report(study: Study, plots: Path, base: Path) -> list[str]:
-    """The section (Markdown lines), empty when the study has no commonsense task."""
+def commonsense_report(study: Study, plots: Path, base: Path, models: Sequence[str]) -> list[str]:
+    """The section (Markdown lines), empty when the study has no commonsense task; `models`: the models' labels."""
 
     tasks = commonsense_tasks(study)
     if not tasks:
         return []
     try:
-        return _section(study, tasks, plots, base)
+        return _section(study, tasks, plots, base, models)
     finally:
         for cached in (id_values, ood_values, row_predictions):
             cached.cache_clear()
 
 
-def _section(study: Study, tasks: list[str], plots: Path, base: Path) -> list[str]:
+def _section(study: Study, tasks: list[str], plots: Path, base: Path, models: Sequence[str]) -> list[str]:
     cols = columns(study)
     out = ["## Commonsense multiple choice (published layout)", "",
            "Rows: MLE LoRA (single pass), MC dropout (PEFT dropout kept on at test, M passes), a deep ensemble of "
@@ -406,7 +405,7 @@ def _section(study: Study, tasks: list[str], plots: Path, base: Path) -> list[st
             out += [f"#### {METRICS[metric][0]} on the OOD sets", "", table, ""] if table else []
     risk = risk_section(study, [c for c in cols if c[0] in tasks], [(row_label(study, r), r) for r in ROWS], plots,
                         base)
-    return out + published_section(study) + risk + cost_lines(study, tasks)
+    return out + published_section(study, models) + risk + cost_lines(study, tasks)
 
 
 __all__ = ["commonsense_report", "commonsense_tasks"]

@@ -5,7 +5,7 @@ otherwise import the report, which imports the sweep)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,4 +58,17 @@ def load_results(folders: Sequence[Path]) -> Loaded:
     return loaded
 
 
-__all__ = ["SCHEMA", "Loaded", "load_results"]
+
+
+def recorded_model(run: Run) -> str:
+    """The model a run recorded: the path or hub name it was trained from (`metrics.model`, else its settings')."""
+    return str(run.metrics.get("model") or run.settings.get("model"))
+
+
+def model_labels(runs: Sequence[Run], names: Mapping[str, str] | None = None) -> list[str]:
+    """The models `runs` recorded, each under its name in `names` (``loradrop report --model-name``) if it has one."""
+    names = names or {}
+    return sorted({names.get(model, model) for model in map(recorded_model, runs)})
+
+
+__all__ = ["SCHEMA", "Loaded", "load_results", "model_labels", "recorded_model"]
