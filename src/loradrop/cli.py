@@ -415,9 +415,9 @@ def _end_replica() -> None:
 def _whole_shared_gate(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     """With --gpu-gate, the whole budget of the sweep's first GPU reserved in the shared gate (the other sweeps' runs
     wait while this process fits); else nothing to hold."""
-    from .app.sweep import _shared_gate
+    from .app.sweep import shared_gate
 
-    gate = _shared_gate(args.gpu_gate, args.gpu_memory)  # (validated already by the sweep before it)
+    gate = shared_gate(args.gpu_gate, args.gpu_memory)  # (validated already by the sweep before it)
     return contextlib.nullcontext() if gate is None else gate.reserve((args.gpus or [0])[0], gate.budget)
 
 

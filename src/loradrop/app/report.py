@@ -104,10 +104,10 @@ def _hours(seconds: float) -> str:
 
 
 def render(study: Study, loaded: Loaded, command: str, figures: Figures, base: Path,
-           commonsense: Sequence[str] = (), models: Sequence[str] | None = None) -> str:
+           commonsense: Sequence[str], models: Sequence[str]) -> str:
     parts = [*_header(study, loaded, command), *_runs(loaded), *_selection(study), *commonsense, *_results(study),
              *_side_grids(study), *uncertainty_report(study), *_plots(figures, base), *_cost(study),
-             *_claims(study), *_limitations(study, models or model_labels(study.runs))]
+             *_claims(study), *_limitations(study, models)]
     return "\n".join(parts).rstrip() + "\n"
 
 

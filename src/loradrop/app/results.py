@@ -58,8 +58,6 @@ def load_results(folders: Sequence[Path]) -> Loaded:
     return loaded
 
 
-
-
 def recorded_model(run: Run) -> str:
     """The model a run recorded: the path or hub name it was trained from (`metrics.model`, else its settings')."""
     return str(run.metrics.get("model") or run.settings.get("model"))

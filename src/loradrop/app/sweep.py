@@ -352,7 +352,7 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
             deadline_s = positive_number(deadline_s, "the deadline (seconds)")
     except ValueError as err:
         raise UsageError(str(err)) from None
-    gate = _shared_gate(gpu_gate, gpu_memory_gib)
+    gate = shared_gate(gpu_gate, gpu_memory_gib)
     finish_by = time.time() + deadline_s if deadline_s is not None else None
     results.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir) if work_dir is not None else results.parent / f".{results.name}.runs"
@@ -412,7 +412,7 @@ def run_sweep(plan: SweepPlan, results: str | Path | None = None, *, workers: in
     return summary
 
 
-def _shared_gate(path: str | Path | None, gpu_memory_gib: float | None) -> Any:
+def shared_gate(path: str | Path | None, gpu_memory_gib: float | None) -> Any:
     """The `SharedMemoryGate` of ``--gpu-gate`` (None without one), or a UsageError naming what is wrong."""
     if path is None:
         return None
@@ -469,5 +469,5 @@ def _statuses(jobs: list[Any], workers: int, gpus: list[int] | None = None, gpu_
             os.environ["TQDM_DISABLE"] = saved
 
 
-__all__ = ["PlannedRun", "RunJob", "SweepPlan", "execute", "pending", "result_path", "run_sweep", "worker_gpu",
-           "worker_init"]
+__all__ = ["PlannedRun", "RunJob", "SweepPlan", "execute", "pending", "result_path", "run_sweep", "shared_gate",
+           "worker_gpu", "worker_init"]
