@@ -45,7 +45,7 @@ from .report_tables import (
     temperature_row,
 )
 from .report_uncertainty import uncertainty_report
-from .results import SCHEMA, Loaded, load_results, model_labels, recorded_model
+from .results import SCHEMA, Loaded, load_results, model_labels
 
 
 def write_report(results: Sequence[str | Path], output: str | Path, *,
@@ -64,7 +64,7 @@ def write_report(results: Sequence[str | Path], output: str | Path, *,
         raise UsageError(f"no successful sweep results ({SCHEMA}) in {', '.join(map(str, folders))} "
                          f"({len(loaded.failed)} failed)")
     model_names = dict(model_names or {})
-    recorded = sorted({recorded_model(r) for r in loaded.runs})
+    recorded = model_labels(loaded.runs)  # as the runs recorded them (no names given)
     unknown = [m for m in model_names if m not in recorded]
     if unknown:
         raise UsageError(f"--model-name {unknown[0]}=...: no run recorded the model {unknown[0]!r}; the runs "
